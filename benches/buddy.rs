@@ -1,0 +1,237 @@
+//! The buddy allocator against `buddy_system_allocator::FrameAllocator`, in the same groups.
+//!
+//! Run: `cargo bench --bench buddy`. Each group has two `BenchmarkId`s, `hvmem` and
+//! `buddy_system_allocator`, over the same workload and the same random sequence:
+//! - `order0_pair`: one order-0 alloc + free in a warm 1 GiB arena (all of it handed out in
+//!   order-0..=3 blocks, a random half freed again).
+//! - `order0_pair_pristine`: the same pair in a fully merged arena (10 splits + 10 merges).
+//! - `mixed_churn`: orders 0..=9 from a fixed seed, ~70 % of 1 GiB held, one free + one alloc
+//!   per iteration.
+//! - `fragmented`: a 2 GiB arena whose first 1 GiB has every other 4 KiB page allocated (the
+//!   `usemem --punch-holes` pattern of seed 001); one iteration allocates order-9 blocks until
+//!   none is left and frees them again.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use buddy_system_allocator::FrameAllocator;
+use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use hvmem::buddy::{Buddy, FrameMeta};
+use hvmem::{PageOrder, Pfn};
+
+/// Frames in 1 GiB.
+const GIB: u64 = 1 << 18;
+/// Orders 0..=10: hvmem's default and Linux's.
+const MAX_ORDER: usize = 10;
+/// Where the arena starts (1 GiB, as RAM above the first gigabyte often does).
+const BASE: u64 = GIB;
+
+type Ours<const M: usize = MAX_ORDER> = Buddy<Vec<FrameMeta>, M>;
+/// The peer at its default `ORDER` (32: blocks up to 2^31 frames). With `ORDER = 11`, which
+/// would match our orders 0..=10, its `dealloc` drops the block whenever a merge reaches the
+/// top order (0.11.0: the merge loop ends without inserting), so the arena leaks away.
+type Peer = FrameAllocator<32>;
+
+fn ours<const M: usize>(frames: u64) -> Ours<M> {
+    let mut b = Buddy::new(
+        vec![FrameMeta::HOLE; frames as usize],
+        Pfn::new(BASE).unwrap(),
+    )
+    .unwrap();
+    b.add_range(Pfn::new(BASE).unwrap(), frames).unwrap();
+    b
+}
+
+fn peer(frames: u64) -> Peer {
+    let mut p = Peer::new();
+    p.add_frame(BASE as usize, (BASE + frames) as usize);
+    p
+}
+
+fn order(o: u32) -> PageOrder {
+    PageOrder::new(o as u8).unwrap()
+}
+
+/// xorshift64*, the same sequence for both allocators.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// The operations both allocators offer, in frame numbers and orders.
+trait Frames {
+    fn alloc(&mut self, order: u32) -> Option<u64>;
+    fn free(&mut self, frame: u64, order: u32);
+}
+
+impl<const M: usize> Frames for Ours<M> {
+    #[inline]
+    fn alloc(&mut self, o: u32) -> Option<u64> {
+        Buddy::alloc(self, order(o)).ok().map(|b| b.pfn.get())
+    }
+
+    #[inline]
+    fn free(&mut self, frame: u64, o: u32) {
+        Buddy::free(self, Pfn::new(frame).unwrap(), order(o)).unwrap();
+    }
+}
+
+impl Frames for Peer {
+    #[inline]
+    fn alloc(&mut self, o: u32) -> Option<u64> {
+        FrameAllocator::alloc(self, 1 << o).map(|f| f as u64)
+    }
+
+    #[inline]
+    fn free(&mut self, frame: u64, o: u32) {
+        self.dealloc(frame as usize, 1 << o);
+    }
+}
+
+/// Warms the arena the way a long-running guest's memory is warm: every page handed out in
+/// random order-0..=3 blocks, then a random half of them freed again. The free lists then hold
+/// small blocks scattered over the whole gigabyte, next to live ones.
+fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
+    let mut rng = Rng(7);
+    let mut held = Vec::new();
+    loop {
+        let o = (rng.next() % 4) as u32;
+        match a.alloc(o) {
+            Some(f) => held.push((f, o)),
+            None if o == 0 => break,
+            None => {}
+        }
+    }
+    for i in (1..held.len()).rev() {
+        held.swap(i, rng.next() as usize % (i + 1));
+    }
+    for (f, o) in held.split_off(held.len() / 2) {
+        a.free(f, o);
+    }
+    held
+}
+
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// The order-0 fast path: one alloc + free in a warm arena, where an order-0 block is at the
+/// head of its list and freeing it merges nothing (its buddy is in use).
+fn order0_pair(c: &mut Criterion) {
+    let mut g = c.benchmark_group("order0_pair");
+    g.throughput(Throughput::Elements(1));
+    fn run<A: Frames>(g: &mut Group<'_>, name: &str, mut a: A) {
+        let _held = warm(&mut a);
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                let f = a.alloc(0).unwrap();
+                a.free(black_box(f), 0);
+            })
+        });
+    }
+    run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
+    run(&mut g, "buddy_system_allocator", peer(GIB));
+    g.finish();
+}
+
+/// The worst case for any buddy allocator: an order-0 alloc + free in a fully merged arena,
+/// so every alloc splits a 4 MiB block down (10 levels) and every free merges it back.
+fn order0_pair_pristine(c: &mut Criterion) {
+    let mut g = c.benchmark_group("order0_pair_pristine");
+    g.throughput(Throughput::Elements(1));
+    fn run<A: Frames>(g: &mut Group<'_>, name: &str, mut a: A) {
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                let f = a.alloc(0).unwrap();
+                a.free(black_box(f), 0);
+            })
+        });
+    }
+    run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
+    run(&mut g, "buddy_system_allocator", peer(GIB));
+    // Like for like with the peer, whose blocks merge up to the whole gigabyte (order 18).
+    run(&mut g, "hvmem_max_order_18", ours::<18>(GIB));
+    g.finish();
+}
+
+/// Steady-state churn: `held` blocks of random orders make up ~70 % of the arena; each
+/// iteration frees a random one and allocates a new random order.
+fn mixed_churn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mixed_churn");
+    g.throughput(Throughput::Elements(1));
+    fn run<A: Frames>(
+        g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        mut a: A,
+    ) {
+        let mut rng = Rng(0x5eed);
+        let mut held = Vec::new();
+        let mut frames = 0u64;
+        while frames < GIB * 7 / 10 {
+            let o = (rng.next() % 10) as u32;
+            if let Some(f) = a.alloc(o) {
+                held.push((f, o));
+                frames += 1 << o;
+            }
+        }
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                let r = rng.next();
+                let i = (r as usize >> 8) % held.len();
+                let (f, o) = held.swap_remove(i);
+                a.free(f, o);
+                let o = (r % 10) as u32;
+                if let Some(f) = a.alloc(o) {
+                    held.push((f, o));
+                }
+            })
+        });
+    }
+    run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
+    run(&mut g, "buddy_system_allocator", peer(GIB));
+    g.finish();
+}
+
+fn fragmented(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fragmented");
+    g.sample_size(20);
+    // One iteration allocates and frees every order-9 block of the unfragmented gigabyte.
+    g.throughput(Throughput::Elements(2 * 512));
+    fn run<A: Frames>(
+        g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        mut a: A,
+    ) {
+        let pages: Vec<u64> = (0..GIB).map(|_| a.alloc(0).unwrap()).collect();
+        for &p in pages.iter().filter(|&&p| p % 2 == 0) {
+            a.free(p, 0);
+        }
+        let mut blocks = Vec::with_capacity(512);
+        g.bench_function(BenchmarkId::from_parameter(name), |b| {
+            b.iter(|| {
+                while let Some(f) = a.alloc(9) {
+                    blocks.push(f);
+                }
+                assert_eq!(blocks.len(), 512);
+                for f in blocks.drain(..) {
+                    a.free(f, 9);
+                }
+            })
+        });
+    }
+    run(&mut g, "hvmem", ours::<MAX_ORDER>(2 * GIB));
+    run(&mut g, "buddy_system_allocator", peer(2 * GIB));
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    order0_pair,
+    order0_pair_pristine,
+    mixed_churn,
+    fragmented
+);
+criterion_main!(benches);

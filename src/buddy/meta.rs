@@ -1,0 +1,292 @@
+//! Out-of-band frame metadata and the per-order free lists threaded through it.
+//!
+//! Nothing is ever stored inside a free page: the host discards reported pages and they read
+//! back as zero (or whatever its discard leaves). All links live in [`FrameMeta`], one per
+//! 4 KiB frame of the allocator's window, indexed by `pfn - base`.
+
+use static_assertions::const_assert;
+
+/// "No frame": the end of a list, or an empty list.
+pub(super) const NIL: u32 = u32::MAX;
+
+/// What the frame at this metadata slot is. Only the first frame of a block (its head)
+/// carries `Allocated`, `Free`, `FreeReported` or `Isolated`; the other frames of the block
+/// are `Tail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(super) enum State {
+    /// Not managed: a hole between ranges, or not added yet.
+    Hole = 0,
+    /// Inside a block whose head is at a lower frame.
+    Tail = 1,
+    /// Head of a block handed out by `alloc`.
+    Allocated = 2,
+    /// Head of a free block the host has not taken back.
+    Free = 3,
+    /// Head of a free block the host has discarded (Linux `PageReported`).
+    FreeReported = 4,
+    /// Head of a block taken off its free list for a report in flight (Linux: isolated page).
+    Isolated = 5,
+}
+
+impl State {
+    /// The free state for a block with this reported flag.
+    #[inline]
+    pub(super) const fn free(reported: bool) -> Self {
+        if reported {
+            Self::FreeReported
+        } else {
+            Self::Free
+        }
+    }
+}
+
+/// Metadata for one 4 KiB frame (Linux `struct page`, the few bits of it a buddy needs).
+///
+/// The embedder provides a slice of these covering the allocator's window, e.g.
+/// `static mut META: [FrameMeta; N] = [FrameMeta::HOLE; N]`, or lets the `alloc` feature
+/// build it. Its contents are private; [`Buddy::new`](super::Buddy::new) overwrites them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct FrameMeta {
+    /// Next block on the same free list, or [`NIL`].
+    pub(super) next: u32,
+    /// Previous block on the same free list, or [`NIL`].
+    pub(super) prev: u32,
+    /// Order of the block this frame heads (meaningful for heads only).
+    pub(super) order: u8,
+    pub(super) state: State,
+}
+
+// The issue and DESIGN.md promise at most 16 bytes of metadata per 4 KiB frame (0.4 %).
+const_assert!(core::mem::size_of::<FrameMeta>() <= 16);
+const_assert!(core::mem::size_of::<FrameMeta>() == 12);
+
+impl FrameMeta {
+    /// An unmanaged frame: the value to initialise a metadata array with.
+    pub const HOLE: Self = Self {
+        next: NIL,
+        prev: NIL,
+        order: 0,
+        state: State::Hole,
+    };
+
+    #[inline]
+    pub(super) const fn head(state: State, order: u8) -> Self {
+        Self {
+            next: NIL,
+            prev: NIL,
+            order,
+            state,
+        }
+    }
+}
+
+impl Default for FrameMeta {
+    fn default() -> Self {
+        Self::HOLE
+    }
+}
+
+/// One order's free list and counters (Linux `struct free_area`).
+///
+/// The list is split in two segments: unreported blocks first, then reported blocks from
+/// `first_reported` to `tail`. Freed blocks go to the head; reported blocks go to the tail;
+/// a block whose report failed goes to the end of the unreported segment. So `alloc`,
+/// taking the head, gets an unreported block whenever the order has one, and `isolate`,
+/// also taking from the head, finds unreported blocks without skipping reported ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FreeList {
+    pub(super) head: u32,
+    pub(super) tail: u32,
+    /// First block of the reported segment, or [`NIL`] when no block is reported.
+    pub(super) first_reported: u32,
+    /// Blocks on the list.
+    pub(super) free: u64,
+    /// Blocks on the list that are reported.
+    pub(super) reported: u64,
+    /// Blocks of this order taken off the list by `isolate` and not yet put back.
+    pub(super) isolated: u64,
+}
+
+impl FreeList {
+    const EMPTY: Self = Self {
+        head: NIL,
+        tail: NIL,
+        first_reported: NIL,
+        free: 0,
+        reported: 0,
+        isolated: 0,
+    };
+}
+
+/// Which end of the free list a freed block goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placement {
+    /// The head: recently freed, reused first (Linux `add_to_free_list`).
+    Hot,
+    /// The end of the unreported blocks: new memory, or a block whose report failed, queued
+    /// behind the blocks already waiting.
+    Cold,
+}
+
+/// Free-list slots: one per order up to the largest any allocator may be built with.
+pub(super) const ORDER_SLOTS: usize = crate::addr::PageOrder::LIMIT as usize + 1;
+
+/// All free lists plus a bitmap of the non-empty ones, so the smallest usable order is one
+/// `trailing_zeros` away. The metadata slice is passed in by the caller (a separate borrow,
+/// which lets the compiler keep its pointer and length in registers).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct FreeArea {
+    pub(super) lists: [FreeList; ORDER_SLOTS],
+    /// Bit `k` is set when `lists[k]` is not empty.
+    pub(super) nonempty: u32,
+}
+
+impl FreeArea {
+    pub(super) const EMPTY: Self = Self {
+        lists: [FreeList::EMPTY; ORDER_SLOTS],
+        nonempty: 0,
+    };
+
+    /// Writes the head of an unreported free block and links it at the head of its list.
+    #[inline(always)]
+    pub(super) fn link_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        let list = &mut self.lists[order];
+        let old = list.head;
+        list.head = idx;
+        list.free += 1;
+        if old == NIL {
+            list.tail = idx;
+            self.nonempty |= 1 << order;
+        } else {
+            meta[old as usize].prev = idx;
+        }
+        meta[idx as usize] = FrameMeta {
+            next: old,
+            prev: NIL,
+            order: order as u8,
+            state: State::Free,
+        };
+    }
+
+    /// Writes the head of a free block and links it at the tail; a reported block there
+    /// starts the reported segment if there is none yet.
+    #[inline]
+    pub(super) fn link_tail(
+        &mut self,
+        meta: &mut [FrameMeta],
+        order: usize,
+        idx: u32,
+        reported: bool,
+    ) {
+        let list = &mut self.lists[order];
+        let old = list.tail;
+        list.tail = idx;
+        list.free += 1;
+        if reported {
+            list.reported += 1;
+            if list.first_reported == NIL {
+                list.first_reported = idx;
+            }
+        }
+        if old == NIL {
+            list.head = idx;
+            self.nonempty |= 1 << order;
+        } else {
+            meta[old as usize].next = idx;
+        }
+        meta[idx as usize] = FrameMeta {
+            next: NIL,
+            prev: old,
+            order: order as u8,
+            state: State::free(reported),
+        };
+    }
+
+    /// Writes the head of an unreported free block and links it at the end of the
+    /// unreported segment.
+    pub(super) fn link_before_reported(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        let list = &mut self.lists[order];
+        let at = list.first_reported;
+        if at == NIL {
+            return self.link_tail(meta, order, idx, false);
+        }
+        let prev = meta[at as usize].prev;
+        meta[at as usize].prev = idx;
+        list.free += 1;
+        if prev == NIL {
+            list.head = idx;
+        } else {
+            meta[prev as usize].next = idx;
+        }
+        meta[idx as usize] = FrameMeta {
+            next: at,
+            prev,
+            order: order as u8,
+            state: State::Free,
+        };
+    }
+
+    /// Writes the head of a free block and links it where it belongs: reported blocks at the
+    /// tail, others at the head (`Hot`) or at the end of the unreported segment (`Cold`).
+    #[inline(always)]
+    pub(super) fn link(
+        &mut self,
+        meta: &mut [FrameMeta],
+        order: usize,
+        idx: u32,
+        reported: bool,
+        placement: Placement,
+    ) {
+        if reported {
+            self.link_tail(meta, order, idx, true);
+        } else if placement == Placement::Hot {
+            self.link_head(meta, order, idx);
+        } else {
+            self.link_before_reported(meta, order, idx);
+        }
+    }
+
+    /// Takes a block off its list.
+    #[inline(always)]
+    pub(super) fn unlink(
+        &mut self,
+        meta: &mut [FrameMeta],
+        order: usize,
+        idx: u32,
+        reported: bool,
+    ) {
+        let FrameMeta { next, prev, .. } = meta[idx as usize];
+        let list = &mut self.lists[order];
+        if prev == NIL {
+            list.head = next;
+            if next == NIL {
+                self.nonempty &= !(1 << order);
+            }
+        } else {
+            meta[prev as usize].next = next;
+        }
+        if next == NIL {
+            list.tail = prev;
+        } else {
+            meta[next as usize].prev = prev;
+        }
+        if reported {
+            list.reported -= 1;
+            if list.first_reported == idx {
+                list.first_reported = next;
+            }
+        }
+        list.free -= 1;
+    }
+
+    /// Sums `count(list) << order` over the orders.
+    pub(super) fn frames(&self, count: impl Fn(&FreeList) -> u64) -> u64 {
+        self.lists
+            .iter()
+            .enumerate()
+            .map(|(order, l)| count(l) << order)
+            .sum()
+    }
+}

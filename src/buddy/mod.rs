@@ -1,0 +1,341 @@
+//! A buddy page allocator whose free blocks know whether the host took them back.
+//!
+//! # The idea
+//! A guest that reports free memory to its host (virtio PAGE_REPORTING, seeds 000, 002 and
+//! 003) must remember, per free block, whether the host has already discarded it: reporting a
+//! block twice wastes a hypercall, and handing out a discarded block costs the host a fault
+//! and a zero-fill that a still-backed block would not. Linux keeps this as `PageReported` on
+//! the head page of a free block (`mm/page_reporting.c`); this allocator does the same with
+//! its own out-of-band metadata.
+//!
+//! - **Metadata is out of band**: one 12-byte [`FrameMeta`] per 4 KiB frame of a window
+//!   `[base, base + meta.len())`, in a slice the embedder provides (or the `alloc` feature
+//!   builds). The allocator manages any number of disjoint ranges inside the window, with
+//!   holes between them. Nothing is stored inside free pages, which the host may zero.
+//! - **Blocks are naturally aligned in physical frame numbers**: a block of order `n` starts
+//!   on a frame number that is a multiple of `2^n`, whatever the window's base, so an
+//!   order-9 block is exactly one 2 MiB host huge page.
+//! - **Free lists** per order 0..=`MAX_ORDER` are doubly linked through the metadata by
+//!   32-bit frame index (Linux `free_area[order].free_list`), so alloc, free, and each merge
+//!   step are O(1). The buddy of the block at `pfn` is at `pfn ^ (1 << order)`.
+//! - **Block states** (on the head frame): `Allocated`, `Free { reported }` and `Isolated`
+//!   (off every list while a report is in flight). Each list holds its unreported blocks
+//!   first and its reported blocks at the tail; `alloc` takes the head, so it gets an
+//!   unreported block whenever the order has one, without searching and without splitting a
+//!   larger block to avoid a reported one. It says in [`Block::reported`] whether the block
+//!   it returns was reported: the contents of such a block are whatever the host gives back
+//!   for discarded memory (zeroes under `MADV_DONTNEED`), so an embedder that knows its host
+//!   may skip zeroing it.
+//! - **Split and merge** (Linux `expand` and `__free_one_page`): the halves of a split keep
+//!   the parent's reported flag; a merged block is reported only if both halves were. An
+//!   isolated block never merges; it merges when it is put back.
+//! - **Reporting API** for the hint batcher: [`Buddy::isolate`] takes up to N unreported free
+//!   blocks of an order from the list head (Linux `page_reporting_cycle` + `__isolate_free_page`),
+//!   [`Buddy::put_back`] returns one, reported (to the tail) or not (to the end of the
+//!   unreported blocks, so a failed report is retried last) (Linux `__putback_isolated_page`).
+//!   [`Buddy::reset_reported`] forgets every reported flag, as needed after live migration.
+//!
+//! Every operation validates its input and returns a typed error that leaves the allocator
+//! unchanged; nothing panics on embedder or guest input.
+//!
+//! # Concurrency
+//! [`Buddy`] is a plain `&mut self` structure. [`LockedBuddy`] wraps it in a spin lock (the
+//! one from [`crate::sync`], which loom model-checks) for allocators shared between CPUs; the
+//! reporter holds the lock only to isolate and to put back, never while the host works.
+
+mod check;
+mod error;
+mod locked;
+mod meta;
+mod ops;
+#[cfg(test)]
+mod tests;
+
+use core::ops::DerefMut;
+
+use crate::addr::{PageOrder, Pfn};
+pub use error::{
+    AddRangeError, AllocError, FreeError, InvariantViolation, IsolateError, NewError, PutBackError,
+};
+pub use locked::{LockedBuddy, LockedBuddyGuard};
+pub use meta::FrameMeta;
+use meta::{FreeArea, NIL, Placement, State};
+
+/// The default largest order: 4 MiB blocks, like Linux's `MAX_PAGE_ORDER` on x86-64.
+pub const DEFAULT_MAX_ORDER: usize = 10;
+
+/// A block handed out by [`Buddy::alloc`] or taken by [`Buddy::isolate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// The first frame of the block, a multiple of `2^order`.
+    pub pfn: Pfn,
+    /// The block holds `2^order` frames.
+    pub order: PageOrder,
+    /// Whether the host had taken the block back (reported and discarded) while it was free.
+    /// Its contents are then whatever the host's discard leaves, typically zeroes.
+    pub reported: bool,
+}
+
+/// The state of a block, as [`Buddy::block_info`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockState {
+    /// Handed out by `alloc`.
+    Allocated,
+    /// On a free list.
+    Free {
+        /// Whether the host has taken it back.
+        reported: bool,
+    },
+    /// Off the free lists for a report in flight.
+    Isolated,
+}
+
+/// The block that holds a frame: where it starts, its order and its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BlockInfo {
+    /// The first frame of the block.
+    pub pfn: Pfn,
+    /// The order of the block.
+    pub order: PageOrder,
+    /// What the block is used for.
+    pub state: BlockState,
+}
+
+/// Counters of one order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrderStats {
+    /// Blocks on the free list (reported or not).
+    pub free: u64,
+    /// Of those, blocks the host has taken back.
+    pub reported: u64,
+    /// Blocks taken off the list for a report in flight.
+    pub isolated: u64,
+}
+
+/// The buddy allocator over a window of frames (Linux: one zone's `free_area[]`).
+///
+/// `S` is the metadata storage (`&'static mut [FrameMeta]`, `Box<[FrameMeta]>`, ...);
+/// `MAX_ORDER` is the largest block order, at most [`PageOrder::LIMIT`].
+#[derive(Clone)]
+pub struct Buddy<S, const MAX_ORDER: usize = DEFAULT_MAX_ORDER> {
+    meta: S,
+    /// Frame number of `meta[0]`.
+    base: u64,
+    area: FreeArea,
+    managed_frames: u64,
+}
+
+impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORDER> {
+    /// An allocator whose metadata `meta[i]` describes frame `base + i`. It manages nothing
+    /// until [`add_range`](Self::add_range) gives it memory. Overwrites all of `meta`.
+    pub fn new(mut meta: S, base: Pfn) -> Result<Self, NewError> {
+        const {
+            assert!(
+                MAX_ORDER <= PageOrder::LIMIT as usize,
+                "MAX_ORDER above PageOrder::LIMIT"
+            )
+        };
+        let len = meta.len() as u64;
+        if len == 0 {
+            return Err(NewError::Empty);
+        }
+        if len >= u64::from(NIL) {
+            return Err(NewError::TooManyFrames);
+        }
+        if base.checked_add(len - 1).is_none() {
+            return Err(NewError::OutOfRange);
+        }
+        meta.fill(FrameMeta::HOLE);
+        Ok(Self {
+            meta,
+            base: base.get(),
+            area: FreeArea::EMPTY,
+            managed_frames: 0,
+        })
+    }
+
+    /// Hands the frames `[start, start + frames)` to the allocator as free, unreported memory.
+    ///
+    /// The range must lie inside the window and must not overlap memory already managed; it
+    /// may touch it, and then merges with it. It is carved into the largest naturally
+    /// aligned blocks that fit.
+    pub fn add_range(&mut self, start: Pfn, frames: u64) -> Result<(), AddRangeError> {
+        self.add_range_as(start, frames, false)
+    }
+
+    /// Like [`add_range`](Self::add_range), but the memory starts out *reported*: for RAM the
+    /// host has never populated (a freshly booted guest's untouched memory), so the first
+    /// reporting pass does not hand it to the host again.
+    pub fn add_range_reported(&mut self, start: Pfn, frames: u64) -> Result<(), AddRangeError> {
+        self.add_range_as(start, frames, true)
+    }
+
+    fn add_range_as(
+        &mut self,
+        start: Pfn,
+        frames: u64,
+        reported: bool,
+    ) -> Result<(), AddRangeError> {
+        if frames == 0 {
+            return Err(AddRangeError::Empty);
+        }
+        let first = start
+            .get()
+            .checked_sub(self.base)
+            .ok_or(AddRangeError::OutsideWindow)?;
+        let end = first
+            .checked_add(frames)
+            .ok_or(AddRangeError::OutsideWindow)?;
+        let (first, end) = match (usize::try_from(first), usize::try_from(end)) {
+            (Ok(first), Ok(end)) => (first, end),
+            _ => return Err(AddRangeError::OutsideWindow),
+        };
+        let window = self
+            .meta
+            .get_mut(first..end)
+            .ok_or(AddRangeError::OutsideWindow)?;
+        if window.iter().any(|m| m.state != State::Hole) {
+            return Err(AddRangeError::Overlap);
+        }
+        for m in window.iter_mut() {
+            m.state = State::Tail;
+        }
+        self.managed_frames += frames;
+        let (mut pfn, end_pfn) = (start.get(), start.get() + frames);
+        while pfn < end_pfn {
+            let align = if pfn == 0 {
+                u32::MAX
+            } else {
+                pfn.trailing_zeros()
+            };
+            let fit = (end_pfn - pfn).ilog2();
+            let order = align.min(fit).min(MAX_ORDER as u32) as usize;
+            // Cold: new memory queues behind what is already free, in ascending order.
+            self.release((pfn - self.base) as u32, order, reported, Placement::Cold);
+            pfn += 1 << order;
+        }
+        Ok(())
+    }
+
+    /// Counters of one order (all zero above `MAX_ORDER`).
+    pub fn order_stats(&self, order: PageOrder) -> OrderStats {
+        match self.area.lists.get(order.get() as usize) {
+            Some(l) if order.get() as usize <= MAX_ORDER => OrderStats {
+                free: l.free,
+                reported: l.reported,
+                isolated: l.isolated,
+            },
+            _ => OrderStats::default(),
+        }
+    }
+
+    /// The largest order this allocator hands out.
+    pub const fn max_order(&self) -> PageOrder {
+        PageOrder::from_raw(MAX_ORDER as u8)
+    }
+
+    /// The first frame of the metadata window.
+    pub fn base(&self) -> Pfn {
+        Pfn::from_raw(self.base)
+    }
+
+    /// The number of frames the metadata window covers.
+    pub fn window_frames(&self) -> u64 {
+        self.meta.len() as u64
+    }
+
+    /// Frames given to the allocator by `add_range`.
+    pub fn managed_frames(&self) -> u64 {
+        self.managed_frames
+    }
+
+    /// Frames in free blocks on the lists, reported or not. O(MAX_ORDER).
+    pub fn free_frames(&self) -> u64 {
+        self.area.frames(|l| l.free)
+    }
+
+    /// Frames in free blocks the host has taken back. O(MAX_ORDER).
+    pub fn reported_frames(&self) -> u64 {
+        self.area.frames(|l| l.reported)
+    }
+
+    /// Frames in isolated blocks. O(MAX_ORDER).
+    pub fn isolated_frames(&self) -> u64 {
+        self.area.frames(|l| l.isolated)
+    }
+
+    /// Frames in allocated blocks. O(MAX_ORDER).
+    pub fn allocated_frames(&self) -> u64 {
+        self.managed_frames - self.area.frames(|l| l.free + l.isolated)
+    }
+
+    /// Gives the metadata storage back.
+    pub fn into_meta(self) -> S {
+        self.meta
+    }
+
+    /// Whether two allocators are in exactly the same state (for "an error changes nothing").
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn same_state(&self, other: &Self) -> bool {
+        *self.meta == *other.meta
+            && self.base == other.base
+            && self.area == other.area
+            && self.managed_frames == other.managed_frames
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<const MAX_ORDER: usize> Buddy<alloc::boxed::Box<[FrameMeta]>, MAX_ORDER> {
+    /// An allocator whose metadata for the window `[base, base + frames)` is allocated on the
+    /// heap, 12 bytes per frame. Fails with [`WithWindowError::NoMemory`] when the heap is
+    /// short, or as [`Buddy::new`] does.
+    pub fn with_window(base: Pfn, frames: u64) -> Result<Self, WithWindowError> {
+        let len =
+            usize::try_from(frames).map_err(|_| WithWindowError::New(NewError::TooManyFrames))?;
+        let mut meta = alloc::vec::Vec::new();
+        meta.try_reserve_exact(len)
+            .map_err(|_| WithWindowError::NoMemory)?;
+        meta.resize(len, FrameMeta::HOLE);
+        Self::new(meta.into_boxed_slice(), base).map_err(WithWindowError::New)
+    }
+}
+
+/// Why [`Buddy::with_window`] failed.
+#[cfg(feature = "alloc")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WithWindowError {
+    /// The heap could not hold the metadata.
+    NoMemory,
+    /// The window itself was refused.
+    New(NewError),
+}
+
+#[cfg(feature = "alloc")]
+impl core::fmt::Display for WithWindowError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoMemory => f.write_str("no heap memory for the frame metadata"),
+            Self::New(e) => e.fmt(f),
+        }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl core::error::Error for WithWindowError {}
+
+impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> core::fmt::Debug
+    for Buddy<S, MAX_ORDER>
+{
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Buddy")
+            .field("base", &self.base)
+            .field("window_frames", &self.meta.len())
+            .field("max_order", &MAX_ORDER)
+            .field("managed_frames", &self.managed_frames)
+            .field("free_frames", &self.free_frames())
+            .field("reported_frames", &self.reported_frames())
+            .field("isolated_frames", &self.isolated_frames())
+            .finish_non_exhaustive()
+    }
+}

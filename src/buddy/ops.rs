@@ -1,0 +1,309 @@
+//! Allocation, freeing, isolation and put-back: the O(1)-per-order paths.
+
+use core::ops::DerefMut;
+
+use arrayvec::ArrayVec;
+
+use super::meta::{NIL, State};
+use super::{
+    AllocError, Block, BlockInfo, BlockState, Buddy, FrameMeta, FreeError, IsolateError, Placement,
+    PutBackError,
+};
+use crate::addr::{PageOrder, Pfn};
+
+/// The common failures of checking a block's address.
+enum Locate {
+    OrderTooLarge,
+    Unaligned,
+    OutOfRange,
+}
+
+/// A block head found in the metadata.
+#[derive(Clone, Copy)]
+struct HeadInfo {
+    idx: u32,
+    order: u8,
+    state: State,
+}
+
+impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORDER> {
+    /// Allocates a block of `order` (Linux `__rmqueue_smallest`): the head of the smallest
+    /// non-empty list at or above `order`, split down to size.
+    #[inline]
+    pub fn alloc(&mut self, order: PageOrder) -> Result<Block, AllocError> {
+        let o = order.get() as usize;
+        if o > MAX_ORDER {
+            return Err(AllocError::OrderTooLarge);
+        }
+        let above = self.area.nonempty >> o;
+        if above == 0 {
+            return Err(AllocError::OutOfMemory);
+        }
+        Ok(self.take(o + above.trailing_zeros() as usize, o))
+    }
+
+    /// Allocates the largest block available that is not above `order` (an order above
+    /// `MAX_ORDER` is read as `MAX_ORDER`): a block of `order` if one can be had, otherwise
+    /// a whole block of the largest smaller order that has one. For a balloon that falls back
+    /// order by order when large blocks run out.
+    pub fn alloc_at_most(&mut self, order: PageOrder) -> Result<Block, AllocError> {
+        let o = (order.get() as usize).min(MAX_ORDER);
+        let nonempty = self.area.nonempty;
+        if nonempty >> o != 0 {
+            return Ok(self.take(o + (nonempty >> o).trailing_zeros() as usize, o));
+        }
+        let below = nonempty & ((1 << o) - 1);
+        if below == 0 {
+            return Err(AllocError::OutOfMemory);
+        }
+        let k = below.ilog2() as usize;
+        Ok(self.take(k, k))
+    }
+
+    /// Frees a block `alloc` handed out, merging it with free buddies (Linux
+    /// `__free_one_page`). The freed block is unreported and goes to the head of its list.
+    #[inline]
+    pub fn free(&mut self, pfn: Pfn, order: PageOrder) -> Result<(), FreeError> {
+        let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
+            Locate::OrderTooLarge => FreeError::OrderTooLarge,
+            Locate::Unaligned => FreeError::Unaligned,
+            Locate::OutOfRange => FreeError::OutOfRange,
+        })?;
+        let m = self.meta[idx as usize];
+        let state = match m.state {
+            State::Allocated if m.order as usize == o => {
+                self.release(idx, o, false, Placement::Hot);
+                return Ok(());
+            }
+            State::Tail => self.enclosing(idx).map(|info| info.state),
+            _ => Some(m.state),
+        };
+        Err(match state {
+            Some(State::Free | State::FreeReported) => FreeError::DoubleFree,
+            Some(State::Isolated) => FreeError::Isolated,
+            Some(State::Allocated) => FreeError::WrongOrder,
+            Some(State::Hole | State::Tail) | None => FreeError::OutOfRange,
+        })
+    }
+
+    /// Takes up to `max` unreported free blocks of `order` off the head of their list, as many
+    /// as fit in `out`, and marks them isolated: no `alloc` returns them and nothing merges
+    /// with them until [`put_back`](Self::put_back). Returns how many it took (Linux
+    /// `page_reporting_cycle` isolating a batch).
+    pub fn isolate<const N: usize>(
+        &mut self,
+        order: PageOrder,
+        max: usize,
+        out: &mut ArrayVec<Block, N>,
+    ) -> Result<usize, IsolateError> {
+        let o = order.get() as usize;
+        if o > MAX_ORDER {
+            return Err(IsolateError::OrderTooLarge);
+        }
+        let meta = &mut *self.meta;
+        let mut taken = 0;
+        while taken < max && !out.is_full() {
+            let idx = self.area.lists[o].head;
+            if idx == NIL || meta[idx as usize].state != State::Free {
+                break;
+            }
+            self.area.unlink(meta, o, idx, false);
+            meta[idx as usize].state = State::Isolated;
+            self.area.lists[o].isolated += 1;
+            out.push(Block {
+                pfn: Pfn::from_raw(self.base + u64::from(idx)),
+                order,
+                reported: false,
+            });
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
+    /// Returns an isolated block to the free lists (Linux `__putback_isolated_page`): to the
+    /// tail as reported when the host took it, or, when the report failed, unreported to the
+    /// end of the unreported blocks so the next pass tries other blocks first. It merges with
+    /// free buddies; the merged block is reported only if both halves were.
+    pub fn put_back(
+        &mut self,
+        pfn: Pfn,
+        order: PageOrder,
+        reported: bool,
+    ) -> Result<(), PutBackError> {
+        let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
+            Locate::OrderTooLarge => PutBackError::OrderTooLarge,
+            Locate::Unaligned => PutBackError::Unaligned,
+            Locate::OutOfRange => PutBackError::OutOfRange,
+        })?;
+        let m = self.meta[idx as usize];
+        match m.state {
+            State::Isolated if m.order as usize == o => {}
+            State::Isolated => return Err(PutBackError::WrongOrder),
+            State::Hole => return Err(PutBackError::OutOfRange),
+            _ => return Err(PutBackError::NotIsolated),
+        }
+        self.area.lists[o].isolated -= 1;
+        self.release(idx, o, reported, Placement::Cold);
+        Ok(())
+    }
+
+    /// Forgets that any free block was reported (after live migration the destination host
+    /// has backed every page again, seed 003). O(reported blocks).
+    pub fn reset_reported(&mut self) {
+        let meta = &mut *self.meta;
+        for list in self.area.lists.iter_mut().take(MAX_ORDER + 1) {
+            let mut idx = list.first_reported;
+            while idx != NIL {
+                let m = &mut meta[idx as usize];
+                m.state = State::Free;
+                idx = m.next;
+            }
+            list.first_reported = NIL;
+            list.reported = 0;
+        }
+    }
+
+    /// The block that holds `pfn`, or `None` when the frame is not managed.
+    pub fn block_info(&self, pfn: Pfn) -> Option<BlockInfo> {
+        let idx = u32::try_from(pfn.get().checked_sub(self.base)?).ok()?;
+        let m = self.meta.get(idx as usize)?;
+        let head = match m.state {
+            State::Hole => return None,
+            State::Tail => self.enclosing(idx)?,
+            _ => HeadInfo {
+                idx,
+                order: m.order,
+                state: m.state,
+            },
+        };
+        let state = match head.state {
+            State::Free => BlockState::Free { reported: false },
+            State::FreeReported => BlockState::Free { reported: true },
+            State::Isolated => BlockState::Isolated,
+            State::Allocated | State::Hole | State::Tail => BlockState::Allocated,
+        };
+        Some(BlockInfo {
+            pfn: Pfn::from_raw(self.base + u64::from(head.idx)),
+            order: PageOrder::from_raw(head.order),
+            state,
+        })
+    }
+
+    /// Checks the frame number and order of a block against the window; gives its index.
+    #[inline]
+    fn locate(&self, pfn: Pfn, order: PageOrder) -> Result<(u32, usize), Locate> {
+        let o = order.get() as usize;
+        if o > MAX_ORDER {
+            return Err(Locate::OrderTooLarge);
+        }
+        if !pfn.is_aligned(order) {
+            return Err(Locate::Unaligned);
+        }
+        let idx = pfn.get().wrapping_sub(self.base);
+        match idx.checked_add(order.frames()) {
+            Some(end) if end <= self.meta.len() as u64 => Ok((idx as u32, o)),
+            _ => Err(Locate::OutOfRange),
+        }
+    }
+
+    /// Removes the head of the non-empty list `k` and splits it down to order `o`, putting
+    /// the upper halves on their lists with the parent's reported flag (Linux `expand`).
+    #[inline(always)]
+    fn take(&mut self, k: usize, o: usize) -> Block {
+        let meta = &mut *self.meta;
+        let idx = self.area.lists[k].head;
+        let reported = meta[idx as usize].state == State::FreeReported;
+        self.area.unlink(meta, k, idx, reported);
+        if k != o {
+            self.split(idx, k, o, reported);
+        }
+        self.meta[idx as usize] = FrameMeta::head(State::Allocated, o as u8);
+        Block {
+            pfn: Pfn::from_raw(self.base + u64::from(idx)),
+            order: PageOrder::from_raw(o as u8),
+            reported,
+        }
+    }
+
+    /// The split loop of `take`, out of line so the no-split path stays small.
+    #[inline(never)]
+    fn split(&mut self, idx: u32, k: usize, o: usize, reported: bool) {
+        let meta = &mut *self.meta;
+        let mut cur = k;
+        while cur > o {
+            cur -= 1;
+            self.area
+                .link(meta, cur, idx + (1 << cur), reported, Placement::Hot);
+        }
+    }
+
+    /// Puts the block at index `start` on the free lists, first merging it with every free
+    /// buddy (Linux `__free_one_page`): reported blocks to the tail, others to the head
+    /// (`Hot`) or to the end of the unreported segment (`Cold`).
+    #[inline(always)]
+    pub(super) fn release(
+        &mut self,
+        start: u32,
+        order: usize,
+        reported: bool,
+        placement: Placement,
+    ) {
+        if order < MAX_ORDER && self.free_buddy(u64::from(start), order).is_some() {
+            return self.merge(start, order, reported, placement);
+        }
+        self.area
+            .link(&mut self.meta, order, start, reported, placement);
+    }
+
+    /// The index of the buddy of the block at `idx` and whether it is reported, if the buddy
+    /// is a free block of the same order (buddies pair up by frame number; the window base
+    /// need not be aligned).
+    #[inline(always)]
+    fn free_buddy(&self, idx: u64, order: usize) -> Option<(u64, bool)> {
+        let buddy = ((idx + self.base) ^ (1 << order)).wrapping_sub(self.base);
+        let b = self.meta.get(buddy as usize)?;
+        match b.state {
+            State::Free if b.order as usize == order => Some((buddy, false)),
+            State::FreeReported if b.order as usize == order => Some((buddy, true)),
+            _ => None,
+        }
+    }
+
+    /// The merge loop of `release`, out of line so the no-merge path stays small.
+    #[inline(never)]
+    fn merge(&mut self, start: u32, order: usize, mut reported: bool, placement: Placement) {
+        let (mut head, mut order) = (u64::from(start), order);
+        while order < MAX_ORDER {
+            let Some((buddy, b_reported)) = self.free_buddy(head, order) else {
+                break;
+            };
+            let meta = &mut *self.meta;
+            self.area.unlink(meta, order, buddy as u32, b_reported);
+            meta[buddy as usize].state = State::Tail;
+            reported &= b_reported;
+            head = head.min(buddy);
+            order += 1;
+        }
+        let head = head as u32;
+        if head != start {
+            self.meta[start as usize].state = State::Tail;
+        }
+        self.area
+            .link(&mut self.meta, order, head, reported, placement);
+    }
+
+    /// The head of the block that holds the tail frame `idx` (search upwards by alignment).
+    fn enclosing(&self, idx: u32) -> Option<HeadInfo> {
+        let pfn = self.base + u64::from(idx);
+        (1..=MAX_ORDER).find_map(|k| {
+            let head = (pfn & !((1u64 << k) - 1)).checked_sub(self.base)?;
+            let m = self.meta.get(head as usize)?;
+            let is_head = !matches!(m.state, State::Hole | State::Tail);
+            (is_head && u64::from(idx) - head < 1 << m.order).then_some(HeadInfo {
+                idx: head as u32,
+                order: m.order,
+                state: m.state,
+            })
+        })
+    }
+}

@@ -1,0 +1,18 @@
+#![no_std]
+#![doc = include_str!("../README.md")]
+
+#[cfg(any(feature = "alloc", test, fuzzing))]
+extern crate alloc;
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+pub mod addr;
+pub mod buddy;
+mod sync;
+
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod testing;
+
+pub use addr::{AddrError, Gfn, Gpa, Hpa, Level, PageOrder, Pfn};
+pub use buddy::{Block, Buddy, FrameMeta, LockedBuddy};
