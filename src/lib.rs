@@ -3,7 +3,7 @@
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
 extern crate alloc;
-#[cfg(any(feature = "std", test))]
+#[cfg(any(feature = "std", test, fuzzing))]
 extern crate std;
 
 pub mod addr;
