@@ -9,7 +9,7 @@
 //!
 //! Run: `cargo run --release --example fragmentation`
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Instant;
 

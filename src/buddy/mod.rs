@@ -40,7 +40,7 @@
 //!
 //! # Concurrency
 //! [`Buddy`] is a plain `&mut self` structure. [`LockedBuddy`] wraps it in a spin lock (the
-//! one from [`crate::sync`], which loom model-checks) for allocators shared between CPUs; the
+//! one from the crate's `sync` shim, which loom model-checks) for allocators shared between CPUs; the
 //! reporter holds the lock only to isolate and to put back, never while the host works.
 
 mod check;
