@@ -8,6 +8,7 @@ extern crate std;
 
 pub mod addr;
 pub mod buddy;
+pub mod hint;
 mod sync;
 
 #[cfg(any(test, fuzzing))]
