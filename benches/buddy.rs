@@ -118,6 +118,16 @@ fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
+/// Measures one order-0 alloc + free on `a`.
+fn pair<A: Frames>(g: &mut Group<'_>, name: &str, a: &mut A) {
+    g.bench_function(BenchmarkId::from_parameter(name), |b| {
+        b.iter(|| {
+            let f = a.alloc(0).unwrap();
+            a.free(black_box(f), 0);
+        })
+    });
+}
+
 /// The order-0 fast path: one alloc + free in a warm arena, where an order-0 block is at the
 /// head of its list and freeing it merges nothing (its buddy is in use).
 fn order0_pair(c: &mut Criterion) {
@@ -125,12 +135,7 @@ fn order0_pair(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     fn run<A: Frames>(g: &mut Group<'_>, name: &str, mut a: A) {
         let _held = warm(&mut a);
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let f = a.alloc(0).unwrap();
-                a.free(black_box(f), 0);
-            })
-        });
+        pair(g, name, &mut a);
     }
     run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
     run(&mut g, "buddy_system_allocator", peer(GIB));
@@ -142,18 +147,10 @@ fn order0_pair(c: &mut Criterion) {
 fn order0_pair_pristine(c: &mut Criterion) {
     let mut g = c.benchmark_group("order0_pair_pristine");
     g.throughput(Throughput::Elements(1));
-    fn run<A: Frames>(g: &mut Group<'_>, name: &str, mut a: A) {
-        g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let f = a.alloc(0).unwrap();
-                a.free(black_box(f), 0);
-            })
-        });
-    }
-    run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
-    run(&mut g, "buddy_system_allocator", peer(GIB));
+    pair(&mut g, "hvmem", &mut ours::<MAX_ORDER>(GIB));
+    pair(&mut g, "buddy_system_allocator", &mut peer(GIB));
     // Like for like with the peer, whose blocks merge up to the whole gigabyte (order 18).
-    run(&mut g, "hvmem_max_order_18", ours::<18>(GIB));
+    pair(&mut g, "hvmem_max_order_18", &mut ours::<18>(GIB));
     g.finish();
 }
 
