@@ -64,7 +64,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// `__free_one_page`). The freed block is unreported and goes to the head of its list.
     #[inline]
     pub fn free(&mut self, pfn: Pfn, order: PageOrder) -> Result<(), FreeError> {
-        self.free_merged(pfn, order).map(|_| ())
+        self.free_inner(pfn, order).map(|_| ())
     }
 
     /// [`free`](Self::free), returning the order of the free block the freed one became part
@@ -73,6 +73,14 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// order-9 block, which is what a reporter's `on_free` needs to hear about.
     #[inline]
     pub fn free_merged(&mut self, pfn: Pfn, order: PageOrder) -> Result<PageOrder, FreeError> {
+        self.free_inner(pfn, order)
+            .map(|merged| PageOrder::from_raw(merged as u8))
+    }
+
+    /// The body of `free` and `free_merged`, inlined into each so `free` stays as small as
+    /// it was before it had to say the merged order.
+    #[inline(always)]
+    fn free_inner(&mut self, pfn: Pfn, order: PageOrder) -> Result<usize, FreeError> {
         let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
             Locate::OrderTooLarge => FreeError::OrderTooLarge,
             Locate::Unaligned => FreeError::Unaligned,
@@ -81,8 +89,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         let m = self.meta[idx as usize];
         let state = match m.state {
             State::Allocated if m.order as usize == o => {
-                let merged = self.release(idx, o, false, Placement::Hot);
-                return Ok(PageOrder::from_raw(merged as u8));
+                return Ok(self.release(idx, o, false, Placement::Hot));
             }
             State::Tail => self.enclosing(idx).map(|info| info.state),
             _ => Some(m.state),
