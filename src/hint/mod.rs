@@ -65,6 +65,8 @@
 //! `__putback_isolated_page`; [`poison::negotiate`] = `virtballoon_validate`.
 
 mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod poison;
 mod policy;
 mod reporter;
