@@ -34,6 +34,12 @@
 //!   [`Buddy::put_back`] returns one, reported (to the tail) or not (to the end of the
 //!   unreported blocks, so a failed report is retried last) (Linux `__putback_isolated_page`).
 //!   [`Buddy::reset_reported`] forgets every reported flag, as needed after live migration.
+//!   The hint batcher (`crate::hint`) uses the cold-end pair instead: [`Buddy::isolate_cold`]
+//!   takes the blocks freed longest ago (seed 002: hint cold pages, not the ones `alloc`
+//!   reuses next) and [`Buddy::put_back_hot`] returns a failed block to the head, so the
+//!   unreported blocks form a ring the reporter walks from its cold end, each pass starting
+//!   where the previous one stopped. [`Buddy::free_merged`] says which order a freed block
+//!   merged into, for the reporter's `on_free` threshold.
 //!
 //! Every operation validates its input and returns a typed error that leaves the allocator
 //! unchanged; nothing panics on embedder or guest input.
