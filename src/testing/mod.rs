@@ -31,3 +31,4 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+pub mod receiver;
