@@ -34,6 +34,10 @@
 //!   [`Buddy::put_back`] returns one, reported (to the tail) or not (to the end of the
 //!   unreported blocks, so a failed report is retried last) (Linux `__putback_isolated_page`).
 //!   [`Buddy::reset_reported`] forgets every reported flag, as needed after live migration.
+//! - **Range API** for the THP-order balloon: [`Buddy::free_frames_within`] counts the free
+//!   frames of one naturally aligned range (a host huge page) and [`Buddy::alloc_within`]
+//!   allocates inside it, so a balloon can take small blocks from a host page it already
+//!   broke before it breaks another.
 //!
 //! Every operation validates its input and returns a typed error that leaves the allocator
 //! unchanged; nothing panics on embedder or guest input.
@@ -50,6 +54,7 @@ mod meta;
 mod ops;
 #[cfg(test)]
 mod tests;
+mod within;
 
 use core::ops::DerefMut;
 
