@@ -16,3 +16,9 @@ mod fph;
 pub use fph::{
     CmdIdOutcome, DirtyBitmap, FreePageHintSession, HintApplied, HintIgnored, HintState, HintStats,
 };
+mod balloon;
+
+pub use balloon::{
+    Balloon, BalloonConfig, BalloonNewError, BalloonViolation, DeflateError, DeflateOutcome,
+    FallbackPolicy, InflateError, InflateOutcome,
+};
