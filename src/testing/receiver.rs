@@ -19,17 +19,22 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::Rng;
-use crate::addr::{Gfn, Gpa, PAGE_SIZE, PageOrder};
+use crate::addr::{Gpa, PAGE_SIZE, PageOrder};
 use crate::hint::wire::{
     CmdId, Direction, PaOrderHint, VIRTQ_DESC_SIZE, VirtqDesc, decode_hints, pfn_runs, walk_chain,
 };
 use crate::hint::{
-    ByteTotals, CmdIdOutcome, DirtyBitmap, Discard, DiscardMode, FreePageHintSession, HintState,
-    RamLayout, RamRegion, RangeError, ReportReceiver, SkipReason,
+    ByteTotals, CmdIdOutcome, DiscardMode, FreePageHintSession, HintState, RamLayout, RamRegion,
+    ReportReceiver, SkipReason,
 };
+
+mod model;
+
+use model::{MockBitmap, MockDiscard, gpa, model_range};
 
 /// Regions a layout may have.
 pub const MAX_REGIONS: usize = 4;
+/// One past the highest physical address.
 const TOP: u64 = 1 << 52;
 
 /// One region of the layout under test: after a gap from the previous one (or at the top of
@@ -101,130 +106,6 @@ pub enum ReceiverOp {
     HintRaw { addr: u64, len: u64 },
     /// An arbitrary free-page hint chain.
     HintChain { table: Vec<u8>, head: u16 },
-}
-
-/// An address below 2^52 (masked).
-fn gpa(a: u64) -> Gpa {
-    Gpa::new(a & (TOP - 1)).unwrap_or_else(|_| unreachable!())
-}
-
-/// Records discards, fails on demand, and checks each against the layout.
-pub struct MockDiscard {
-    regions: Vec<RamRegion>,
-    calls: Vec<(u64, u64)>,
-    fail: u32,
-    violation: Option<String>,
-}
-
-fn inside_whole_pages(regions: &[RamRegion], start: u64, len: u64, order: Option<u8>) -> bool {
-    regions.iter().any(|r| {
-        let page = order.map_or(r.backing().bytes(), |o| PAGE_SIZE << o);
-        start >= r.start().get()
-            && start + len <= r.end()
-            && (start - r.start().get()) % page == 0
-            && len % page == 0
-            && len > 0
-    })
-}
-
-impl Discard for MockDiscard {
-    type Error = ();
-
-    fn discard(&mut self, region: &RamRegion, start: Gpa, len: u64) -> Result<(), ()> {
-        let s = start.get();
-        if !self.regions.contains(region) || !inside_whole_pages(&[*region], s, len, None) {
-            self.violation = Some(format!("discard({s:#x}, {len:#x}) in {region:?}"));
-        }
-        if self.fail > 0 {
-            self.fail -= 1;
-            return Err(());
-        }
-        self.calls.push((s, len));
-        Ok(())
-    }
-}
-
-/// The migration dirty bitmap: one bit per page of each region.
-pub struct MockBitmap {
-    regions: Vec<RamRegion>,
-    bits: Vec<Vec<bool>>,
-    generation: u64,
-    violation: Option<String>,
-}
-
-impl DirtyBitmap for MockBitmap {
-    fn sync_generation(&mut self) -> u64 {
-        self.generation
-    }
-
-    fn clear(&mut self, first: Gfn, frames: u64) {
-        let (s, len) = (first.addr().get(), frames * PAGE_SIZE);
-        match self
-            .regions
-            .iter()
-            .position(|r| inside_whole_pages(&[*r], s, len, Some(0)))
-        {
-            Some(i) => {
-                let at = ((s - self.regions[i].start().get()) / PAGE_SIZE) as usize;
-                self.bits[i][at..at + frames as usize].fill(false);
-            }
-            None => self.violation = Some(format!("clear({s:#x}, {frames}) outside RAM")),
-        }
-    }
-}
-
-/// What the model expects of one range.
-#[derive(Default)]
-struct Expect {
-    totals: ByteTotals,
-    discards: Vec<(u64, u64)>,
-    /// Whole 4 KiB pages inside RAM, for hints.
-    pages: Vec<(u64, u64)>,
-}
-
-fn model_range(
-    regions: &[RamRegion],
-    addr: u64,
-    len: u64,
-    skip: bool,
-) -> Result<Expect, RangeError> {
-    if len == 0 {
-        return Err(RangeError::Empty);
-    }
-    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(RangeError::Unaligned);
-    }
-    let end = addr.checked_add(len).ok_or(RangeError::Overflow)?;
-    if end > TOP {
-        return Err(RangeError::BeyondPhysical);
-    }
-    let mut e = Expect::default();
-    let mut inside = 0;
-    for r in regions {
-        let (lo, hi) = (addr.max(r.start().get()), end.min(r.end()));
-        if lo >= hi {
-            continue;
-        }
-        inside += hi - lo;
-        e.pages.push((lo, hi - lo));
-        let page = r.backing().bytes();
-        let base = r.start().get();
-        let a = base + (lo - base).div_ceil(page) * page;
-        let b = base + (hi - base) / page * page;
-        let whole = b.saturating_sub(a);
-        e.totals.clamped_partial += u128::from(hi - lo - whole);
-        if whole > 0 {
-            e.totals.accepted += u128::from(whole);
-            if skip {
-                e.totals.skipped += u128::from(whole);
-            } else {
-                e.discards.push((a, whole));
-            }
-        }
-    }
-    e.totals.claimed = u128::from(len);
-    e.totals.clamped_outside = u128::from(len - inside);
-    Ok(e)
 }
 
 /// Receiver, session, mocks and model.

@@ -2,7 +2,8 @@ use std::vec;
 use std::vec::Vec;
 
 use super::*;
-use crate::addr::PageOrder;
+use crate::addr::{PAGE_SIZE, PageOrder, Pfn};
+use crate::buddy::Block;
 use crate::testing::Rng;
 
 fn block(pfn: u64, order: u8) -> Block {
