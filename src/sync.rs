@@ -120,3 +120,10 @@ impl<T> DerefMut for MutexGuard<'_, T> {
         &mut self.inner
     }
 }
+
+/// Atomics: `core`'s, or loom's model-checked ones under `cfg(loom)` (the hint batcher's
+/// request state and reset epoch). `usize` only, so every target with atomics has them.
+#[cfg(not(loom))]
+pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};

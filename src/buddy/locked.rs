@@ -88,6 +88,13 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> LockedBuddy<S, M
         self.lock().free(pfn, order)
     }
 
+    /// [`Buddy::free_merged`] under the lock: frees, and says the order of the free block the
+    /// freed one merged into (what a reporter's `on_free` wants).
+    #[inline]
+    pub fn free_merged(&self, pfn: Pfn, order: PageOrder) -> Result<PageOrder, FreeError> {
+        self.lock().free_merged(pfn, order)
+    }
+
     /// The allocator, through exclusive access to the wrapper (no locking needed).
     pub fn get_mut(&mut self) -> &mut Buddy<S, MAX_ORDER> {
         self.inner.get_mut()

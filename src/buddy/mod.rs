@@ -34,6 +34,12 @@
 //!   [`Buddy::put_back`] returns one, reported (to the tail) or not (to the end of the
 //!   unreported blocks, so a failed report is retried last) (Linux `__putback_isolated_page`).
 //!   [`Buddy::reset_reported`] forgets every reported flag, as needed after live migration.
+//!   The hint batcher (`crate::hint`) uses the cold-end pair instead: [`Buddy::isolate_cold`]
+//!   takes the blocks freed longest ago (seed 002: hint cold pages, not the ones `alloc`
+//!   reuses next) and [`Buddy::put_back_hot`] returns a failed block to the head, so the
+//!   unreported blocks form a ring the reporter walks from its cold end, each pass starting
+//!   where the previous one stopped. [`Buddy::free_merged`] says which order a freed block
+//!   merged into, for the reporter's `on_free` threshold.
 //! - **Range API** for the THP-order balloon: [`Buddy::free_frames_within`] counts the free
 //!   frames of one naturally aligned range (a host huge page) and [`Buddy::alloc_within`]
 //!   allocates inside it, so a balloon can take small blocks from a host page it already

@@ -64,6 +64,23 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// `__free_one_page`). The freed block is unreported and goes to the head of its list.
     #[inline]
     pub fn free(&mut self, pfn: Pfn, order: PageOrder) -> Result<(), FreeError> {
+        self.free_inner(pfn, order).map(|_| ())
+    }
+
+    /// [`free`](Self::free), returning the order of the free block the freed one became part
+    /// of after merging with its buddies. Linux `__free_one_page` hands this merged order to
+    /// `page_reporting_notify_free`: freeing the last 4 KiB page of a 2 MiB region makes an
+    /// order-9 block, which is what a reporter's `on_free` needs to hear about.
+    #[inline]
+    pub fn free_merged(&mut self, pfn: Pfn, order: PageOrder) -> Result<PageOrder, FreeError> {
+        self.free_inner(pfn, order)
+            .map(|merged| PageOrder::from_raw(merged as u8))
+    }
+
+    /// The body of `free` and `free_merged`, inlined into each so `free` stays as small as
+    /// it was before it had to say the merged order.
+    #[inline(always)]
+    fn free_inner(&mut self, pfn: Pfn, order: PageOrder) -> Result<usize, FreeError> {
         let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
             Locate::OrderTooLarge => FreeError::OrderTooLarge,
             Locate::Unaligned => FreeError::Unaligned,
@@ -72,8 +89,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         let m = self.meta[idx as usize];
         let state = match m.state {
             State::Allocated if m.order as usize == o => {
-                self.release(idx, o, false, Placement::Hot);
-                return Ok(());
+                return Ok(self.release(idx, o, false, Placement::Hot));
             }
             State::Tail => self.enclosing(idx).map(|info| info.state),
             _ => Some(m.state),
@@ -120,6 +136,49 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         Ok(taken)
     }
 
+    /// Like [`isolate`](Self::isolate), but takes the *coldest* unreported blocks: from the
+    /// end of the unreported segment backwards, the blocks freed longest ago (freed blocks
+    /// enter at the head and drift towards the reported tail). Seed 002 (Duyck): hint the
+    /// pages least likely to be reallocated soon, not the ones just freed, which `alloc`
+    /// takes next. The hint batcher uses this with [`put_back`](Self::put_back) (reported,
+    /// to the tail) and [`put_back_hot`](Self::put_back_hot) (failed, to the head), so the
+    /// list works as a ring: each pass continues at the cold end with blocks no pass has
+    /// tried yet, the rotation Linux's `page_reporting_cycle` gets from
+    /// `list_rotate_to_front`.
+    pub fn isolate_cold<const N: usize>(
+        &mut self,
+        order: PageOrder,
+        max: usize,
+        out: &mut ArrayVec<Block, N>,
+    ) -> Result<usize, IsolateError> {
+        let o = order.get() as usize;
+        if o > MAX_ORDER {
+            return Err(IsolateError::OrderTooLarge);
+        }
+        let meta = &mut *self.meta;
+        let mut taken = 0;
+        while taken < max && !out.is_full() {
+            let list = &self.area.lists[o];
+            let idx = match list.first_reported {
+                NIL => list.tail,
+                first => meta[first as usize].prev,
+            };
+            if idx == NIL || meta[idx as usize].state != State::Free {
+                break;
+            }
+            self.area.unlink(meta, o, idx, false);
+            meta[idx as usize].state = State::Isolated;
+            self.area.lists[o].isolated += 1;
+            out.push(Block {
+                pfn: Pfn::from_raw(self.base + u64::from(idx)),
+                order,
+                reported: false,
+            });
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
     /// Returns an isolated block to the free lists (Linux `__putback_isolated_page`): to the
     /// tail as reported when the host took it, or, when the report failed, unreported to the
     /// end of the unreported blocks so the next pass tries other blocks first. It merges with
@@ -129,6 +188,25 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         pfn: Pfn,
         order: PageOrder,
         reported: bool,
+    ) -> Result<(), PutBackError> {
+        self.put_back_at(pfn, order, reported, Placement::Cold)
+    }
+
+    /// Returns an isolated block unreported to the *head* of its list, as a freed block goes:
+    /// for a failed report of a block taken by [`isolate_cold`](Self::isolate_cold), so the
+    /// next pass, which starts at the cold end, tries blocks not tried yet and comes back to
+    /// this one last. The block is the first `alloc` hands out, which costs the host nothing:
+    /// it still backs it. Merges like [`put_back`](Self::put_back); errors are the same.
+    pub fn put_back_hot(&mut self, pfn: Pfn, order: PageOrder) -> Result<(), PutBackError> {
+        self.put_back_at(pfn, order, false, Placement::Hot)
+    }
+
+    fn put_back_at(
+        &mut self,
+        pfn: Pfn,
+        order: PageOrder,
+        reported: bool,
+        placement: Placement,
     ) -> Result<(), PutBackError> {
         let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
             Locate::OrderTooLarge => PutBackError::OrderTooLarge,
@@ -143,7 +221,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             _ => return Err(PutBackError::NotIsolated),
         }
         self.area.lists[o].isolated -= 1;
-        self.release(idx, o, reported, Placement::Cold);
+        self.release(idx, o, reported, placement);
         Ok(())
     }
 
@@ -239,7 +317,8 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
 
     /// Puts the block at index `start` on the free lists, first merging it with every free
     /// buddy (Linux `__free_one_page`): reported blocks to the tail, others to the head
-    /// (`Hot`) or to the end of the unreported segment (`Cold`).
+    /// (`Hot`) or to the end of the unreported segment (`Cold`). Returns the order of the
+    /// block after merging.
     #[inline(always)]
     pub(super) fn release(
         &mut self,
@@ -247,12 +326,13 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         order: usize,
         reported: bool,
         placement: Placement,
-    ) {
+    ) -> usize {
         if order < MAX_ORDER && self.free_buddy(u64::from(start), order).is_some() {
             return self.merge(start, order, reported, placement);
         }
         self.area
             .link(&mut self.meta, order, start, reported, placement);
+        order
     }
 
     /// The index of the buddy of the block at `idx` and whether it is reported, if the buddy
@@ -271,7 +351,13 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
 
     /// The merge loop of `release`, out of line so the no-merge path stays small.
     #[inline(never)]
-    fn merge(&mut self, start: u32, order: usize, mut reported: bool, placement: Placement) {
+    fn merge(
+        &mut self,
+        start: u32,
+        order: usize,
+        mut reported: bool,
+        placement: Placement,
+    ) -> usize {
         let (mut head, mut order) = (u64::from(start), order);
         while order < MAX_ORDER {
             let Some((buddy, b_reported)) = self.free_buddy(head, order) else {
@@ -290,6 +376,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         }
         self.area
             .link(&mut self.meta, order, head, reported, placement);
+        order
     }
 
     /// The head of the block that holds the tail frame `idx` (search upwards by alignment).

@@ -483,6 +483,142 @@ fn failed_report_goes_behind_other_unreported_blocks() {
     assert_eq!(again[2].pfn, out[1].pfn);
 }
 
+/// The frame numbers of the unreported blocks of order `o`, head first (by allocating
+/// from a clone until the order runs out of unreported blocks).
+fn unreported_in_list_order<const M: usize>(b: &Buddy<Vec<FrameMeta>, M>, o: u8) -> Vec<u64> {
+    let mut bb = b.clone();
+    let n = bb.order_stats(ord(o));
+    (0..n.free - n.reported)
+        .map(|_| bb.alloc(ord(o)).unwrap())
+        .inspect(|x| assert!(!x.reported))
+        .map(|x| x.pfn.get())
+        .collect()
+}
+
+#[test]
+fn isolate_cold_takes_the_blocks_freed_longest_ago() {
+    let mut b = buddy::<4>(0, 80); // five order-4 blocks, queued 0, 16, 32, 48, 64
+    assert_eq!(unreported_in_list_order(&b, 4), [0, 16, 32, 48, 64]);
+    // Allocating and freeing the head block keeps it the hottest.
+    let x = b.alloc(ord(4)).unwrap();
+    assert_eq!(x.pfn.get(), 0);
+    b.free(x.pfn, x.order).unwrap();
+    let mut out = ArrayVec::<Block, 8>::new();
+    assert_eq!(b.isolate_cold(ord(4), 2, &mut out), Ok(2));
+    assert_eq!(
+        out.iter().map(|x| x.pfn.get()).collect::<Vec<_>>(),
+        [64, 48],
+        "coldest first"
+    );
+    assert!(out.iter().all(|x| !x.reported && x.order == ord(4)));
+    assert_eq!(stats(&b, 4), (3, 0, 2));
+    b.check_invariants().unwrap();
+    // With a reported segment, the cold end is just before it.
+    b.put_back(out[0].pfn, out[0].order, true).unwrap();
+    let mut more = ArrayVec::<Block, 8>::new();
+    assert_eq!(b.isolate_cold(ord(4), 1, &mut more), Ok(1));
+    assert_eq!(
+        more[0].pfn.get(),
+        32,
+        "skips nothing, takes no reported block"
+    );
+    b.check_invariants().unwrap();
+    // Capacity of `out` and `max` bound it; reported blocks are never taken.
+    let mut one = ArrayVec::<Block, 1>::new();
+    assert_eq!(b.isolate_cold(ord(4), 9, &mut one), Ok(1));
+    let mut rest = ArrayVec::<Block, 8>::new();
+    assert_eq!(b.isolate_cold(ord(4), 9, &mut rest), Ok(1));
+    assert_eq!(b.isolate_cold(ord(4), 9, &mut rest), Ok(0));
+    assert_eq!(stats(&b, 4), (1, 1, 4));
+    assert_eq!(
+        b.isolate_cold(ord(5), 1, &mut rest),
+        Err(IsolateError::OrderTooLarge)
+    );
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn cold_isolation_with_hot_put_back_rotates_through_every_block() {
+    let mut b = buddy::<4>(0, 80);
+    // Every report fails: each block must still be tried once before any is tried twice.
+    let mut tried = Vec::new();
+    for _ in 0..5 {
+        let mut out = ArrayVec::<Block, 1>::new();
+        b.isolate_cold(ord(4), 1, &mut out).unwrap();
+        tried.push(out[0].pfn.get());
+        b.put_back_hot(out[0].pfn, out[0].order).unwrap();
+        b.check_invariants().unwrap();
+    }
+    tried.sort_unstable();
+    assert_eq!(tried, [0, 16, 32, 48, 64]);
+    // A failed block is the first `alloc` hands out (still backed by the host).
+    let mut out = ArrayVec::<Block, 2>::new();
+    b.isolate_cold(ord(4), 2, &mut out).unwrap();
+    b.put_back_hot(out[1].pfn, out[1].order).unwrap();
+    b.put_back(out[0].pfn, out[0].order, true).unwrap();
+    let first = b.alloc(ord(4)).unwrap();
+    assert_eq!(first.pfn, out[1].pfn);
+    assert!(!first.reported);
+}
+
+#[test]
+fn put_back_hot_merges_and_checks_like_put_back() {
+    let mut b = buddy::<4>(0, 32); // two order-4 blocks: 0 and 16
+    let x = b.alloc(ord(3)).unwrap(); // 0..8; 8/3 free
+    assert_eq!(x.pfn.get(), 0);
+    let mut out = ArrayVec::<Block, 4>::new();
+    b.isolate_cold(ord(3), 1, &mut out).unwrap();
+    assert_eq!(out[0].pfn.get(), 8);
+    let before = b.clone();
+    assert_eq!(
+        b.put_back_hot(pfn(0), ord(3)),
+        Err(PutBackError::NotIsolated)
+    );
+    assert_eq!(
+        b.put_back_hot(pfn(8), ord(2)),
+        Err(PutBackError::WrongOrder)
+    );
+    assert_eq!(b.put_back_hot(pfn(4), ord(3)), Err(PutBackError::Unaligned));
+    assert!(b.same_state(&before));
+    b.free(x.pfn, x.order).unwrap();
+    assert_eq!(stats(&b, 3), (1, 0, 1), "no merge with an isolated buddy");
+    b.put_back_hot(pfn(8), ord(3)).unwrap();
+    assert_eq!(stats(&b, 4), (2, 0, 0), "merged on put-back");
+    b.check_invariants().unwrap();
+}
+
+#[test]
+fn free_merged_says_the_order_the_block_ended_in() {
+    let mut b = buddy::<10>(0, 1024);
+    let pages: Vec<_> = (0..1024).map(|_| b.alloc(ord(0)).unwrap()).collect();
+    let mut merged = Vec::new();
+    for p in pages.iter().filter(|p| p.pfn.get() < 512) {
+        merged.push(b.free_merged(p.pfn, p.order).unwrap().get());
+    }
+    // Freeing the pages of [0, 512) in ascending order: odd pages complete pairs and more.
+    assert_eq!(merged[0], 0);
+    assert_eq!(merged[1], 1);
+    assert_eq!(merged[3], 2);
+    assert_eq!(
+        *merged.last().unwrap(),
+        9,
+        "the last page completes a 2 MiB block"
+    );
+    assert_eq!(merged.iter().filter(|&&m| m == 9).count(), 1);
+    for p in pages.iter().filter(|p| p.pfn.get() >= 512).take(511) {
+        assert!(b.free_merged(p.pfn, p.order).unwrap().get() < 9);
+    }
+    assert_eq!(b.free_merged(pages[1023].pfn, ord(0)), Ok(ord(10)));
+    assert_eq!(
+        b.free_merged(pages[1023].pfn, ord(0)),
+        Err(FreeError::DoubleFree)
+    );
+    b.check_invariants().unwrap();
+    let locked = LockedBuddy::new(b);
+    let x = locked.alloc(ord(9)).unwrap();
+    assert_eq!(locked.free_merged(x.pfn, x.order), Ok(ord(10)));
+}
+
 #[test]
 fn put_back_errors_are_typed_and_change_nothing() {
     let mut b = buddy::<4>(32, 64);

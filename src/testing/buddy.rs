@@ -48,8 +48,12 @@ pub enum BuddyOp {
     FreeGarbage(Garbage),
     /// Isolate up to `max % 40` unreported blocks of `order % 12`.
     Isolate { order: u8, max: u8 },
+    /// Isolate up to `max % 40` of the coldest unreported blocks of `order % 12`.
+    IsolateCold { order: u8, max: u8 },
     /// Put back the k-th isolated block.
     PutBack { k: u16, reported: bool },
+    /// Put back the k-th isolated block unreported, to the head of its list.
+    PutBackHot { k: u16 },
     /// Put back an arbitrary frame and order.
     PutBackGarbage { pfn: u16, order: u8, reported: bool },
     /// Forget every reported flag.
@@ -246,14 +250,24 @@ impl BuddyHarness {
                 self.free(p, o)?
             }
             BuddyOp::Isolate { order: o, max } => {
-                self.isolate(order(o).get(), usize::from(max % 40))?
+                self.isolate(order(o).get(), usize::from(max % 40), false)?
+            }
+            BuddyOp::IsolateCold { order: o, max } => {
+                self.isolate(order(o).get(), usize::from(max % 40), true)?
             }
             BuddyOp::PutBack { k, reported } => {
                 if self.isolated.is_empty() {
                     return Ok(());
                 }
                 let b = self.isolated[usize::from(k) % self.isolated.len()];
-                self.put_back(b.pfn.get(), b.order.get(), reported)?
+                self.put_back(b.pfn.get(), b.order.get(), Some(reported))?
+            }
+            BuddyOp::PutBackHot { k } => {
+                if self.isolated.is_empty() {
+                    return Ok(());
+                }
+                let b = self.isolated[usize::from(k) % self.isolated.len()];
+                self.put_back(b.pfn.get(), b.order.get(), None)?
             }
             BuddyOp::PutBackGarbage {
                 pfn: p,
@@ -262,7 +276,7 @@ impl BuddyHarness {
             } => self.put_back(
                 WINDOW_BASE - 64 + u64::from(p) % (WINDOW_FRAMES + 128),
                 o % 12,
-                reported,
+                Some(reported),
             )?,
             BuddyOp::AllocWithin {
                 pfn: p,
@@ -453,10 +467,20 @@ impl BuddyHarness {
 
     fn free(&mut self, p: u64, o: u8) -> Result<bool, String> {
         let want = self.expected_free(p, o);
-        let got = self.buddy.free(pfn(p), PageOrder::from_raw(o));
+        let merged = self.buddy.free_merged(pfn(p), PageOrder::from_raw(o));
+        let got = merged.map(|_| ());
         check(got == want, || {
             format!("free({p:#x}, {o}) = {got:?}, model {want:?}")
         })?;
+        if let Ok(m) = merged {
+            // The merged order is the order of the free block that now holds the frame.
+            let info = self.buddy.block_info(pfn(p));
+            check(
+                matches!(info, Some(i) if i.order == m && m.get() >= o
+                    && matches!(i.state, BlockState::Free { .. })),
+                || format!("free_merged({p:#x}, {o}) = {m:?}, block now {info:?}"),
+            )?;
+        }
         if got.is_ok() {
             self.set((p, o), Cell::Free { reported: false });
             self.live.retain(|b| b.pfn.get() != p);
@@ -468,11 +492,15 @@ impl BuddyHarness {
         Ok(got.is_err())
     }
 
-    fn isolate(&mut self, o: u8, max: usize) -> Result<bool, String> {
+    fn isolate(&mut self, o: u8, max: usize, cold: bool) -> Result<bool, String> {
         let ord = PageOrder::from_raw(o);
         let stats = self.buddy.order_stats(ord);
         let mut out = ArrayVec::<Block, BATCH>::new();
-        let got = self.buddy.isolate(ord, max, &mut out);
+        let got = if cold {
+            self.buddy.isolate_cold(ord, max, &mut out)
+        } else {
+            self.buddy.isolate(ord, max, &mut out)
+        };
         if o as usize > MAX_ORDER {
             check(got == Err(IsolateError::OrderTooLarge), || {
                 format!("isolate({o}) = {got:?}")
@@ -500,11 +528,14 @@ impl BuddyHarness {
         Ok(false)
     }
 
-    fn put_back(&mut self, p: u64, o: u8, reported: bool) -> Result<bool, String> {
+    /// `reported: None` puts back with `put_back_hot`.
+    fn put_back(&mut self, p: u64, o: u8, reported: Option<bool>) -> Result<bool, String> {
         let want = self.expected_put_back(p, o);
-        let got = self
-            .buddy
-            .put_back(pfn(p), PageOrder::from_raw(o), reported);
+        let got = match reported {
+            Some(r) => self.buddy.put_back(pfn(p), PageOrder::from_raw(o), r),
+            None => self.buddy.put_back_hot(pfn(p), PageOrder::from_raw(o)),
+        };
+        let reported = reported.unwrap_or(false);
         check(got == want, || {
             format!("put_back({p:#x}, {o}) = {got:?}, model {want:?}")
         })?;
@@ -551,7 +582,7 @@ impl BuddyHarness {
     /// memory merged back into the largest naturally aligned blocks that fit in it.
     pub fn finish(mut self) -> Result<(), String> {
         while let Some(b) = self.isolated.last().copied() {
-            self.put_back(b.pfn.get(), b.order.get(), false)?;
+            self.put_back(b.pfn.get(), b.order.get(), Some(false))?;
         }
         while let Some(b) = self.live.last().copied() {
             if self.free(b.pfn.get(), b.order.get())? {
@@ -637,13 +668,20 @@ pub fn random_op(rng: &mut Rng) -> BuddyOp {
                 offset: rng.next_u64() as u16,
             },
         }),
-        73..=82 => BuddyOp::Isolate {
+        73..=77 => BuddyOp::Isolate {
             order: small(rng) + 3 * (rng.below(3) as u8),
             max: rng.below(40) as u8,
         },
-        83..=95 => BuddyOp::PutBack {
+        78..=82 => BuddyOp::IsolateCold {
+            order: small(rng) + 3 * (rng.below(3) as u8),
+            max: rng.below(40) as u8,
+        },
+        83..=92 => BuddyOp::PutBack {
             k: rng.next_u64() as u16,
             reported: rng.below(4) != 0,
+        },
+        93..=95 => BuddyOp::PutBackHot {
+            k: rng.next_u64() as u16,
         },
         96 => BuddyOp::AllocWithin {
             pfn: rng.next_u64() as u16,
