@@ -23,11 +23,14 @@
 //!    what is still wanted (so whole free pages the guest could use as THPs stay whole), or,
 //!    when none covers it, the page with the most free frames (fewest breaks).
 //!
-//! So a fallback of `R` frames breaks `ceil(R / free frames per page)` host pages where a
-//! plain fallback ([`FallbackPolicy::Naive`], what every implementation we know does —
-//! Linux, Hui Zhu's patch, QEMU, Firecracker, Cloud Hypervisor, crosvm) breaks as many as
-//! the allocator's free-list order happens to touch: after the guest frees its holes in
-//! random order, nearly all of them.
+//! Taking pages with the most free frames first is the fewest pages that can hold a fallback
+//! of `R` frames, and the tightest covering page for the rest adds one; after `usemem
+//! --punch-holes` (256 free frames in each page) that is `ceil(R / 256)`. A plain fallback
+//! ([`FallbackPolicy::Naive`], what every implementation we know does — Linux, Hui Zhu's
+//! patch, QEMU, Firecracker, Cloud Hypervisor, crosvm) breaks as many as the allocator's
+//! free-list order happens to touch: after the guest frees its holes in random order, nearly
+//! all of them. The estimates are taken once per [`Balloon::inflate`] call, so the choice is
+//! minimal for what was free then.
 //!
 //! The balloon's blocks are ordinary allocated blocks in the buddy's view; the balloon
 //! remembers which ones are its own in a bitmap of block heads (one bit per frame) and how
@@ -139,7 +142,8 @@ pub struct InflateOutcome {
     pub frames: u64,
     /// Blocks added (also pushed to the caller's batch).
     pub blocks: u32,
-    /// Intact host pages the balloon broke (took part, not all, of).
+    /// Host pages that were intact when the call started and that the balloon now holds
+    /// part, not all, of: huge pages this call cost the host.
     pub broke: u32,
     /// The buddy had nothing more to give ("Out of puff").
     pub out_of_memory: bool,
