@@ -86,6 +86,8 @@
 //! allocator lock per allocation, never across them. Their module docs give the details.
 
 mod pipeline;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod poison;
 mod policy;
 mod reporter;

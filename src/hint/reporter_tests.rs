@@ -1,5 +1,6 @@
 //! Tests of every rule of the guest-side reporter: policy, budget, watermark, rotation,
-//! failure, lock release, request state machine, reset, pipelining, poison negotiation.
+//! failure, lock release, request state machine, reset, poison negotiation, and the
+//! randomized model run. The pipeline's tests are in `pipeline_tests.rs`.
 
 use std::boxed::Box;
 use std::vec;
@@ -13,9 +14,9 @@ use super::*;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, BlockState, Buddy, FrameMeta, LockedBuddy};
 
-type Locked<const M: usize = 10> = LockedBuddy<Vec<FrameMeta>, M>;
+pub(super) type Locked<const M: usize = 10> = LockedBuddy<Vec<FrameMeta>, M>;
 
-fn ord(o: u8) -> PageOrder {
+pub(super) fn ord(o: u8) -> PageOrder {
     PageOrder::new(o).unwrap()
 }
 
@@ -28,7 +29,7 @@ const BASE: u64 = 0x10_0000;
 /// `2 * blocks` blocks of `order`, every other one allocated: `blocks` free blocks of
 /// `order` that can't merge, freed in ascending order (so the lowest is the coldest).
 /// Returns the allocator and the held blocks.
-fn checkerboard<const M: usize>(blocks: u64, order: u8) -> (Locked<M>, Vec<Block>) {
+pub(super) fn checkerboard<const M: usize>(blocks: u64, order: u8) -> (Locked<M>, Vec<Block>) {
     let frames = (2 * blocks) << order;
     let mut b = Buddy::new(vec![FrameMeta::HOLE; frames as usize], pfn(BASE)).unwrap();
     b.add_range(pfn(BASE), frames).unwrap();
@@ -49,7 +50,7 @@ fn checkerboard<const M: usize>(blocks: u64, order: u8) -> (Locked<M>, Vec<Block
     (LockedBuddy::new(b), held)
 }
 
-fn policy(min_order: u8, budget_divisor: u32, low_watermark: u64) -> ReportPolicy {
+pub(super) fn policy(min_order: u8, budget_divisor: u32, low_watermark: u64) -> ReportPolicy {
     ReportPolicy {
         min_order: ord(min_order),
         low_watermark,
@@ -90,7 +91,7 @@ impl<'a, const M: usize> Recorder<'a, M> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct HostBusy;
+pub(super) struct HostBusy;
 
 impl core::fmt::Display for HostBusy {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -126,7 +127,7 @@ impl<const M: usize> ReportTransport for Recorder<'_, M> {
     }
 }
 
-fn stats<const M: usize>(b: &Locked<M>, o: u8) -> (u64, u64, u64) {
+pub(super) fn stats<const M: usize>(b: &Locked<M>, o: u8) -> (u64, u64, u64) {
     let s = b.lock().order_stats(ord(o));
     (s.free, s.reported, s.isolated)
 }
@@ -556,215 +557,6 @@ fn a_batch_out_during_a_reset_comes_back_unreported() {
             BlockState::Free { reported: false }
         );
     }
-}
-
-// ---- pipelined ----
-
-/// A pipelined transport that records submissions; the test completes them.
-#[derive(Default)]
-struct Queue {
-    submitted: Vec<(BatchId, Vec<Block>)>,
-    fail_next: bool,
-}
-
-impl PipelinedTransport for Queue {
-    type Error = HostBusy;
-
-    fn submit(&mut self, id: BatchId, batch: &[Block]) -> Result<(), HostBusy> {
-        if core::mem::take(&mut self.fail_next) {
-            return Err(HostBusy);
-        }
-        self.submitted.push((id, batch.to_vec()));
-        Ok(())
-    }
-}
-
-#[test]
-fn send_32_refill_as_16_come_back() {
-    // Seed 003's scheme with order-2 blocks: Pipeline<16, 2> keeps 32 blocks out.
-    let (buddy, _held) = checkerboard::<10>(100, 2);
-    let r = Reporter::<16>::new(policy(2, 1, 0)).unwrap();
-    let mut p = Pipeline::<16, 2>::new();
-    let mut q = Queue::default();
-    let f = p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert_eq!((f.submitted, f.finished), (2, None));
-    assert_eq!(p.in_flight(), 2);
-    assert_eq!(p.in_flight_frames(), 32 * 4);
-    assert_eq!(stats(&buddy, 2), (68, 0, 32));
-    // Nothing more goes out until a batch comes back.
-    assert_eq!(p.fill(&r, &buddy, &mut q).unwrap().submitted, 0);
-    let (id0, b0) = q.submitted[0].clone();
-    let c = p.complete(&r, &buddy, id0, true).unwrap();
-    assert_eq!(
-        c,
-        Completed {
-            blocks: 16,
-            reported: true
-        }
-    );
-    assert_eq!(stats(&buddy, 2), (84, 16, 16));
-    for blk in &b0 {
-        assert_eq!(
-            buddy.lock().block_info(blk.pfn).unwrap().state,
-            BlockState::Free { reported: true }
-        );
-    }
-    assert_eq!(p.fill(&r, &buddy, &mut q).unwrap().submitted, 1, "16 more");
-    assert_eq!(stats(&buddy, 2).2, 32);
-    // Drain: complete the oldest in flight and refill until the pass ends.
-    let mut finished = None;
-    while p.in_flight() > 0 {
-        let id = p.in_flight_ids().min().unwrap();
-        p.complete(&r, &buddy, id, true).unwrap();
-        let f = p.fill(&r, &buddy, &mut q).unwrap();
-        finished = finished.or(f.finished);
-    }
-    assert_eq!(finished, Some(PassEnd::default()));
-    assert_eq!(stats(&buddy, 2), (100, 100, 0));
-    assert_eq!(p.stats().reported_blocks, 100);
-    assert_eq!(p.stats().submitted, 7, "100 blocks in batches of 16");
-    assert_eq!(r.state(), RequestState::Idle);
-    buddy.lock().check_invariants().unwrap();
-}
-
-#[test]
-fn completions_in_any_order_return_only_their_own_batch() {
-    let (buddy, _held) = checkerboard::<10>(20, 2);
-    let r = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
-    let mut p = Pipeline::<4, 3>::new();
-    let mut q = Queue::default();
-    let f = p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert_eq!((f.submitted, f.finished), (3, None));
-    let ids: Vec<BatchId> = q.submitted.iter().map(|s| s.0).collect();
-    let isolated = |b: &Locked<10>, blocks: &[Block]| {
-        blocks
-            .iter()
-            .all(|x| b.lock().block_info(x.pfn).unwrap().state == BlockState::Isolated)
-    };
-    // The last batch completes first, failed: only its blocks come back.
-    p.complete(&r, &buddy, ids[2], false).unwrap();
-    assert!(isolated(&buddy, &q.submitted[0].1));
-    assert!(isolated(&buddy, &q.submitted[1].1));
-    assert!(!isolated(&buddy, &q.submitted[2].1));
-    assert_eq!(p.batch(ids[1]).unwrap(), &q.submitted[1].1[..]);
-    assert_eq!(p.batch(ids[2]), None);
-    // Then the first, reported.
-    p.complete(&r, &buddy, ids[0], true).unwrap();
-    assert!(isolated(&buddy, &q.submitted[1].1));
-    assert_eq!(stats(&buddy, 2), (16, 4, 4));
-    // Stale and unknown ids change nothing.
-    let before = buddy.lock().clone();
-    assert_eq!(
-        p.complete(&r, &buddy, ids[0], true),
-        Err(CompleteError::UnknownBatch)
-    );
-    assert_eq!(
-        p.complete(&r, &buddy, BatchId::from_raw(99), true),
-        Err(CompleteError::UnknownBatch)
-    );
-    assert!(buddy.lock().same_state(&before));
-    p.complete(&r, &buddy, ids[1], true).unwrap();
-    assert_eq!(stats(&buddy, 2), (20, 8, 0));
-    // Refill: the budget (20 blocks for 20 free blocks) has room for the 8 untried blocks;
-    // the pass ends while their batches are still out.
-    let f = p.fill(&r, &buddy, &mut q).unwrap();
-    assert_eq!(f.submitted, 2);
-    let end = f.finished.unwrap();
-    assert!(end.budget_exhausted && end.reschedule && !end.watermark_hit);
-    assert!(!p.pass_running());
-    assert_eq!(p.in_flight(), 2);
-    for i in [4, 3] {
-        p.complete(&r, &buddy, q.submitted[i].0, true).unwrap();
-    }
-    assert_eq!(stats(&buddy, 2), (20, 16, 0));
-    // The next pass retries the failed batch, tried last.
-    let f = p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert_eq!((f.submitted, f.finished), (1, Some(PassEnd::default())));
-    assert_eq!(q.submitted[5].1, q.submitted[2].1);
-    p.complete(&r, &buddy, q.submitted[5].0, true).unwrap();
-    assert_eq!(stats(&buddy, 2), (20, 20, 0));
-    assert_eq!(p.stats().completed, 6);
-    assert_eq!(p.stats().passes, 2);
-    buddy.lock().check_invariants().unwrap();
-}
-
-#[test]
-fn a_failed_submission_stops_the_pass() {
-    let (buddy, _held) = checkerboard::<10>(12, 2);
-    let r = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
-    let mut p = Pipeline::<4, 2>::new();
-    let mut q = Queue {
-        fail_next: true,
-        ..Queue::default()
-    };
-    assert_eq!(
-        p.start_pass(&r, &buddy, &mut q),
-        Err(PassError::Transport(HostBusy))
-    );
-    assert!(!p.pass_running());
-    assert_eq!(p.in_flight(), 0);
-    assert_eq!(stats(&buddy, 2), (12, 0, 0), "the batch came back");
-    assert_eq!(r.state(), RequestState::Idle);
-    assert_eq!(p.fill(&r, &buddy, &mut q).unwrap(), Fill::default());
-    // A later pass works.
-    assert_eq!(p.start_pass(&r, &buddy, &mut q).unwrap().submitted, 2);
-    assert_eq!(
-        p.start_pass(&r, &buddy, &mut q),
-        Err(PassError::PassActive),
-        "one pass at a time"
-    );
-    // The device resets: everything in flight comes back unreported.
-    assert_eq!(p.fail_all(&r, &buddy), 2);
-    assert_eq!(stats(&buddy, 2), (12, 0, 0));
-    assert!(!p.pass_running());
-    assert_eq!(r.state(), RequestState::Idle);
-    assert_eq!(p.stats().unreported_blocks, 4 + 8);
-    buddy.lock().check_invariants().unwrap();
-}
-
-#[test]
-fn a_reset_while_batches_are_in_flight_returns_them_unreported() {
-    let (buddy, _held) = checkerboard::<10>(12, 2);
-    let r = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
-    let mut p = Pipeline::<4, 2>::new();
-    let mut q = Queue::default();
-    p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert!(p.pass_running());
-    assert!(
-        !r.reset_reported(&buddy),
-        "a pass is running: it will ask to be rescheduled"
-    );
-    assert_eq!(r.state(), RequestState::Requested);
-    let ids: Vec<BatchId> = p.in_flight_ids().collect();
-    for id in ids {
-        let c = p.complete(&r, &buddy, id, true).unwrap();
-        assert!(!c.reported, "reported to the host before migration");
-    }
-    assert_eq!(stats(&buddy, 2), (12, 0, 0));
-    assert_eq!(p.stats().unreported_blocks, 8);
-}
-
-#[test]
-fn the_pipeline_keeps_the_budget_and_the_watermark() {
-    // 40 order-2 blocks = 160 free frames; CAP 4, min order 2, low 100: guard 116, so at
-    // most 11 blocks out at once, whatever the window.
-    let (buddy, _held) = checkerboard::<10>(40, 2);
-    let r = Reporter::<4>::new(policy(2, 1, 100)).unwrap();
-    let mut p = Pipeline::<4, 8>::new();
-    let mut q = Queue::default();
-    let f = p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert_eq!(p.in_flight_frames(), 44);
-    assert_eq!(f.submitted, 3, "4 + 4 + 3");
-    assert!(f.finished.unwrap().watermark_hit);
-    assert!(buddy.lock().free_frames() >= 116);
-    p.fail_all(&r, &buddy);
-    // Budget: divisor 4 gives 12 blocks per pass.
-    let r = Reporter::<4>::new(policy(2, 4, 0)).unwrap();
-    let f = p.start_pass(&r, &buddy, &mut q).unwrap();
-    assert_eq!(f.submitted, 3);
-    let end = f.finished.unwrap();
-    assert!(end.budget_exhausted && end.reschedule);
-    assert_eq!(r.state(), RequestState::Requested);
 }
 
 // ---- poison ----
