@@ -67,6 +67,21 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> LockedBuddy<S, M
         self.lock().alloc_at_most(order)
     }
 
+    /// [`Buddy::alloc_within`] under the lock.
+    pub fn alloc_within(
+        &self,
+        pfn: Pfn,
+        within: PageOrder,
+        order: PageOrder,
+    ) -> Result<Block, AllocError> {
+        self.lock().alloc_within(pfn, within, order)
+    }
+
+    /// [`Buddy::free_frames_within`] under the lock.
+    pub fn free_frames_within(&self, pfn: Pfn, within: PageOrder) -> u64 {
+        self.lock().free_frames_within(pfn, within)
+    }
+
     /// [`Buddy::free`] under the lock.
     #[inline]
     pub fn free(&self, pfn: Pfn, order: PageOrder) -> Result<(), FreeError> {

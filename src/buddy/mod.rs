@@ -40,6 +40,10 @@
 //!   unreported blocks form a ring the reporter walks from its cold end, each pass starting
 //!   where the previous one stopped. [`Buddy::free_merged`] says which order a freed block
 //!   merged into, for the reporter's `on_free` threshold.
+//! - **Range API** for the THP-order balloon: [`Buddy::free_frames_within`] counts the free
+//!   frames of one naturally aligned range (a host huge page) and [`Buddy::alloc_within`]
+//!   allocates inside it, so a balloon can take small blocks from a host page it already
+//!   broke before it breaks another.
 //!
 //! Every operation validates its input and returns a typed error that leaves the allocator
 //! unchanged; nothing panics on embedder or guest input.
@@ -56,6 +60,7 @@ mod meta;
 mod ops;
 #[cfg(test)]
 mod tests;
+mod within;
 
 use core::ops::DerefMut;
 

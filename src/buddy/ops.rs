@@ -20,10 +20,10 @@ enum Locate {
 
 /// A block head found in the metadata.
 #[derive(Clone, Copy)]
-struct HeadInfo {
-    idx: u32,
-    order: u8,
-    state: State,
+pub(super) struct HeadInfo {
+    pub(super) idx: u32,
+    pub(super) order: u8,
+    pub(super) state: State,
 }
 
 impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORDER> {
@@ -380,7 +380,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     }
 
     /// The head of the block that holds the tail frame `idx` (search upwards by alignment).
-    fn enclosing(&self, idx: u32) -> Option<HeadInfo> {
+    pub(super) fn enclosing(&self, idx: u32) -> Option<HeadInfo> {
         let pfn = self.base + u64::from(idx);
         (1..=MAX_ORDER).find_map(|k| {
             let head = (pfn & !((1u64 << k) - 1)).checked_sub(self.base)?;

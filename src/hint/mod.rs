@@ -64,6 +64,27 @@
 //! `page_reporting_dev_info::report`; isolate / put back = `__isolate_free_page` /
 //! `__putback_isolated_page`; [`poison::negotiate`] = `virtballoon_validate`.
 
+//!
+//! # Host side and wire formats
+//!
+//! - [`wire`]: the bytes on the queues, little-endian, with decoders for untrusted input —
+//!   virtio descriptors and chains for reporting scatter lists, seed 003's `pa | order`
+//!   hints, balloon PFN arrays, free-page-hint command ids.
+//! - [`ReportReceiver`]: the host's end of reporting and ballooning. It validates each guest
+//!   range against the [`GuestRamLayout`], clamps it to RAM, aligns it inward to whole host
+//!   backing pages and discards through the embedder's [`Discard`], or only counts in a
+//!   skip-but-ack [`DiscardMode`]; accepted + clamped + rejected bytes always add up (QEMU
+//!   `virtio_balloon_handle_report`, Cloud Hypervisor / Firecracker `remove_range`).
+//! - [`FreePageHintSession`]: the host's end of `VIRTIO_BALLOON_F_FREE_PAGE_HINT` during live
+//!   migration; a hint clears bits only in the dirty bitmap of its own round, which is why a
+//!   page reused right after its hint stays dirty (seed 003; QEMU `get_free_page_hints`).
+//! - [`Balloon`]: a THP-order balloon (seed 001) that falls back order by order and, below
+//!   the host page order, takes small blocks from host huge pages it already broke before
+//!   breaking another (QEMU has `PartiallyBalloonedPage` on the host side only).
+//!
+//! Each of these is `&mut self` and run by one thread per queue; the balloon takes the
+//! allocator lock per allocation, never across them. Their module docs give the details.
+
 mod pipeline;
 #[cfg(test)]
 mod pipeline_tests;
@@ -78,3 +99,22 @@ pub use pipeline::{CompleteError, Completed, Fill, Pipeline, PipelineStats};
 pub use policy::{PolicyError, ReportPolicy};
 pub use reporter::{PassEnd, PassError, PassStats, Reporter, RequestState};
 pub use transport::{BatchId, PipelinedTransport, ReportTransport};
+
+mod balloon;
+mod fph;
+mod layout;
+mod receiver;
+pub mod wire;
+
+pub use balloon::{
+    Balloon, BalloonConfig, BalloonNewError, BalloonViolation, DeflateError, DeflateOutcome,
+    FallbackPolicy, InflateError, InflateOutcome,
+};
+pub use fph::{
+    CmdIdOutcome, DirtyBitmap, FreePageHintSession, HintApplied, HintIgnored, HintState, HintStats,
+};
+pub use layout::{GuestRamLayout, LayoutError, RamLayout, RamRegion, RegionError};
+pub use receiver::{
+    BatchOutcome, ByteTotals, Discard, DiscardMode, RangeError, RangeOutcome, ReceiverStats,
+    ReportReceiver, SkipReason,
+};

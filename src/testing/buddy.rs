@@ -58,6 +58,10 @@ pub enum BuddyOp {
     PutBackGarbage { pfn: u16, order: u8, reported: bool },
     /// Forget every reported flag.
     ResetReported,
+    /// Allocate the largest block not above `order % 12` inside the naturally aligned block
+    /// of `within % 12` holding the frame `pfn` (near or inside the window), after checking
+    /// its free-frame count.
+    AllocWithin { pfn: u16, within: u8, order: u8 },
 }
 
 /// Ways to free what should not be freed.
@@ -274,6 +278,15 @@ impl BuddyHarness {
                 o % 12,
                 Some(reported),
             )?,
+            BuddyOp::AllocWithin {
+                pfn: p,
+                within,
+                order: o,
+            } => self.alloc_within(
+                WINDOW_BASE - 64 + u64::from(p) % (WINDOW_FRAMES + 128),
+                within % 12,
+                o % 12,
+            )?,
             BuddyOp::ResetReported => {
                 self.buddy.reset_reported();
                 for c in &mut self.cells {
@@ -388,6 +401,66 @@ impl BuddyHarness {
             })?;
         }
         self.set((p, bo), Cell::Alloc { head: p, order: bo });
+        self.live.push(block);
+        Ok(false)
+    }
+
+    fn alloc_within(&mut self, p: u64, w: u8, o: u8) -> Result<bool, String> {
+        let (start, size) = (p & !((1u64 << w) - 1), 1u64 << w);
+        let free_cells = (start..start + size)
+            .filter(|&f| matches!(self.cell(f), Cell::Free { .. }))
+            .count() as u64;
+        let counted = self
+            .buddy
+            .free_frames_within(pfn(p), PageOrder::from_raw(w));
+        check(counted == free_cells, || {
+            format!("free_frames_within({p:#x}, {w}) = {counted}, model {free_cells}")
+        })?;
+        let got = self
+            .buddy
+            .alloc_within(pfn(p), PageOrder::from_raw(w), PageOrder::from_raw(o));
+        if o as usize > MAX_ORDER {
+            check(got == Err(AllocError::OrderTooLarge), || {
+                format!("alloc_within(order {o}) = {got:?}")
+            })?;
+            return Ok(true);
+        }
+        // The largest k <= min(o, w) with an aligned all-free run of 2^k frames in the range.
+        let run = |k: u8| {
+            (start..start + size)
+                .step_by(1 << k)
+                .any(|q| (q..q + (1 << k)).all(|f| matches!(self.cell(f), Cell::Free { .. })))
+        };
+        let target = (0..=o.min(w)).rev().find(|&k| run(k));
+        let block = match (got, target) {
+            (Err(AllocError::OutOfMemory), None) => return Ok(true),
+            (Ok(b), Some(t)) if b.order.get() == t => b,
+            (got, t) => {
+                return Err(format!(
+                    "alloc_within({p:#x}, {w}, {o}) = {got:?}, model order {t:?}"
+                ));
+            }
+        };
+        let (bp, bo) = (block.pfn.get(), block.order.get());
+        check(
+            bp >= start && bp + (1 << bo) <= start + size && block.pfn.is_aligned(block.order),
+            || format!("{block:?} outside [{start:#x}, +{size:#x})"),
+        )?;
+        for f in bp..bp + (1 << bo) {
+            match self.cell(f) {
+                Cell::Free { reported } => check(reported || !block.reported, || {
+                    format!("{block:?} claims reported, frame {f:#x} was not")
+                })?,
+                c => return Err(format!("{block:?} handed out frame {f:#x} that is {c:?}")),
+            }
+        }
+        self.set(
+            (bp, bo),
+            Cell::Alloc {
+                head: bp,
+                order: bo,
+            },
+        );
         self.live.push(block);
         Ok(false)
     }
@@ -610,7 +683,12 @@ pub fn random_op(rng: &mut Rng) -> BuddyOp {
         93..=95 => BuddyOp::PutBackHot {
             k: rng.next_u64() as u16,
         },
-        96..=97 => BuddyOp::PutBackGarbage {
+        96 => BuddyOp::AllocWithin {
+            pfn: rng.next_u64() as u16,
+            within: 3 + rng.below(9) as u8,
+            order: small(rng) + 3 * (rng.below(3) as u8),
+        },
+        97 => BuddyOp::PutBackGarbage {
             pfn: rng.next_u64() as u16,
             order: rng.below(12) as u8,
             reported: rng.below(2) == 0,

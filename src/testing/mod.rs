@@ -32,3 +32,5 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+pub mod balloon;
+pub mod receiver;

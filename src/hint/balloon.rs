@@ -1,0 +1,600 @@
+//! A THP-order memory balloon that breaks as few host huge pages as it can (seed 001).
+//!
+//! # The problem
+//! A classic balloon (Linux `fill_balloon`) takes 4 KiB pages from the guest allocator and
+//! the host discards each one. When the guest's free memory is fragmented, those pages are
+//! spread over many 2 MiB host pages, and every one of them loses its transparent huge page:
+//! in seed 001 ballooning 400 MiB out of a guest that ran `usemem --punch-holes` dropped the
+//! host's AnonHugePages from 976896 kB to 153600 kB. Hui Zhu's fix allocates at the THP
+//! order instead; David Hildenbrand answered that (1) the balloon must fall back to smaller
+//! allocations when large ones run out, and (5) the order must come from the host.
+//!
+//! # What this balloon does
+//! It inflates towards a target in 4 KiB frames at a host-given order ([`BalloonConfig`]).
+//! Blocks of the host's page order or larger never break a host page, so it takes those
+//! first, falling back order by order down to the host page order. Below it — the fallback
+//! Hildenbrand asks for — every block costs the host a huge page *unless that huge page is
+//! already broken*. With [`FallbackPolicy::PreferBroken`] the balloon therefore
+//!
+//! 1. keeps draining the host page it broke last ([`Buddy::alloc_within`]);
+//! 2. then takes free blocks inside any other host page it has broken before;
+//! 3. only then breaks a new one, choosing among intact host pages by their free frames
+//!    ([`Buddy::free_frames_within`], computed once per call): the smallest page that covers
+//!    what is still wanted (so whole free pages the guest could use as THPs stay whole), or,
+//!    when none covers it, the page with the most free frames (fewest breaks).
+//!
+//! Taking pages with the most free frames first is the fewest pages that can hold a fallback
+//! of `R` frames, and the tightest covering page for the rest adds one; after `usemem
+//! --punch-holes` (256 free frames in each page) that is `ceil(R / 256)`. A plain fallback
+//! ([`FallbackPolicy::Naive`], what every implementation we know does — Linux, Hui Zhu's
+//! patch, QEMU, Firecracker, Cloud Hypervisor, crosvm) breaks as many as the allocator's
+//! free-list order happens to touch: after the guest frees its holes in random order, nearly
+//! all of them. The estimates are taken once per [`Balloon::inflate`] call, so the choice is
+//! minimal for what was free then.
+//!
+//! The balloon's blocks are ordinary allocated blocks in the buddy's view; the balloon
+//! remembers which ones are its own in a bitmap of block heads (one bit per frame) and how
+//! many frames it holds in each host page. Deflating returns fully ballooned host pages
+//! first (the host refaults each as a fresh huge page), then pieces of broken ones, never
+//! more than asked. The blocks of each call go to the embedder, which sends them as PFN
+//! arrays ([`super::wire::block_pfns`]).
+//!
+//! Host pages are aligned in guest frame numbers: the embedder maps guest RAM at host
+//! addresses aligned to the host page size (as QEMU and Firecracker do for THP).
+//!
+//! # Concurrency
+//! The balloon is `&mut self`, driven by one thread (Linux: the balloon workqueue). It takes
+//! the [`LockedBuddy`] lock for each allocation, free and per-host-page query, never across
+//! them, so other CPUs allocate and free meanwhile; its free-frame estimates may then be
+//! stale, which can make a choice worse, never wrong: every allocation is the buddy's.
+
+use core::ops::DerefMut;
+
+use arrayvec::ArrayVec;
+
+use super::wire::hint_error_display;
+use crate::addr::{PageOrder, Pfn};
+use crate::buddy::{Block, BlockState, FrameMeta, FreeError, LockedBuddy};
+
+/// How the balloon falls back below the host page order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FallbackPolicy {
+    /// Whatever the allocator hands out next ([`Buddy::alloc_at_most`], Linux
+    /// `alloc_pages`): the baseline.
+    ///
+    /// [`Buddy::alloc_at_most`]: crate::buddy::Buddy::alloc_at_most
+    Naive,
+    /// Small blocks from host pages already broken first; see the module docs.
+    #[default]
+    PreferBroken,
+}
+
+/// What the host asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BalloonConfig {
+    /// The order the balloon allocates at when it can (Hui Zhu's
+    /// `VIRTIO_BALLOON_THP_ORDER`, given by the host): 9 for 2 MiB, 0 for a classic
+    /// balloon. Capped at the buddy's `MAX_ORDER`.
+    pub order: PageOrder,
+    /// The order of the host's backing pages (9 for THP and 2 MiB hugetlb).
+    pub host_order: PageOrder,
+    /// How to fall back below `host_order`.
+    pub policy: FallbackPolicy,
+}
+
+/// Why [`Balloon::new`] refused its storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BalloonNewError {
+    /// The window has no frames.
+    EmptyWindow,
+    /// The window reaches beyond the 52-bit physical address space.
+    OutOfRange,
+    /// The storage has fewer words than [`Balloon::storage_words`] asks for.
+    StorageTooSmall,
+}
+
+hint_error_display!(BalloonNewError {
+    EmptyWindow => "balloon window is empty",
+    OutOfRange => "balloon window beyond the physical address space",
+    StorageTooSmall => "balloon storage smaller than storage_words()",
+});
+
+/// Why an inflation stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InflateError {
+    /// The buddy handed out a block outside the balloon's window (the balloon was built for
+    /// a different window); the block went back to the buddy.
+    OutsideWindow,
+}
+
+hint_error_display!(InflateError {
+    OutsideWindow => "buddy block outside the balloon's window",
+});
+
+/// Why a deflation stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeflateError {
+    /// The buddy no longer holds a ballooned block as allocated: someone freed it behind
+    /// the balloon's back. The balloon forgot the block.
+    NotAllocated,
+    /// The buddy refused to free a ballooned block.
+    Free(FreeError),
+}
+
+impl core::fmt::Display for DeflateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotAllocated => f.write_str("ballooned block no longer allocated in the buddy"),
+            Self::Free(e) => write!(f, "buddy refused a ballooned block: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for DeflateError {}
+
+/// What one [`Balloon::inflate`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InflateOutcome {
+    /// Frames added to the balloon.
+    pub frames: u64,
+    /// Blocks added (also pushed to the caller's batch).
+    pub blocks: u32,
+    /// Host pages that were intact when the call started and that the balloon now holds
+    /// part, not all, of: huge pages this call cost the host.
+    pub broke: u32,
+    /// The buddy had nothing more to give ("Out of puff").
+    pub out_of_memory: bool,
+}
+
+/// What one [`Balloon::deflate`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeflateOutcome {
+    /// Frames given back to the buddy.
+    pub frames: u64,
+    /// Blocks given back (also pushed to the caller's batch).
+    pub blocks: u32,
+}
+
+/// A broken rule found by [`Balloon::check`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonViolation {
+    /// Which rule.
+    pub rule: &'static str,
+    /// Where.
+    pub pfn: u64,
+}
+
+impl core::fmt::Display for BalloonViolation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "balloon invariant broken at pfn {:#x}: {}",
+            self.pfn, self.rule
+        )
+    }
+}
+
+impl core::error::Error for BalloonViolation {}
+
+/// A host page's word: bits 0..31 the frames the balloon holds in it, bits 32..62 its free
+/// frame estimate, bit 63 "intact when this inflation started and touched by it".
+const COUNT: u64 = 0x7fff_ffff;
+const EST_SHIFT: u32 = 32;
+const STAMP: u64 = 1 << 63;
+
+/// The balloon; see the module docs.
+///
+/// `S` is its storage, [`storage_words`](Self::storage_words) `u64`s: one bit per frame of
+/// the window, then one word per host page (frames held, free-frame estimate, a stamp).
+#[derive(Clone, Debug)]
+pub struct Balloon<S> {
+    words: S,
+    base: u64,
+    window: u64,
+    bitmap_words: usize,
+    first_hp: u64,
+    host_pages: usize,
+    cfg: BalloonConfig,
+    held: u64,
+    blocks: u64,
+    partial: u64,
+    full_pages: u64,
+    current: Option<usize>,
+    fresh: bool,
+    stamped: bool,
+}
+
+impl<S: DerefMut<Target = [u64]>> Balloon<S> {
+    /// The `u64`s of storage a balloon over `frames` frames from `base` needs.
+    pub const fn storage_words(base: Pfn, frames: u64, host_order: PageOrder) -> usize {
+        if frames == 0 {
+            return 0;
+        }
+        let h = host_order.get();
+        let host_pages = ((base.get() + frames - 1) >> h) - (base.get() >> h) + 1;
+        (frames.div_ceil(64) + host_pages) as usize
+    }
+
+    /// A balloon for the buddy window of `frames` frames from `base`, holding nothing.
+    /// Overwrites `storage`.
+    pub fn new(
+        mut storage: S,
+        base: Pfn,
+        frames: u64,
+        cfg: BalloonConfig,
+    ) -> Result<Self, BalloonNewError> {
+        if frames == 0 {
+            return Err(BalloonNewError::EmptyWindow);
+        }
+        if base.checked_add(frames - 1).is_none() {
+            return Err(BalloonNewError::OutOfRange);
+        }
+        let need = Self::storage_words(base, frames, cfg.host_order);
+        if storage.len() < need {
+            return Err(BalloonNewError::StorageTooSmall);
+        }
+        storage.fill(0);
+        let bitmap_words = frames.div_ceil(64) as usize;
+        Ok(Self {
+            words: storage,
+            base: base.get(),
+            window: frames,
+            bitmap_words,
+            first_hp: base.get() >> cfg.host_order.get(),
+            host_pages: need - bitmap_words,
+            cfg,
+            held: 0,
+            blocks: 0,
+            partial: 0,
+            full_pages: 0,
+            current: None,
+            fresh: false,
+            stamped: false,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> BalloonConfig {
+        self.cfg
+    }
+
+    /// Frames in the balloon.
+    pub fn frames(&self) -> u64 {
+        self.held
+    }
+
+    /// Blocks in the balloon.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Host pages the balloon holds part of: each cost the host a huge page it still backs
+    /// with small pages.
+    pub fn broken_host_pages(&self) -> u64 {
+        self.partial
+    }
+
+    /// Host pages the balloon holds entirely.
+    pub fn full_host_pages(&self) -> u64 {
+        self.full_pages
+    }
+
+    /// Whether a block of the balloon starts at `pfn`.
+    pub fn holds(&self, pfn: Pfn) -> bool {
+        pfn.get()
+            .checked_sub(self.base)
+            .filter(|&i| i < self.window)
+            .is_some_and(|i| self.bit(self.base + i))
+    }
+
+    fn h(&self) -> u8 {
+        self.cfg.host_order.get()
+    }
+
+    /// First frame of host page `p`.
+    fn hp_pfn(&self, p: usize) -> Pfn {
+        Pfn::from_raw((self.first_hp + p as u64) << self.h())
+    }
+
+    /// Host page index of a frame inside the window.
+    fn hp_of(&self, pfn: u64) -> usize {
+        ((pfn >> self.h()) - self.first_hp) as usize
+    }
+
+    /// Frames of host page `p` inside the window.
+    fn hp_frames(&self, p: usize) -> u64 {
+        let start = (self.first_hp + p as u64) << self.h();
+        let end = start + (1 << self.h());
+        end.min(self.base + self.window) - start.max(self.base)
+    }
+
+    fn count(&self, p: usize) -> u64 {
+        self.words[self.bitmap_words + p] & COUNT
+    }
+
+    fn est(&self, p: usize) -> u64 {
+        (self.words[self.bitmap_words + p] & !STAMP) >> EST_SHIFT
+    }
+
+    fn set_est(&mut self, p: usize, est: u64) {
+        let w = &mut self.words[self.bitmap_words + p];
+        *w = (*w & (COUNT | STAMP)) | (est.min(COUNT) << EST_SHIFT);
+    }
+
+    /// Adds `delta` frames (negative to remove) to host page `p`, keeping the counters of
+    /// broken and full pages.
+    fn adjust(&mut self, p: usize, add: u64, remove: u64) {
+        let full = self.hp_frames(p);
+        let before = self.count(p);
+        let after = before + add - remove;
+        let class = |c: u64| (c > 0 && c < full, c == full);
+        let (bp, bf) = class(before);
+        let (ap, af) = class(after);
+        self.partial = self.partial + u64::from(ap) - u64::from(bp);
+        self.full_pages = self.full_pages + u64::from(af) - u64::from(bf);
+        let w = &mut self.words[self.bitmap_words + p];
+        *w = (*w & !COUNT) | after;
+    }
+
+    /// Records a block the buddy gave the balloon, stamping the intact host pages it breaks.
+    fn record(&mut self, b: &Block) -> Result<(), InflateError> {
+        let (first, n) = (b.pfn.get(), b.order.frames());
+        if first < self.base || first + n > self.base + self.window {
+            return Err(InflateError::OutsideWindow);
+        }
+        let i = first - self.base;
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
+        let mut f = first;
+        while f < first + n {
+            let p = self.hp_of(f);
+            let chunk = (((f >> self.h()) + 1) << self.h()).min(first + n) - f;
+            if self.count(p) == 0 && chunk < self.hp_frames(p) {
+                self.words[self.bitmap_words + p] |= STAMP;
+                self.stamped = true;
+            }
+            self.adjust(p, chunk, 0);
+            let est = self.est(p).saturating_sub(chunk);
+            self.set_est(p, est);
+            f += chunk;
+        }
+        self.held += n;
+        self.blocks += 1;
+        Ok(())
+    }
+
+    /// Host pages that were intact when this inflation started and are broken now; clears
+    /// the stamps. O(host pages), only after an inflation that touched an intact page.
+    fn count_breaks(&mut self) -> u32 {
+        if !core::mem::take(&mut self.stamped) {
+            return 0;
+        }
+        let mut broke = 0;
+        for p in 0..self.host_pages {
+            let w = self.words[self.bitmap_words + p];
+            if w & STAMP != 0 {
+                let c = w & COUNT;
+                broke += u32::from(c > 0 && c < self.hp_frames(p));
+                self.words[self.bitmap_words + p] = w & !STAMP;
+            }
+        }
+        broke
+    }
+
+    /// Inflates by up to `frames` frames, pushing each new block to `out` until it is full.
+    /// Stops early when the buddy runs out (`out_of_memory`).
+    pub fn inflate<B, const M: usize, const N: usize>(
+        &mut self,
+        buddy: &LockedBuddy<B, M>,
+        frames: u64,
+        out: &mut ArrayVec<Block, N>,
+    ) -> Result<InflateOutcome, InflateError>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        let mut res = InflateOutcome::default();
+        self.fresh = false;
+        let h = self.h();
+        while res.frames < frames && !out.is_full() {
+            let remaining = frames - res.frames;
+            let o = (self.cfg.order.get() as u32)
+                .min(remaining.ilog2())
+                .min(M as u32) as u8;
+            let got = match self.cfg.policy {
+                FallbackPolicy::Naive => buddy.alloc_at_most(PageOrder::from_raw(o)).ok(),
+                FallbackPolicy::PreferBroken => (h..=o)
+                    .rev()
+                    .find_map(|k| buddy.alloc(PageOrder::from_raw(k)).ok())
+                    .or_else(|| {
+                        let small = o.min(h.saturating_sub(1));
+                        (h > 0)
+                            .then(|| self.take_small(buddy, small, remaining))
+                            .flatten()
+                    }),
+            };
+            let Some(block) = got else {
+                res.out_of_memory = true;
+                break;
+            };
+            if let Err(e) = self.record(&block) {
+                // Not ours to keep: give it back untouched.
+                let _ = buddy.free(block.pfn, block.order);
+                self.count_breaks();
+                return Err(e);
+            }
+            res.frames += block.order.frames();
+            res.blocks += 1;
+            // `out` is not full: checked by the loop condition.
+            let _ = out.try_push(block);
+        }
+        res.broke = self.count_breaks();
+        Ok(res)
+    }
+
+    /// One block below the host page order, from a host page already broken if possible.
+    fn take_small<B, const M: usize>(
+        &mut self,
+        buddy: &LockedBuddy<B, M>,
+        o: u8,
+        need: u64,
+    ) -> Option<Block>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        let (order, within) = (PageOrder::from_raw(o), self.cfg.host_order);
+        if let Some(p) = self.current {
+            match buddy.alloc_within(self.hp_pfn(p), within, order) {
+                Ok(b) => return Some(b),
+                Err(_) => {
+                    self.set_est(p, 0);
+                    self.current = None;
+                }
+            }
+        }
+        if !self.fresh {
+            self.refresh(buddy);
+        }
+        while let Some(p) = self.pick(need) {
+            match buddy.alloc_within(self.hp_pfn(p), within, order) {
+                Ok(b) => {
+                    self.current = Some(p);
+                    return Some(b);
+                }
+                Err(_) => {
+                    self.set_est(p, 0);
+                }
+            }
+        }
+        // The estimates may be stale: memory freed elsewhere since the refresh.
+        buddy.alloc_at_most(order).ok()
+    }
+
+    /// Recomputes the free-frame estimate of every host page the balloon does not hold
+    /// entirely. O(window), one short lock per host page.
+    fn refresh<B, const M: usize>(&mut self, buddy: &LockedBuddy<B, M>)
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        for p in 0..self.host_pages {
+            let est = if self.count(p) == self.hp_frames(p) {
+                0
+            } else {
+                buddy.free_frames_within(self.hp_pfn(p), self.cfg.host_order)
+            };
+            self.set_est(p, est);
+        }
+        self.fresh = true;
+    }
+
+    /// The next host page to take small blocks from: a broken one with free frames, else
+    /// the intact page that best covers `need` (see the module docs). O(host pages).
+    fn pick(&self, need: u64) -> Option<usize> {
+        let broken = (0..self.host_pages).find(|&p| self.count(p) > 0 && self.est(p) > 0);
+        if broken.is_some() {
+            return broken;
+        }
+        let intact = (0..self.host_pages).filter(|&p| self.count(p) == 0 && self.est(p) > 0);
+        let covering = intact
+            .clone()
+            .filter(|&p| self.est(p) >= need)
+            .min_by_key(|&p| self.est(p));
+        covering.or_else(|| intact.max_by_key(|&p| (self.est(p), core::cmp::Reverse(p))))
+    }
+
+    /// Deflates by up to `frames` frames, never more: fully ballooned host pages first,
+    /// then pieces of broken ones; blocks larger than what is left are kept. Pushes each
+    /// freed block to `out` until it is full.
+    pub fn deflate<B, const M: usize, const N: usize>(
+        &mut self,
+        buddy: &LockedBuddy<B, M>,
+        frames: u64,
+        out: &mut ArrayVec<Block, N>,
+    ) -> Result<DeflateOutcome, DeflateError>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        let mut res = DeflateOutcome::default();
+        for full_pass in [true, false] {
+            for p in 0..self.host_pages {
+                let c = self.count(p);
+                if c == 0 || (c == self.hp_frames(p)) != full_pass {
+                    continue;
+                }
+                let start = self.hp_pfn(p).get().max(self.base) - self.base;
+                let end = ((self.first_hp + p as u64 + 1) << self.h()).min(self.base + self.window)
+                    - self.base;
+                let mut i = start;
+                while i < end {
+                    if out.is_full() || res.frames >= frames {
+                        return Ok(res);
+                    }
+                    let word = self.words[(i / 64) as usize] >> (i % 64);
+                    if word == 0 {
+                        i = (i / 64 + 1) * 64;
+                        continue;
+                    }
+                    i += u64::from(word.trailing_zeros());
+                    if i >= end {
+                        break;
+                    }
+                    let pfn = Pfn::from_raw(self.base + i);
+                    let order = match buddy.lock().block_info(pfn) {
+                        Some(info) if info.pfn == pfn && info.state == BlockState::Allocated => {
+                            info.order
+                        }
+                        _ => {
+                            self.forget(pfn, None);
+                            return Err(DeflateError::NotAllocated);
+                        }
+                    };
+                    if order.frames() <= frames - res.frames {
+                        buddy.free(pfn, order).map_err(DeflateError::Free)?;
+                        self.forget(pfn, Some(order));
+                        res.frames += order.frames();
+                        res.blocks += 1;
+                        let _ = out.try_push(Block {
+                            pfn,
+                            order,
+                            reported: false,
+                        });
+                    }
+                    i += 1;
+                }
+            }
+        }
+        Ok(res)
+    }
+
+    /// Drops the block at `pfn` from the books (its order unknown when the buddy lost it:
+    /// then only the head bit goes, and [`check`](Self::check) will say the counts are off).
+    fn forget(&mut self, pfn: Pfn, order: Option<PageOrder>) {
+        let i = pfn.get() - self.base;
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+        self.blocks -= 1;
+        let Some(order) = order else { return };
+        let (first, n) = (pfn.get(), order.frames());
+        let mut f = first;
+        while f < first + n {
+            let p = self.hp_of(f);
+            let chunk = (((f >> self.h()) + 1) << self.h()).min(first + n) - f;
+            self.adjust(p, 0, chunk);
+            f += chunk;
+        }
+        self.held -= n;
+        if self.current.is_some_and(|c| self.count(c) == 0) {
+            self.current = None;
+        }
+    }
+
+    /// Whether the head bit of the frame `f` (inside the window) is set.
+    fn bit(&self, f: u64) -> bool {
+        let i = f - self.base;
+        self.words[(i / 64) as usize] >> (i % 64) & 1 == 1
+    }
+}
+
+mod check;
+#[cfg(test)]
+mod tests;
