@@ -200,9 +200,9 @@ impl fmt::Display for ArenaError {
 impl core::error::Error for ArenaError {}
 
 /// Table memory over caller-provided frames: frame `i` has physical address
-/// `phys_base + i * 4096`. Allocation bumps through never-used frames, then reuses freed
-/// ones (a free list threaded through entry 0 of each free frame). Every free frame is
-/// zero apart from that link, so allocation never clears a whole table.
+/// `phys_base + i * 4096`. Allocation reuses freed frames first (a free list threaded
+/// through entry 0 of each free frame), then bumps through never-used ones, and zeroes the
+/// frame it hands out (as the x86_64 crate's `create_next_table` does).
 pub struct TableArena<'a> {
     base: NonNull<TableFrame>,
     frames: usize,
@@ -223,14 +223,9 @@ unsafe impl Sync for TableArena<'_> {}
 
 impl<'a> TableArena<'a> {
     /// An arena over `frames`, frame `i` at physical address `phys_base + i * 4096`.
-    /// Zeroes every frame.
+    /// Takes constant time: a frame is zeroed when it is handed out.
     pub fn new(frames: &'a [TableFrame], phys_base: Hpa) -> Result<Self, ArenaError> {
         Self::check(frames.len(), phys_base)?;
-        for frame in frames {
-            for entry in &frame.0 {
-                entry.store(0, Ordering::Relaxed);
-            }
-        }
         Ok(Self {
             base: NonNull::from(frames).cast(),
             frames: frames.len(),
@@ -244,7 +239,7 @@ impl<'a> TableArena<'a> {
 
     /// An arena over `frames` frames at `ptr`, frame `i` at physical address
     /// `phys_base + i * 4096`, for memory that is not a Rust slice (guest RAM mapped with
-    /// `mmap`). Zeroes every frame.
+    /// `mmap`).
     ///
     /// # Safety
     /// `ptr` must be valid for reads and writes of `frames * 4096` bytes for `'a`, and
@@ -327,8 +322,7 @@ unsafe impl TableMemory for TableArena<'_> {
     fn alloc_table(&mut self) -> Option<Hpa> {
         let index = if self.free_head != 0 {
             let index = self.free_head - 1;
-            let frame = self.frame(index);
-            let link = frame[0].swap(0, Ordering::Relaxed);
+            let link = self.frame(index)[0].load(Ordering::Relaxed);
             self.free_head = usize::try_from(link).unwrap_or(0);
             index
         } else if self.next < self.frames {
@@ -337,6 +331,9 @@ unsafe impl TableMemory for TableArena<'_> {
         } else {
             return None;
         };
+        for entry in self.frame(index) {
+            entry.store(0, Ordering::Relaxed);
+        }
         self.allocated += 1;
         Some(self.addr(index))
     }
@@ -345,11 +342,7 @@ unsafe impl TableMemory for TableArena<'_> {
         let Some(index) = self.index(table) else {
             return;
         };
-        let frame = self.frame(index);
-        for entry in &frame[1..] {
-            entry.store(0, Ordering::Relaxed);
-        }
-        frame[0].store(self.free_head as u64, Ordering::Relaxed);
+        self.frame(index)[0].store(self.free_head as u64, Ordering::Relaxed);
         self.free_head = index + 1;
         self.allocated = self.allocated.saturating_sub(1);
     }

@@ -72,6 +72,8 @@ pub struct Va(u64);
 impl Va {
     /// The widest input address any format takes: 57 bits (5-level paging).
     pub const BITS: u32 = 57;
+    /// Address zero.
+    pub const ZERO: Self = Self(0);
 
     /// An input address, if it is below `1 << 57`.
     pub const fn new(addr: u64) -> Result<Self, AddrError> {

@@ -875,6 +875,9 @@ fn arena_reuses_and_refuses() {
     assert_eq!(mem.alloc_table(), None);
     f[1].0[9].store(5, Ordering::Relaxed);
     mem.free_table(b);
+    mem.free_table(a);
+    assert_eq!(mem.allocated(), 0);
+    assert_eq!(mem.alloc_table(), Some(a));
     assert_eq!(mem.alloc_table(), Some(b));
     assert!(f[1].0.iter().all(|e| e.load(Ordering::Relaxed) == 0));
     assert!(mem.table_ptr(pa(TABLES_AT + 2 * KIB4)).is_none());
@@ -888,4 +891,42 @@ fn arena_reuses_and_refuses() {
         TableArena::new(&f, pa((1 << 52) - KIB4)).err(),
         Some(ArenaError::OutOfRange)
     );
+}
+
+/// Random op sequences against the extent model of `testing::spt`, on every format: the
+/// tree maps exactly what the model maps after every op, and no table leaks.
+fn random_ops<F: PteFormat>(seed: u64, ops: usize) {
+    use crate::testing::Rng;
+    use crate::testing::spt::{PtHarness, frames, random_op};
+    let f = frames();
+    let mut h = PtHarness::<F>::new(&f).unwrap();
+    let mut rng = Rng::new(seed);
+    for i in 0..ops {
+        let op = random_op(&mut rng);
+        if let Err(e) = h.apply(op) {
+            panic!("{} seed {seed} op {i} {op:?}: {e}", F::NAME);
+        }
+    }
+    h.finish().unwrap();
+}
+
+#[test]
+fn random_ops_x86_64() {
+    for seed in 1..=4 {
+        random_ops::<X86_64>(seed, 150);
+    }
+}
+
+#[test]
+fn random_ops_la57() {
+    for seed in 11..=13 {
+        random_ops::<X86_64La57>(seed, 150);
+    }
+}
+
+#[test]
+fn random_ops_ept() {
+    for seed in 21..=24 {
+        random_ops::<Ept>(seed, 150);
+    }
 }

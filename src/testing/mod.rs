@@ -7,6 +7,7 @@
 //! into crashes, the tests into assertion failures.
 
 pub mod buddy;
+pub mod spt;
 
 /// A small deterministic generator (xorshift64*), so randomized tests replay exactly.
 #[derive(Clone, Debug)]
