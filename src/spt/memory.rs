@@ -285,21 +285,21 @@ impl<'a> TableArena<'a> {
         super::hpa(self.phys_base)
     }
 
+    #[inline]
     fn frame(&self, index: usize) -> &Table {
         // SAFETY: callers pass `index < self.frames`; the memory is a `[TableFrame]` of
         // `frames` elements borrowed for 'a, which outlives `&self`.
         unsafe { &(*self.base.as_ptr().add(index)).0 }
     }
 
+    #[inline]
     fn index(&self, table: Hpa) -> Option<usize> {
-        let offset = table.get().checked_sub(self.phys_base)?;
-        if offset % PAGE_SIZE != 0 {
-            return None;
-        }
-        let index = usize::try_from(offset / PAGE_SIZE).ok()?;
-        (index < self.frames).then_some(index)
+        let offset = table.get().wrapping_sub(self.phys_base);
+        let index = usize::try_from(offset >> crate::addr::PAGE_SHIFT).ok()?;
+        (offset % PAGE_SIZE == 0 && index < self.frames).then_some(index)
     }
 
+    #[inline]
     fn addr(&self, index: usize) -> Hpa {
         super::hpa(self.phys_base + index as u64 * PAGE_SIZE)
     }

@@ -209,6 +209,7 @@ impl<F: PteFormat> PageTable<F> {
     }
 
     /// Walks read-only (visitors cannot allocate or free).
+    #[inline]
     pub(crate) fn walk_read<M, V>(
         &self,
         mem: &M,

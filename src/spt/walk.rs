@@ -24,7 +24,7 @@ use core::marker::PhantomData;
 
 use super::Va;
 use super::format::PteFormat;
-use super::memory::{ENTRIES, TableMemory, Tables};
+use super::memory::{ENTRIES, Table, TableMemory, Tables};
 use crate::addr::{Hpa, Level};
 use crate::sync::{AtomicU64, Ordering};
 
@@ -279,15 +279,60 @@ where
         shared,
         _format: PhantomData,
     };
-    walker.table(root, F::ROOT_LEVEL).map(|_| ())
+    walker.run(root)
 }
 
-impl<F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, '_, F, M, V> {
-    /// Walks the entries of one table from `self.addr` on; `Ok(true)` when the walk stops.
-    fn table(&mut self, table: Hpa, level: Level) -> Result<bool, WalkError<V::Error>> {
-        let Some(entries) = self.tables.table(table) else {
-            return Err(WalkError::BadTable(table));
+/// A table level as a type, so each level of the walk is its own function and the whole
+/// walk inlines into one nest of loops with constant shifts (the recursion of
+/// `__kvm_pgtable_walk`, unrolled by the compiler).
+trait Depth {
+    const LEVEL: Level;
+    /// The level below (level 1 names itself; it never descends).
+    type Below: Depth;
+}
+
+macro_rules! depth {
+    ($($name:ident = $level:expr, below $below:ident;)*) => {
+        $(
+            struct $name;
+            impl Depth for $name {
+                const LEVEL: Level = $level;
+                type Below = $below;
+            }
+        )*
+    };
+}
+
+depth! {
+    D1 = Level::L1, below D1;
+    D2 = Level::L2, below D1;
+    D3 = Level::L3, below D2;
+    D4 = Level::L4, below D3;
+    D5 = Level::L5, below D4;
+}
+
+impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm, F, M, V> {
+    /// Walks the tree under `root` from `self.addr` to `self.end`.
+    #[inline]
+    fn run(&mut self, root: Hpa) -> Result<(), WalkError<V::Error>> {
+        let Some(entries) = self.tables.table(root) else {
+            return Err(WalkError::BadTable(root));
         };
+        let stopped = match F::ROOT_LEVEL.get() {
+            5 => self.table::<D5>(entries),
+            4 => self.table::<D4>(entries),
+            3 => self.table::<D3>(entries),
+            2 => self.table::<D2>(entries),
+            _ => self.table::<D1>(entries),
+        };
+        stopped.map(|_| ())
+    }
+
+    /// Walks the entries of one table at level `D` from `self.addr` on; `Ok(true)` when the
+    /// walk stops.
+    #[inline(always)]
+    fn table<D: Depth>(&mut self, entries: &'m Table) -> Result<bool, WalkError<V::Error>> {
+        let level = D::LEVEL;
         let shift = level.shift();
         let size = 1u64 << shift;
         let mut index = ((self.addr >> shift) as usize) % ENTRIES;
@@ -304,36 +349,38 @@ impl<F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, '_, F, 
                 shared: self.shared,
                 _format: PhantomData,
             };
-            let mut is_table = F::is_table(ctx.old, level);
-            let kind = if is_table {
+            let mut is_table = D::LEVEL.get() > 1 && F::is_table(ctx.old, level);
+            let wanted = if is_table {
                 WalkFlags::TABLE_PRE
             } else {
                 WalkFlags::LEAF
             };
-            let mut action = Action::Continue;
-            if self.flags.contains(kind) {
+            if self.flags.contains(wanted) {
                 let kind = if is_table {
                     VisitKind::TablePre
                 } else {
                     VisitKind::Leaf
                 };
-                action = self
+                let action = self
                     .visitor
                     .visit(kind, &mut ctx, self.tables)
                     .map_err(WalkError::Visitor)?;
-                // The visitor may have installed or removed a table: read the entry again.
-                is_table = F::is_table(ctx.reload(), level);
-            }
-            match action {
-                Action::Stop => return Ok(true),
-                Action::SkipSubtree => is_table = false,
-                Action::Continue => {}
-            }
-            if is_table {
-                if let Some(child) = level.lower() {
-                    if self.table(F::table_addr(ctx.old), child)? {
-                        return Ok(true);
+                match action {
+                    Action::Stop => return Ok(true),
+                    Action::SkipSubtree => is_table = false,
+                    // The visitor may have installed or removed a table: read it again.
+                    Action::Continue => {
+                        is_table = D::LEVEL.get() > 1 && F::is_table(ctx.reload(), level);
                     }
+                }
+            }
+            if is_table && D::LEVEL.get() > 1 {
+                let child = F::table_addr(ctx.old);
+                let Some(child_entries) = self.tables.table(child) else {
+                    return Err(WalkError::BadTable(child));
+                };
+                if self.table::<D::Below>(child_entries)? {
+                    return Ok(true);
                 }
                 if self.flags.contains(WalkFlags::TABLE_POST) {
                     ctx.reload();
