@@ -89,6 +89,12 @@ pub unsafe trait TableMemory {
     /// Allocates a zeroed table (KVM `mm_ops->zalloc_page`), or `None` when out of memory.
     fn alloc_table(&mut self) -> Option<Hpa>;
 
+    /// Allocates a table whose 512 entries the caller overwrites before anyone can reach it
+    /// (a split fills all of them), so they need not be zeroed. The default zeroes anyway.
+    fn alloc_table_to_fill(&mut self) -> Option<Hpa> {
+        self.alloc_table()
+    }
+
     /// Takes back a table `alloc_table` returned (KVM `mm_ops->put_page`). The crate calls
     /// it only for tables no page table reaches any more and, where hardware may have
     /// cached them, only after the TLB flush.
@@ -147,6 +153,17 @@ impl<'m, M: TableMemory + ?Sized> Tables<'m, M> {
         // makes this the only reference derived from it right now; the references `table`
         // handed out point outside `*M` (the trait's contract), so they stay valid.
         unsafe { self.mem.as_mut() }.alloc_table()
+    }
+
+    /// Allocates a table the caller fills entirely before it installs it (its entries may
+    /// hold anything until then).
+    #[inline]
+    pub fn alloc_to_fill(&mut self) -> Option<Hpa> {
+        if !self.writable {
+            return None;
+        }
+        // SAFETY: as in `alloc`.
+        unsafe { self.mem.as_mut() }.alloc_table_to_fill()
     }
 
     /// Gives a table back. Only for tables no page table reaches and no TLB may hold.
@@ -320,6 +337,16 @@ impl fmt::Debug for TableArena<'_> {
 // struct, and only ever accessed through atomics.
 unsafe impl TableMemory for TableArena<'_> {
     fn alloc_table(&mut self) -> Option<Hpa> {
+        let table = self.alloc_table_to_fill()?;
+        if let Some(index) = self.index(table) {
+            for entry in self.frame(index) {
+                entry.store(0, Ordering::Relaxed);
+            }
+        }
+        Some(table)
+    }
+
+    fn alloc_table_to_fill(&mut self) -> Option<Hpa> {
         let index = if self.free_head != 0 {
             let index = self.free_head - 1;
             let link = self.frame(index)[0].load(Ordering::Relaxed);
@@ -331,9 +358,6 @@ unsafe impl TableMemory for TableArena<'_> {
         } else {
             return None;
         };
-        for entry in self.frame(index) {
-            entry.store(0, Ordering::Relaxed);
-        }
         self.allocated += 1;
         Some(self.addr(index))
     }

@@ -53,14 +53,20 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for SplitVisitor {
         let child = child_level(level);
         let shift = child.shift();
         loop {
-            let table = tables.alloc().ok_or(SplitError::OutOfTables)?;
+            let table = tables.alloc_to_fill().ok_or(SplitError::OutOfTables)?;
             let Some(entries) = tables.table(table) else {
                 tables.free(table);
                 return Err(SplitError::BadTable);
             };
-            let first = F::split_child(ctx.old(), level);
-            for (i, entry) in entries.iter().enumerate() {
-                entry.store(first + ((i as u64) << shift), Ordering::Relaxed);
+            // Child i is child 0 plus i pages of the child size (KVM
+            // `make_huge_page_split_spte`), written eight at a time.
+            let step = 1u64 << shift;
+            let mut value = F::split_child(ctx.old(), level);
+            for chunk in entries.chunks_exact(8) {
+                for entry in chunk {
+                    entry.store(value, Ordering::Relaxed);
+                    value += step;
+                }
             }
             // The release store (or exchange) publishes the filled table.
             if ctx.set(F::table_entry(table)) {
