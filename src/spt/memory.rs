@@ -377,3 +377,78 @@ unsafe impl TableMemory for TableArena<'_> {
         Some(NonNull::from(self.frame(index)))
     }
 }
+
+/// A [`TableArena`] shared by several walkers at once (shared-mode walks under a read lock,
+/// each CPU with its own handle): `&LockedArena` is the [`TableMemory`], allocation and
+/// freeing take a spin lock, finding a table takes none.
+pub struct LockedArena<'a> {
+    base: NonNull<TableFrame>,
+    frames: usize,
+    phys_base: u64,
+    inner: crate::sync::Mutex<TableArena<'a>>,
+}
+
+// SAFETY: the pointer refers to the arena's frames, atomics borrowed for 'a; the rest is
+// behind the lock.
+unsafe impl Send for LockedArena<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for LockedArena<'_> {}
+
+impl<'a> LockedArena<'a> {
+    /// Shares `arena`.
+    pub fn new(arena: TableArena<'a>) -> Self {
+        Self {
+            base: arena.base,
+            frames: arena.frames,
+            phys_base: arena.phys_base,
+            inner: crate::sync::Mutex::new(arena),
+        }
+    }
+
+    /// Tables currently allocated.
+    pub fn allocated(&self) -> usize {
+        self.inner.lock().allocated()
+    }
+
+    /// The arena back.
+    pub fn into_inner(self) -> TableArena<'a> {
+        self.inner.into_inner()
+    }
+}
+
+impl fmt::Debug for LockedArena<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockedArena")
+            .field("frames", &self.frames)
+            .field("phys_base", &self.phys_base)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: `table_ptr` answers `Some` only for frames of the shared arena, borrowed for 'a
+// (longer than any `&LockedArena`), outside the reference itself, accessed only atomically.
+unsafe impl TableMemory for &LockedArena<'_> {
+    fn alloc_table(&mut self) -> Option<Hpa> {
+        self.inner.lock().alloc_table()
+    }
+
+    fn alloc_table_to_fill(&mut self) -> Option<Hpa> {
+        self.inner.lock().alloc_table_to_fill()
+    }
+
+    fn free_table(&mut self, table: Hpa) {
+        self.inner.lock().free_table(table);
+    }
+
+    #[inline]
+    fn table_ptr(&self, table: Hpa) -> Option<NonNull<Table>> {
+        let offset = table.get().wrapping_sub(self.phys_base);
+        let index = usize::try_from(offset >> crate::addr::PAGE_SHIFT).ok()?;
+        if offset % PAGE_SIZE != 0 || index >= self.frames {
+            return None;
+        }
+        // SAFETY: `index < frames`, inside the arena's slice.
+        let frame = unsafe { &*self.base.as_ptr().add(index) };
+        Some(NonNull::from(&frame.0))
+    }
+}

@@ -57,7 +57,9 @@ pub use error::{
 };
 pub use flush::{CountingFlush, FlushGather, GATHER_RANGES, PendingFlush, TlbFlush};
 pub use format::{ADDR_MASK, Ept, EptFlags, PteFormat, X86_64, X86_64La57, X86Flags};
-pub use memory::{ArenaError, ENTRIES, Table, TableArena, TableFrame, TableMemory, Tables};
+pub use memory::{
+    ArenaError, ENTRIES, LockedArena, Table, TableArena, TableFrame, TableMemory, Tables,
+};
 pub use ops::{MapSize, SplitTo, Translation};
 pub use walk::{Action, VisitCtx, VisitKind, Visitor, WalkError, WalkFlags};
 

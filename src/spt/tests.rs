@@ -40,9 +40,9 @@ fn setup<F: PteFormat>(frames: &[TableFrame]) -> (TableArena<'_>, PageTable<F>) 
     (mem, pt)
 }
 
-fn assert_maps<F: PteFormat>(
+fn assert_maps<F: PteFormat, M: TableMemory>(
     pt: &PageTable<F>,
-    mem: &TableArena<'_>,
+    mem: &M,
     v: u64,
     p: u64,
     level: Level,
@@ -928,5 +928,88 @@ fn random_ops_la57() {
 fn random_ops_ept() {
     for seed in 21..=24 {
         random_ops::<Ept>(seed, 150);
+    }
+}
+
+/// Threads in shared mode on one tree: concurrent maps of neighbouring pages race to
+/// install the same tables (the loser frees its own), and a split races a write-protect of
+/// the same huge leaves; whatever the interleaving, every translation is right and no table
+/// leaks.
+fn threads_in_shared_mode<F: PteFormat>() {
+    let f = frames(2048);
+    let shared = LockedArena::new(TableArena::new(&f, pa(TABLES_AT)).unwrap());
+    let pt = PageTable::<F>::new(&mut &shared).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (pt, shared) = (&pt, &shared);
+            s.spawn(move || {
+                let mut mem = shared;
+                for i in 0..256u64 {
+                    // Thread 0 maps even pages, thread 1 odd ones, of the same 2 MiB.
+                    let page = (2 * i + t) * KIB4;
+                    let size = MapSize::Exactly(Level::L1);
+                    pt.map_shared(&mut mem, va(page), pa(GIB1 + page), KIB4, rw::<F>(), size)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    for i in 0..512 {
+        assert_maps(&pt, &&shared, i * KIB4, GIB1 + i * KIB4, Level::L1);
+    }
+    assert_eq!(shared.allocated(), pt.table_count(&&shared).unwrap());
+
+    let at = 8 * GIB1;
+    pt.map_shared(
+        &mut &shared,
+        va(at),
+        pa(at),
+        4 * MIB2,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
+    let none = <F::Flags as bitflags::Flags>::empty();
+    std::thread::scope(|s| {
+        let (pt, shared) = (&pt, &shared);
+        s.spawn(move || {
+            let to = SplitTo::Level(Level::L1);
+            pt.split_shared(&mut &*shared, va(at), 4 * MIB2, to)
+                .unwrap()
+        });
+        s.spawn(move || {
+            let mut mem = shared;
+            let p = pt
+                .protect_shared(&mut mem, va(at), 4 * MIB2, none, w)
+                .unwrap();
+            p.flush(&mut CountingFlush::default(), &mut mem);
+        });
+    });
+    for i in (0..4 * MIB2 / KIB4).step_by(7) {
+        let t = pt.translate(&&shared, va(at + i * KIB4)).unwrap();
+        assert_eq!(t.pa.get(), at + i * KIB4);
+        assert_eq!(t.level, Level::L1);
+        assert_eq!(
+            bits::<F>(t.flags) & F::WRITABLE,
+            0,
+            "{}: write-protect lost",
+            F::NAME
+        );
+    }
+    assert_eq!(shared.allocated(), pt.table_count(&&shared).unwrap());
+}
+
+#[test]
+fn threads_in_shared_mode_x86_64() {
+    for _ in 0..20 {
+        threads_in_shared_mode::<X86_64>();
+    }
+}
+
+#[test]
+fn threads_in_shared_mode_ept() {
+    for _ in 0..20 {
+        threads_in_shared_mode::<Ept>();
     }
 }

@@ -45,7 +45,7 @@ pub trait PteFormat:
     Copy + Debug + Default + Eq + core::hash::Hash + Send + Sync + 'static
 {
     /// Leaf attributes in the size-independent form (see the module docs).
-    type Flags: bitflags::Flags<Bits = u64> + Copy + Debug + Eq;
+    type Flags: bitflags::Flags<Bits = u64> + Copy + Debug + Eq + Send + Sync;
 
     /// A short name for messages and benchmark ids.
     const NAME: &'static str;
