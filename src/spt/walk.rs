@@ -102,7 +102,7 @@ pub struct VisitCtx<'t, F: PteFormat> {
     _format: PhantomData<F>,
 }
 
-impl<F: PteFormat> VisitCtx<'_, F> {
+impl<'t, F: PteFormat> VisitCtx<'t, F> {
     /// The first input address the entry maps (aligned to the entry's size).
     #[inline]
     pub fn addr(&self) -> Va {
@@ -125,6 +125,13 @@ impl<F: PteFormat> VisitCtx<'_, F> {
     #[inline]
     pub fn old(&self) -> u64 {
         self.old
+    }
+
+    /// The entry's slot in its table, for updates [`set`](Self::set) does not cover (an
+    /// exchange that returns the accessed/dirty bits hardware set, say).
+    #[inline]
+    pub fn slot(&self) -> &'t AtomicU64 {
+        self.slot
     }
 
     /// The start and end of the walk's range.
