@@ -29,6 +29,35 @@
 //! EPT); output and table addresses are [`Hpa`]s (host-physical, or the physical memory of
 //! whoever runs the code when a guest builds its own tables).
 //!
+//! # Example
+//! ```
+//! use hvmem::spt::{CountingFlush, MapSize, PageTable, SplitTo, TableArena, TableFrame};
+//! use hvmem::spt::{X86_64, X86Flags};
+//! use hvmem::{Hpa, Level, Va};
+//!
+//! // 16 table frames, physically at 1 GiB (a Vec here; guest RAM or a static pool works too).
+//! let frames: Vec<TableFrame> = (0..16).map(|_| TableFrame::new()).collect();
+//! let mut mem = TableArena::new(&frames, Hpa::new(1 << 30)?)?;
+//! let mut pt = PageTable::<X86_64>::new(&mut mem)?;
+//!
+//! // Identity-map 4 MiB with 2 MiB pages, then split the first one into 4 KiB pages.
+//! let rw = X86Flags::PRESENT | X86Flags::WRITABLE;
+//! pt.map(&mut mem, Va::new(0)?, Hpa::new(0)?, 4 << 20, rw, MapSize::Largest)?;
+//! pt.split(&mut mem, Va::new(0)?, 2 << 20, SplitTo::Level(Level::L1))?;
+//! let t = pt.translate(&mem, Va::new(0x1234)?)?;
+//! assert_eq!((t.pa.get(), t.level), (0x1234, Level::L1));
+//!
+//! // Unmap a page: flush the TLB, then the tables it emptied are freed.
+//! let mut tlb = CountingFlush::default(); // the embedder's INVLPG / INVEPT
+//! pt.unmap(&mut mem, Va::new(0x1000)?, 4096)?.flush(&mut tlb, &mut mem);
+//! assert!(pt.translate(&mem, Va::new(0x1000)?).is_err());
+//! // Map it back and collapse: one 2 MiB leaf again, its 4 KiB table freed after a flush.
+//! pt.map(&mut mem, Va::new(0x1000)?, Hpa::new(0x1000)?, 4096, rw, MapSize::Largest)?;
+//! assert_eq!(pt.collapse(&mut mem, &mut tlb, Va::new(0)?, 4 << 20, Level::L2)?, 1);
+//! assert_eq!(mem.allocated(), pt.table_count(&mem)?);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Concurrency
 //! Exclusive operations take `&mut PageTable` (the MMU lock held for write). Entries are
 //! still atomics with release stores and acquire loads, because hardware walks the tables
