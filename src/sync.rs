@@ -121,9 +121,10 @@ impl<T> DerefMut for MutexGuard<'_, T> {
     }
 }
 
-/// Atomics: `core`'s, or loom's model-checked ones under `cfg(loom)` (the hint batcher's
-/// request state and reset epoch). `usize` only, so every target with atomics has them.
+/// Atomics: `core`'s, or loom's model-checked ones under `cfg(loom)` so a loom model sees
+/// every access: the hint batcher's request state and reset epoch (`usize`) and page-table
+/// entries (`u64`, loads, stores and compare-exchanges).
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

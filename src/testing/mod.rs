@@ -8,6 +8,7 @@
 
 pub mod buddy;
 pub mod report;
+pub mod spt;
 
 /// A small deterministic generator (xorshift64*), so randomized tests replay exactly.
 #[derive(Clone, Debug)]

@@ -1,0 +1,37 @@
+//! Drives page tables of every format with arbitrary map / unmap / protect / split /
+//! collapse sequences against the extent model of `hvmem::testing::spt`. After every op
+//! the tree must map exactly what the model maps, sampled translations must agree, and the
+//! tables allocated must equal the tables reachable (no leak); at the end everything is
+//! unmapped and only the root may remain.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use hvmem::spt::{Ept, PteFormat, TableFrame, X86_64, X86_64La57};
+use hvmem::testing::spt::{PtHarness, PtOp, frames};
+use libfuzzer_sys::fuzz_target;
+
+/// Table frames shared by every run (an arena zeroes a frame when it hands it out), so a
+/// run does not pay for allocating them.
+static FRAMES: OnceLock<Vec<TableFrame>> = OnceLock::new();
+
+fn run<F: PteFormat>(ops: &[PtOp]) {
+    let f = FRAMES.get_or_init(frames);
+    let mut h = PtHarness::<F>::new(f).expect("harness");
+    for (i, op) in ops.iter().enumerate() {
+        if let Err(e) = h.apply(*op) {
+            panic!("{} op {i} {op:?}: {e}", F::NAME);
+        }
+    }
+    if let Err(e) = h.finish() {
+        panic!("{} finish: {e}", F::NAME);
+    }
+}
+
+fuzz_target!(|ops: Vec<PtOp>| {
+    // Bounded: a few dozen ops already reach every level and every error.
+    let ops = &ops[..ops.len().min(64)];
+    run::<X86_64>(ops);
+    run::<X86_64La57>(ops);
+    run::<Ept>(ops);
+});

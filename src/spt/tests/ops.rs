@@ -1,0 +1,520 @@
+//! map, unmap, protect, split and collapse on every format.
+
+use super::*;
+
+pub(super) fn map_largest<F: PteFormat>() {
+    let f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    // 1 GiB + 2 MiB + 4 KiB starting at 1 GiB, physically at 5 GiB: one leaf of each size.
+    let len = GIB1 + MIB2 + KIB4;
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(5 * GIB1),
+        len,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    assert_maps(&pt, &mem, GIB1 + 0x1234, 5 * GIB1 + 0x1234, Level::L3);
+    assert_maps(&pt, &mem, 2 * GIB1 + 0x5678, 6 * GIB1 + 0x5678, Level::L2);
+    assert_maps(
+        &pt,
+        &mem,
+        2 * GIB1 + MIB2 + 8,
+        6 * GIB1 + MIB2 + 8,
+        Level::L1,
+    );
+    assert_eq!(
+        pt.translate(&mem, va(2 * GIB1 + MIB2 + KIB4)),
+        Err(TranslateError::NotMapped)
+    );
+    assert_eq!(pt.translate(&mem, va(0)), Err(TranslateError::NotMapped));
+    let t = pt.translate(&mem, va(GIB1)).unwrap();
+    assert_eq!(bits::<F>(t.flags), bits::<F>(rw::<F>()));
+    // Root, one table per level below it down to level 1 (the 4 KiB leaf).
+    assert_eq!(pt.table_count(&mem).unwrap(), F::ROOT_LEVEL.get() as usize);
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+
+    // Misaligned physical address: nothing larger than 4 KiB fits.
+    pt.map(
+        &mut mem,
+        va(8 * GIB1),
+        pa(KIB4),
+        MIB2,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    assert_maps(&pt, &mem, 8 * GIB1, KIB4, Level::L1);
+    // AtMost keeps 1 GiB-aligned memory in 2 MiB pages.
+    pt.map(
+        &mut mem,
+        va(16 * GIB1),
+        pa(16 * GIB1),
+        GIB1,
+        rw::<F>(),
+        MapSize::AtMost(Level::L2),
+    )
+    .unwrap();
+    assert_maps(
+        &pt,
+        &mem,
+        16 * GIB1 + 3 * MIB2,
+        16 * GIB1 + 3 * MIB2,
+        Level::L2,
+    );
+}
+
+pub(super) fn map_exact_and_refusals<F: PteFormat>() {
+    let f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(GIB1),
+        MIB2,
+        rw::<F>(),
+        MapSize::Exactly(Level::L1),
+    )
+    .unwrap();
+    for i in 0..512 {
+        assert_maps(&pt, &mem, i * KIB4, GIB1 + i * KIB4, Level::L1);
+    }
+    let tables = mem.allocated();
+    let flags = rw::<F>();
+    let none = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
+    let cases = [
+        (
+            va(0),
+            pa(0),
+            KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::AlreadyMapped,
+        ),
+        (
+            va(MIB2 - KIB4),
+            pa(0),
+            2 * KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::AlreadyMapped,
+        ),
+        (
+            va(0x800),
+            pa(0),
+            KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::Unaligned,
+        ),
+        (
+            va(MIB2),
+            pa(0x800),
+            KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::Unaligned,
+        ),
+        (
+            va(MIB2),
+            pa(0),
+            100,
+            flags,
+            MapSize::Largest,
+            MapError::Unaligned,
+        ),
+        (
+            va(MIB2),
+            pa(0),
+            KIB4,
+            none,
+            MapSize::Largest,
+            MapError::BadFlags,
+        ),
+        (
+            va(3 * MIB2),
+            pa(0),
+            KIB4,
+            flags,
+            MapSize::Exactly(Level::L2),
+            MapError::Unaligned,
+        ),
+        (
+            va(0),
+            pa(0),
+            GIB1,
+            flags,
+            MapSize::Exactly(Level::L4),
+            MapError::UnsupportedSize,
+        ),
+        // A 2 MiB leaf where the 4 KiB table of the first mapping is.
+        (
+            va(0),
+            pa(0),
+            MIB2,
+            flags,
+            MapSize::Exactly(Level::L2),
+            MapError::TableInTheWay,
+        ),
+        (
+            va((1 << F::INPUT_BITS) - KIB4),
+            pa(0),
+            2 * KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::OutOfRange,
+        ),
+        (
+            va(MIB2),
+            pa((1 << 52) - KIB4),
+            2 * KIB4,
+            flags,
+            MapSize::Largest,
+            MapError::OutOfRange,
+        ),
+    ];
+    for (v, p, len, flags, size, err) in cases {
+        assert_eq!(
+            pt.map(&mut mem, v, p, len, flags, size),
+            Err(err),
+            "{} {v} {len:#x}",
+            F::NAME
+        );
+        assert_eq!(
+            mem.allocated(),
+            tables,
+            "{}: an error changes nothing",
+            F::NAME
+        );
+    }
+    assert_maps(&pt, &mem, 0, GIB1, Level::L1);
+    assert_eq!(pt.translate(&mem, va(MIB2)), Err(TranslateError::NotMapped));
+    assert_eq!(
+        pt.map(&mut mem, va(MIB2), pa(0), 0, flags, MapSize::Largest),
+        Ok(())
+    );
+}
+
+pub(super) fn map_out_of_tables<F: PteFormat>() {
+    // Root + 2 tables: not enough to reach level 1 in a 4- or 5-level tree.
+    let f = frames(3);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    let r = pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest);
+    assert_eq!(r, Err(MapError::OutOfTables));
+    // The tables built so far stay reachable: nothing leaks.
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+}
+
+pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
+    let f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(0),
+        GIB1 + 4 * MIB2,
+        rw::<F>(),
+        MapSize::Exactly(Level::L2),
+    )
+    .unwrap();
+    pt.map(
+        &mut mem,
+        va(4 * GIB1),
+        pa(0),
+        MIB2,
+        rw::<F>(),
+        MapSize::Exactly(Level::L1),
+    )
+    .unwrap();
+    let before = mem.allocated();
+    // Part of a 2 MiB page: refused, nothing changes.
+    assert_eq!(
+        pt.unmap(&mut mem, va(GIB1 + KIB4), KIB4).err(),
+        Some(UnmapError::SplitsHugePage)
+    );
+    assert_eq!(
+        pt.unmap(&mut mem, va(GIB1), MIB2 + KIB4).err(),
+        Some(UnmapError::SplitsHugePage)
+    );
+    assert_eq!(
+        pt.unmap(&mut mem, va(1), KIB4).err(),
+        Some(UnmapError::Unaligned)
+    );
+    assert_maps(&pt, &mem, GIB1, 0, Level::L2);
+
+    // Half of the 4 KiB pages: the level-1 table stays.
+    let pending = pt.unmap(&mut mem, va(4 * GIB1), MIB2 / 2).unwrap();
+    assert_eq!(pending.tables_to_free(), 0);
+    let mut tlb = CountingFlush::default();
+    pending.flush(&mut tlb, &mut mem);
+    assert_eq!((tlb.ranges, tlb.bytes), (1, MIB2 / 2));
+    assert_eq!(
+        pt.translate(&mem, va(4 * GIB1)),
+        Err(TranslateError::NotMapped)
+    );
+    assert_maps(&pt, &mem, 4 * GIB1 + MIB2 / 2, MIB2 / 2, Level::L1);
+
+    // The other half (and a hole after it): the level-1 table empties, then its parents.
+    let pending = pt.unmap(&mut mem, va(4 * GIB1 + MIB2 / 2), GIB1).unwrap();
+    assert!(pending.tables_to_free() >= 2);
+    // Until the flush, the unlinked tables are still allocated.
+    assert_eq!(mem.allocated(), before);
+    let freed = pending.tables_to_free();
+    pending.flush(&mut CountingFlush::default(), &mut mem);
+    assert_eq!(mem.allocated(), before - freed);
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+
+    // Everything: only the root is left.
+    let pending = pt.unmap(&mut mem, va(0), 8 * GIB1).unwrap();
+    pending.flush(&mut CountingFlush::default(), &mut mem);
+    assert_eq!(mem.allocated(), 1);
+    assert_eq!(pt.table_count(&mem).unwrap(), 1);
+    assert_eq!(
+        pt.translate(&mem, va(GIB1 + MIB2)),
+        Err(TranslateError::NotMapped)
+    );
+    // Freed tables are reused.
+    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest)
+        .unwrap();
+    assert_eq!(mem.allocated(), F::ROOT_LEVEL.get() as usize);
+}
+
+pub(super) fn protect_leaves<F: PteFormat>() {
+    let f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        MIB2 + KIB4 * 2,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
+    let none = <F::Flags as bitflags::Flags>::empty();
+    let pending = pt.protect(&mut mem, va(0), MIB2 + KIB4, none, w).unwrap();
+    // The 2 MiB leaf and the first 4 KiB leaf changed: one merged range.
+    assert_eq!(pending.gather().ranges().count(), 1);
+    pending.flush(&mut CountingFlush::default(), &mut mem);
+    let t = pt.translate(&mem, va(0x1000)).unwrap();
+    assert_eq!(bits::<F>(t.flags) & F::WRITABLE, 0);
+    assert_eq!(bits::<F>(t.flags) & F::MMU_WRITABLE, F::MMU_WRITABLE);
+    assert_eq!(t.level, Level::L2);
+    assert_eq!(t.pa.get(), 0x1000);
+    assert_eq!(
+        bits::<F>(pt.translate(&mem, va(MIB2)).unwrap().flags) & F::WRITABLE,
+        0
+    );
+    assert_eq!(
+        bits::<F>(pt.translate(&mem, va(MIB2 + KIB4)).unwrap().flags) & F::WRITABLE,
+        F::WRITABLE
+    );
+    // Restoring write access where mmu-writable says it may be restored.
+    let pending = pt.protect_shared(&mut mem, va(0), MIB2, w, none).unwrap();
+    pending.flush(&mut CountingFlush::default(), &mut mem);
+    assert_eq!(
+        bits::<F>(pt.translate(&mem, va(0)).unwrap().flags),
+        bits::<F>(rw::<F>())
+    );
+    // No change, nothing to flush.
+    let pending = pt.protect(&mut mem, va(0), MIB2, w, none).unwrap();
+    assert!(pending.is_empty());
+    pending.flush(&mut CountingFlush::default(), &mut mem);
+    let required = <F::Flags as bitflags::Flags>::from_bits_retain(F::REQUIRED);
+    assert_eq!(
+        pt.protect(&mut mem, va(0), KIB4, none, required).err(),
+        Some(ProtectError::BadFlags)
+    );
+    assert_eq!(
+        pt.protect(&mut mem, va(KIB4), KIB4, none, w).err(),
+        Some(ProtectError::SplitsHugePage)
+    );
+    assert_eq!(
+        bits::<F>(pt.translate(&mem, va(KIB4)).unwrap().flags) & F::WRITABLE,
+        F::WRITABLE
+    );
+}
+
+pub(super) fn split_keeps_translations<F: PteFormat>() {
+    let f = frames(700);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(3 * GIB1),
+        GIB1,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    pt.map(
+        &mut mem,
+        va(4 * GIB1),
+        pa(2 * GIB1),
+        2 * MIB2,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    // One level: the 1 GiB leaf becomes 512 2 MiB leaves.
+    assert_eq!(pt.split(&mut mem, va(GIB1), GIB1, SplitTo::OneLevel), Ok(1));
+    assert_maps(
+        &pt,
+        &mem,
+        GIB1 + 5 * MIB2 + 7,
+        3 * GIB1 + 5 * MIB2 + 7,
+        Level::L2,
+    );
+    // Down to 4 KiB, only for part of the range: the leaves it touches split whole.
+    let n = pt
+        .split(
+            &mut mem,
+            va(GIB1 + MIB2 - KIB4),
+            2 * KIB4,
+            SplitTo::Level(Level::L1),
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+    for off in [0, MIB2 - KIB4, MIB2, 2 * MIB2 - KIB4] {
+        assert_maps(&pt, &mem, GIB1 + off, 3 * GIB1 + off, Level::L1);
+    }
+    assert_maps(&pt, &mem, GIB1 + 2 * MIB2, 3 * GIB1 + 2 * MIB2, Level::L2);
+    // Recursive split straight from 2 MiB and from 1 GiB to 4 KiB.
+    assert_eq!(
+        pt.split_shared(&mut mem, va(4 * GIB1), 2 * MIB2, SplitTo::Level(Level::L1)),
+        Ok(2)
+    );
+    for i in 0..1024 {
+        assert_maps(
+            &pt,
+            &mem,
+            4 * GIB1 + i * KIB4,
+            2 * GIB1 + i * KIB4,
+            Level::L1,
+        );
+    }
+    let t = pt.translate(&mem, va(4 * GIB1)).unwrap();
+    assert_eq!(bits::<F>(t.flags), bits::<F>(rw::<F>()));
+    // Nothing left to split.
+    assert_eq!(
+        pt.split(&mut mem, va(4 * GIB1), 2 * MIB2, SplitTo::OneLevel),
+        Ok(0)
+    );
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+}
+
+pub(super) fn split_1g_to_4k<F: PteFormat>() {
+    let f = frames(520);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(&mut mem, va(0), pa(GIB1), GIB1, rw::<F>(), MapSize::Largest)
+        .unwrap();
+    assert_eq!(
+        pt.split(&mut mem, va(0), GIB1, SplitTo::Level(Level::L1)),
+        Ok(513)
+    );
+    for i in (0..GIB1 / KIB4).step_by(509) {
+        assert_maps(&pt, &mem, i * KIB4 + 3, GIB1 + i * KIB4 + 3, Level::L1);
+    }
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+}
+
+pub(super) fn collapse_back<F: PteFormat>() {
+    let f = frames(700);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(2 * GIB1),
+        GIB1,
+        rw::<F>(),
+        MapSize::Largest,
+    )
+    .unwrap();
+    pt.split(&mut mem, va(GIB1), GIB1, SplitTo::Level(Level::L1))
+        .unwrap();
+    // Hardware marks a page accessed and another one dirty.
+    let ad = <F::Flags as bitflags::Flags>::from_bits_retain(F::ACCESSED | F::DIRTY);
+    let none = <F::Flags as bitflags::Flags>::empty();
+    pt.protect(&mut mem, va(GIB1 + 7 * KIB4), KIB4, ad, none)
+        .unwrap()
+        .flush(&mut CountingFlush::default(), &mut mem);
+    let before = mem.allocated();
+    let mut tlb = CountingFlush::default();
+    // Only up to 2 MiB first.
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(GIB1), GIB1, Level::L2),
+        Ok(512)
+    );
+    assert_eq!(mem.allocated(), before - 512);
+    assert_maps(&pt, &mem, GIB1 + MIB2 + 5, 2 * GIB1 + MIB2 + 5, Level::L2);
+    let t = pt.translate(&mem, va(GIB1)).unwrap();
+    assert_eq!(
+        bits::<F>(t.flags),
+        bits::<F>(rw::<F>()) | F::ACCESSED | F::DIRTY
+    );
+    assert!(tlb.ranges + tlb.all > 0);
+    // Then the 2 MiB leaves into one 1 GiB leaf.
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(0), 4 * GIB1, Level::L3),
+        Ok(1)
+    );
+    assert_maps(&pt, &mem, GIB1 + 12345, 2 * GIB1 + 12345, Level::L3);
+    assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(0), GIB1, Level::L1),
+        Err(CollapseError::BadLevel)
+    );
+}
+
+pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
+    let f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f);
+    let exact = MapSize::Exactly(Level::L1);
+    // Not contiguous: the second half maps elsewhere.
+    pt.map(&mut mem, va(0), pa(0), MIB2 / 2, rw::<F>(), exact)
+        .unwrap();
+    pt.map(&mut mem, va(MIB2 / 2), pa(GIB1), MIB2 / 2, rw::<F>(), exact)
+        .unwrap();
+    // Contiguous but one page read-only.
+    pt.map(&mut mem, va(MIB2), pa(MIB2), MIB2, rw::<F>(), exact)
+        .unwrap();
+    let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
+    let none = <F::Flags as bitflags::Flags>::empty();
+    pt.protect(&mut mem, va(MIB2 + KIB4), KIB4, none, w)
+        .unwrap()
+        .flush(&mut CountingFlush::default(), &mut mem);
+    // Contiguous but not aligned physically.
+    pt.map(&mut mem, va(2 * MIB2), pa(KIB4), MIB2, rw::<F>(), exact)
+        .unwrap();
+    // Not full.
+    pt.map(
+        &mut mem,
+        va(3 * MIB2),
+        pa(3 * MIB2),
+        MIB2 - KIB4,
+        rw::<F>(),
+        exact,
+    )
+    .unwrap();
+    let mut tlb = CountingFlush::default();
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(0), GIB1, Level::L3),
+        Ok(0)
+    );
+    assert_eq!(tlb, CountingFlush::default());
+    // Good, but the range covers only half of it.
+    pt.map(&mut mem, va(4 * MIB2), pa(4 * MIB2), MIB2, rw::<F>(), exact)
+        .unwrap();
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(4 * MIB2), MIB2 / 2, Level::L2),
+        Ok(0)
+    );
+    assert_eq!(
+        pt.collapse(&mut mem, &mut tlb, va(4 * MIB2), MIB2, Level::L2),
+        Ok(1)
+    );
+    assert_maps(&pt, &mem, 4 * MIB2, 4 * MIB2, Level::L2);
+}
