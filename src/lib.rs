@@ -9,6 +9,7 @@ extern crate std;
 pub mod addr;
 pub mod buddy;
 pub mod hint;
+pub mod spt;
 mod sync;
 
 #[cfg(any(test, fuzzing))]
@@ -17,3 +18,4 @@ pub mod testing;
 
 pub use addr::{AddrError, Gfn, Gpa, Hpa, Level, PageOrder, Pfn};
 pub use buddy::{Block, Buddy, FrameMeta, LockedBuddy};
+pub use spt::{PageTable, PteFormat, TableMemory, Va};

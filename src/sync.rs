@@ -120,3 +120,12 @@ impl<T> DerefMut for MutexGuard<'_, T> {
         &mut self.inner
     }
 }
+
+/// 64-bit atomics for page-table entries: `core`'s, or loom's under `cfg(loom)` so a loom
+/// model sees every load, store and compare-exchange of an entry.
+#[cfg(not(loom))]
+pub(crate) use core::sync::atomic::AtomicU64;
+/// Memory orderings for [`AtomicU64`] (the same enum under loom).
+pub(crate) use core::sync::atomic::Ordering;
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::AtomicU64;

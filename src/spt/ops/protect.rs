@@ -1,0 +1,127 @@
+//! `protect`: change the flags of every leaf in a range (KVM `kvm_tdp_mmu_wrprot_slot`'s
+//! walk, arm64 `kvm_pgtable_stage2_relax_perms` / `stage2_update_leaf_attrs`, x86_64
+//! `Mapper::update_flags`).
+
+use super::{RangeError, check_range, straddles_huge_leaf};
+use crate::spt::error::{ProtectError, flatten};
+use crate::spt::flush::PendingFlush;
+use crate::spt::format::PteFormat;
+use crate::spt::memory::{TableMemory, Tables};
+use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags, walk};
+use crate::spt::{PageTable, Va};
+
+struct ProtectVisitor {
+    set: u64,
+    clear: u64,
+    pending: PendingFlush,
+}
+
+impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for ProtectVisitor {
+    type Error = ProtectError;
+
+    #[inline]
+    fn visit(
+        &mut self,
+        _kind: VisitKind,
+        ctx: &mut VisitCtx<'_, F>,
+        _tables: &mut Tables<'_, M>,
+    ) -> Result<Action, ProtectError> {
+        let level = ctx.level();
+        // In shared mode a lost race re-reads the entry: a leaf is tried again, a table
+        // the winner installed (a concurrent split) is walked after this visit.
+        while F::is_leaf(ctx.old(), level) {
+            if !ctx.covered() {
+                // The boundary check makes this unreachable (short of a concurrent map).
+                return Err(ProtectError::SplitsHugePage);
+            }
+            let old = ctx.old();
+            let flags = (F::leaf_flags(old, level) & !self.clear) | self.set;
+            let new = F::leaf_entry(F::leaf_addr(old, level), level, flags);
+            if new == old {
+                break;
+            }
+            if ctx.set(new) {
+                self.pending.gather.add(ctx.addr(), ctx.size());
+                break;
+            }
+        }
+        Ok(Action::Continue)
+    }
+}
+
+impl<F: PteFormat> PageTable<F> {
+    /// Sets the flags `set` and clears the flags `clear` (size-independent form; the
+    /// address and the bits the format manages are left alone) in every leaf of
+    /// `[va, va + len)`. Non-present entries stay so. Returns the TLB flush to do (needed
+    /// when a permission was taken away; harmless otherwise).
+    ///
+    /// Refused before anything changes: `clear` holding a bit every leaf needs, or a
+    /// range that covers part of a huge page.
+    pub fn protect<M: TableMemory + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        va: Va,
+        len: u64,
+        set: F::Flags,
+        clear: F::Flags,
+    ) -> Result<PendingFlush, ProtectError> {
+        self.protect_inner(mem, va, len, set, clear, false)
+    }
+
+    /// [`protect`](Self::protect) in shared mode (write protection for dirty logging under
+    /// the read lock, KVM `tdp_mmu_set_spte_atomic` in `wrprot_gfn_range`).
+    pub fn protect_shared<M: TableMemory + ?Sized>(
+        &self,
+        mem: &mut M,
+        va: Va,
+        len: u64,
+        set: F::Flags,
+        clear: F::Flags,
+    ) -> Result<PendingFlush, ProtectError> {
+        self.protect_inner(mem, va, len, set, clear, true)
+    }
+
+    fn protect_inner<M: TableMemory + ?Sized>(
+        &self,
+        mem: &mut M,
+        va: Va,
+        len: u64,
+        set: F::Flags,
+        clear: F::Flags,
+        shared: bool,
+    ) -> Result<PendingFlush, ProtectError> {
+        let set = bitflags::Flags::bits(&set) & F::FLAGS_MASK;
+        let clear = bitflags::Flags::bits(&clear) & F::FLAGS_MASK;
+        if clear & F::REQUIRED != 0 {
+            return Err(ProtectError::BadFlags);
+        }
+        let end = check_range::<F>(va, len).map_err(|e| match e {
+            RangeError::Unaligned => ProtectError::Unaligned,
+            RangeError::OutOfRange => ProtectError::OutOfRange,
+        })?;
+        if len == 0 {
+            return Ok(PendingFlush::new());
+        }
+        match straddles_huge_leaf(self, mem, va.get(), end) {
+            Ok(false) => {}
+            Ok(true) => return Err(ProtectError::SplitsHugePage),
+            Err(()) => return Err(ProtectError::BadTable),
+        }
+        let mut visitor = ProtectVisitor {
+            set,
+            clear,
+            pending: PendingFlush::new(),
+        };
+        walk::<F, M, _>(
+            self.root,
+            &mut Tables::new(mem),
+            va.get(),
+            end,
+            WalkFlags::LEAF,
+            &mut visitor,
+            shared,
+        )
+        .map_err(|e| flatten(e, ProtectError::OutOfRange, ProtectError::BadTable))?;
+        Ok(visitor.pending)
+    }
+}
