@@ -5,6 +5,7 @@
 //! match the descriptors in the guest's GDT, so exception delivery through the IDT (which
 //! reloads CS from the GDT) works.
 
+use hvmem::spt::{TlbFlush, Va};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -70,9 +71,10 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Opens /dev/kvm; `None` when it cannot be opened (the test then skips).
+    /// Opens /dev/kvm; `None` when it cannot be opened or is not KVM API version 12 (the
+    /// test then skips).
     pub fn open_kvm() -> Option<Kvm> {
-        Kvm::new().ok()
+        Kvm::new().ok().filter(|kvm| kvm.get_api_version() == 12)
     }
 
     /// Creates a VM over `ram`, loads the guest's GDT/IDT/code and gives the vCPU the host's
@@ -95,11 +97,6 @@ impl Machine {
             _kvm: kvm,
             ram,
         })
-    }
-
-    /// Guest RAM.
-    pub fn ram(&self) -> &GuestRam {
-        &self.ram
     }
 
     /// Makes KVM forget every translation it derived from our page tables: the memslot is
@@ -229,5 +226,47 @@ impl Machine {
             guest::PORT_EXCEPTION => Ok(Exit::Exception { vector: port.1 }),
             p => Err(format!("write to unknown port {p:#x} at rip {:#x}", r.rip)),
         }
+    }
+}
+
+/// hvmem's [`TlbFlush`] for the guest's page tables. Userspace has no ranged flush of a
+/// guest's TLB, so every flush, ranged or not, is [`Machine::flush_guest_tlb`].
+pub struct KvmTlb<'m> {
+    machine: &'m Machine,
+    /// `flush_range` calls.
+    pub ranges: u32,
+    /// `flush_all` calls.
+    pub all: u32,
+    /// The first flush that failed (`TlbFlush` cannot return errors).
+    pub error: Option<String>,
+}
+
+impl<'m> KvmTlb<'m> {
+    /// A flusher for `machine`.
+    pub fn new(machine: &'m Machine) -> Self {
+        Self {
+            machine,
+            ranges: 0,
+            all: 0,
+            error: None,
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Err(e) = self.machine.flush_guest_tlb() {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+impl TlbFlush for KvmTlb<'_> {
+    fn flush_range(&mut self, _start: Va, _len: u64) {
+        self.ranges += 1;
+        self.flush();
+    }
+
+    fn flush_all(&mut self) {
+        self.all += 1;
+        self.flush();
     }
 }

@@ -9,6 +9,8 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hvmem::Hpa;
+use hvmem::spt::{TableArena, TableFrame};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
@@ -52,11 +54,6 @@ impl GuestRam {
         Ok(Self { base, len })
     }
 
-    /// Size in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
     /// The whole of guest RAM as 64-bit words: word `i` is guest-physical `8 * i`.
     pub fn words(&self) -> &[AtomicU64] {
         // SAFETY: `base` points at `len` bytes mapped read/write by `new` and unmapped only in
@@ -67,13 +64,26 @@ impl GuestRam {
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), (self.len / 8) as usize) }
     }
 
-    /// The 4 KiB table at guest-physical `gpa`, as the walker sees it.
-    pub fn table(&self, gpa: u64) -> Option<&[AtomicU64; 512]> {
-        if gpa % PAGE != 0 || gpa.checked_add(PAGE)? > self.len {
-            return None;
+    /// hvmem's table memory over guest-physical `[start, end)`: the tables it hands out have
+    /// guest-physical addresses, which is what CR3 and the guest's table entries hold.
+    pub fn table_arena(&self, start: u64, end: u64) -> Result<TableArena<'_>, String> {
+        if start % PAGE != 0 || end % PAGE != 0 || start >= end || end > self.len {
+            return Err(format!(
+                "table region [{start:#x}, {end:#x}) outside guest RAM"
+            ));
         }
-        let first = (gpa / 8) as usize;
-        self.words()[first..first + 512].try_into().ok()
+        // Derived from the mmap pointer itself, so it may reach the whole region.
+        let first = NonNull::new(self.base.as_ptr().wrapping_add((start / 8) as usize))
+            .ok_or("null table region")?
+            .cast::<TableFrame>();
+        let frames = ((end - start) / PAGE) as usize;
+        let base = Hpa::new(start).map_err(|e| e.to_string())?;
+        // SAFETY: `[start, end)` lies inside the mapping, which stays mapped for as long as
+        // `self` is borrowed, i.e. for the arena's lifetime; `start` is 4 KiB aligned and
+        // mmap memory is page aligned, so `first` is aligned for `TableFrame`. Every host
+        // access to guest RAM goes through the atomics of `words`, KVM's page walker only
+        // does atomic accesses to entries, and the guest never touches the table region.
+        unsafe { TableArena::from_raw_parts(first, frames, base) }.map_err(|e| e.to_string())
     }
 
     /// Reads the 64-bit word at guest-physical `gpa` (8-byte aligned).
