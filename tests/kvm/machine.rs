@@ -194,10 +194,15 @@ impl Machine {
             .set_regs(&regs)
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         let port = loop {
-            match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
-                VcpuExit::IoOut(port, data) => break (port, data.first().copied().unwrap_or(0)),
-                VcpuExit::Intr => continue, // a host signal interrupted KVM_RUN: go on
-                other => {
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    break (port, data.first().copied().unwrap_or(0));
+                }
+                // A signal to this host thread interrupted KVM_RUN: go on.
+                Ok(VcpuExit::Intr) => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(format!("KVM_RUN: {e}")),
+                Ok(other) => {
                     let exit = format!("{other:?}");
                     let r = self
                         .vcpu
