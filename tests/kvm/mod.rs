@@ -1,0 +1,15 @@
+//! A tiny KVM harness for running a 64-bit guest on page tables built by hvmem.
+//!
+//! - [`ram`]: guest RAM (the only unsafe code: mmap, memslot, hvmem's `TableArena` over a
+//!   region of it), reached as `[AtomicU64]`;
+//! - [`machine`]: VM + vCPU in long mode, one run of the pattern loop, `KVM_TRANSLATE`,
+//!   and hvmem's `TlbFlush` for the guest;
+//! - [`guest`]: layout, GDT, IDT, the hand-assembled pattern loop and #PF handler;
+//! - [`inspect`]: an independent reader of the tables (census, walk).
+//!
+//! The page tables themselves are built by `hvmem::spt` in the test body.
+
+pub mod guest;
+pub mod inspect;
+pub mod machine;
+pub mod ram;
