@@ -76,15 +76,21 @@ use meta::{FreeArea, NIL, Placement, State};
 pub const DEFAULT_MAX_ORDER: usize = 10;
 
 /// A block handed out by [`Buddy::alloc`] or taken by [`Buddy::isolate`].
+///
+/// `repr(C)` with the `bool` first puts the niche that `Result<Block, _>` and `Option<Block>`
+/// use at offset 0. With Rust's default layout the niche sat at byte 9, and rustc 1.95 turned
+/// `alloc(..).ok()` into overlapping byte stores and reloads through the stack: store
+/// forwarding failed and an order-0 alloc + free took 19.4 ns instead of 5.4 ns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C)]
 pub struct Block {
-    /// The first frame of the block, a multiple of `2^order`.
-    pub pfn: Pfn,
-    /// The block holds `2^order` frames.
-    pub order: PageOrder,
     /// Whether the host had taken the block back (reported and discarded) while it was free.
     /// Its contents are then whatever the host's discard leaves, typically zeroes.
     pub reported: bool,
+    /// The block holds `2^order` frames.
+    pub order: PageOrder,
+    /// The first frame of the block, a multiple of `2^order`.
+    pub pfn: Pfn,
 }
 
 /// The state of a block, as [`Buddy::block_info`] tells it.
@@ -350,3 +356,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> core::fmt::Debug
             .finish_non_exhaustive()
     }
 }
+
+// Returned by value on every allocation: two registers.
+static_assertions::const_assert_eq!(core::mem::size_of::<Block>(), 16);
+static_assertions::const_assert_eq!(core::mem::size_of::<Result<Block, AllocError>>(), 16);
