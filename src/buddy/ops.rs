@@ -295,7 +295,11 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         if k != o {
             self.split(idx, k, o, reported);
         }
-        self.meta[idx as usize] = FrameMeta::head(State::Allocated, o as u8);
+        // An allocated head needs only its state and order; its links are dead until the
+        // block is freed and linked again.
+        let m = &mut self.meta[idx as usize];
+        m.state = State::Allocated;
+        m.order = o as u8;
         Block {
             pfn: Pfn::from_raw(self.base + u64::from(idx)),
             order: PageOrder::from_raw(o as u8),
