@@ -112,28 +112,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         max: usize,
         out: &mut ArrayVec<Block, N>,
     ) -> Result<usize, IsolateError> {
-        let o = order.get() as usize;
-        if o > MAX_ORDER {
-            return Err(IsolateError::OrderTooLarge);
-        }
-        let meta = &mut *self.meta;
-        let mut taken = 0;
-        while taken < max && !out.is_full() {
-            let idx = self.area.lists[o].head;
-            if idx == NIL || meta[idx as usize].state != State::Free {
-                break;
-            }
-            self.area.unlink(meta, o, idx, false);
-            meta[idx as usize].state = State::Isolated;
-            self.area.lists[o].isolated += 1;
-            out.push(Block {
-                pfn: Pfn::from_raw(self.base + u64::from(idx)),
-                order,
-                reported: false,
-            });
-            taken += 1;
-        }
-        Ok(taken)
+        self.isolate_from(order, max, out, false)
     }
 
     /// Like [`isolate`](Self::isolate), but takes the *coldest* unreported blocks: from the
@@ -151,6 +130,18 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         max: usize,
         out: &mut ArrayVec<Block, N>,
     ) -> Result<usize, IsolateError> {
+        self.isolate_from(order, max, out, true)
+    }
+
+    /// The loop of `isolate` (`cold == false`: from the head) and `isolate_cold` (from the
+    /// end of the unreported segment backwards).
+    fn isolate_from<const N: usize>(
+        &mut self,
+        order: PageOrder,
+        max: usize,
+        out: &mut ArrayVec<Block, N>,
+        cold: bool,
+    ) -> Result<usize, IsolateError> {
         let o = order.get() as usize;
         if o > MAX_ORDER {
             return Err(IsolateError::OrderTooLarge);
@@ -159,9 +150,10 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         let mut taken = 0;
         while taken < max && !out.is_full() {
             let list = &self.area.lists[o];
-            let idx = match list.first_reported {
-                NIL => list.tail,
-                first => meta[first as usize].prev,
+            let idx = match (cold, list.first_reported) {
+                (false, _) => list.head,
+                (true, NIL) => list.tail,
+                (true, first) => meta[first as usize].prev,
             };
             if idx == NIL || meta[idx as usize].state != State::Free {
                 break;
