@@ -144,6 +144,7 @@ fn map_1g_4k(c: &mut Criterion) {
                     GIB1,
                     ours_flags(),
                     MapSize::Exactly(Level::L1),
+                    WalkFlags::empty(),
                 )
                 .unwrap();
                 black_box(arena.allocated())
@@ -186,6 +187,7 @@ fn translate_1m(c: &mut Criterion) {
         GIB1,
         ours_flags(),
         MapSize::Exactly(Level::L1),
+        WalkFlags::empty(),
     )
     .unwrap();
     let vas: Vec<Va> = addrs.iter().map(|&a| Va::new(a).unwrap()).collect();
@@ -239,6 +241,7 @@ fn split_1g(c: &mut Criterion) {
                     GIB1,
                     ours_flags(),
                     MapSize::Exactly(Level::L2),
+                    WalkFlags::empty(),
                 )
                 .unwrap();
                 (arena, pt)
@@ -246,7 +249,7 @@ fn split_1g(c: &mut Criterion) {
             |(mut arena, mut pt)| {
                 let va = Va::new(VA_AT).unwrap();
                 let n = pt
-                    .split(&mut arena, va, GIB1, SplitTo::Level(Level::L1))
+                    .split(&mut arena, va, GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
                     .unwrap();
                 assert_eq!(n, 512);
                 black_box(arena.allocated())

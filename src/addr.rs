@@ -305,6 +305,109 @@ impl fmt::Display for Level {
     }
 }
 
+/// An input address of a page table that is a virtual address: a guest-virtual address
+/// for a guest's own x86-64 tables, the virtual address of whoever runs the code for its
+/// own tables. At most 57 bits wide (5-level paging); each format checks its own width when
+/// an operation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Va(u64);
+
+impl Va {
+    /// The widest input address any format takes: 57 bits (5-level paging).
+    pub const BITS: u32 = 57;
+    /// Address zero.
+    pub const ZERO: Self = Self(0);
+
+    /// A virtual address, if it is below `1 << 57`.
+    pub const fn new(addr: u64) -> Result<Self, AddrError> {
+        if addr >> Self::BITS == 0 {
+            Ok(Self(addr))
+        } else {
+            Err(AddrError::OutOfRange)
+        }
+    }
+
+    /// The raw address.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// This address plus `bytes`, if it stays below `1 << 57`.
+    pub const fn checked_add(self, bytes: u64) -> Option<Self> {
+        match self.0.checked_add(bytes) {
+            Some(a) if a >> Self::BITS == 0 => Some(Self(a)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Va {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+/// An address space a page table translates from or to: [`Va`], [`Gpa`] or [`Hpa`]. A page
+/// table format names its input and output spaces ([`PteFormat::In`] and
+/// [`PteFormat::Out`]), so EPT takes a [`Gpa`] and a guest's own tables give one, and
+/// the compiler keeps the spaces apart.
+///
+/// [`PteFormat::In`]: crate::spt::PteFormat::In
+/// [`PteFormat::Out`]: crate::spt::PteFormat::Out
+pub trait Address:
+    Copy + fmt::Debug + fmt::Display + PartialEq + Eq + PartialOrd + Ord + core::hash::Hash + Send + Sync + 'static
+{
+    /// Bits an address of this space may have (57 for [`Va`], 52 for physical ones).
+    const BITS: u32;
+    /// Address zero.
+    const ZERO: Self;
+
+    /// The raw address.
+    fn raw(self) -> u64;
+
+    /// The address of a raw value, if it fits in [`BITS`](Self::BITS).
+    fn from_raw(raw: u64) -> Result<Self, AddrError>;
+}
+
+impl Address for Va {
+    const BITS: u32 = Va::BITS;
+    const ZERO: Self = Va::ZERO;
+
+    #[inline]
+    fn raw(self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn from_raw(raw: u64) -> Result<Self, AddrError> {
+        Self::new(raw)
+    }
+}
+
+macro_rules! phys_address {
+    ($($name:ident),*) => {
+        $(
+            impl Address for $name {
+                const BITS: u32 = PHYS_ADDR_BITS;
+                const ZERO: Self = Self(0);
+
+                #[inline]
+                fn raw(self) -> u64 {
+                    self.0
+                }
+
+                #[inline]
+                fn from_raw(raw: u64) -> Result<Self, AddrError> {
+                    Self::new(raw)
+                }
+            }
+        )*
+    };
+}
+
+phys_address!(Gpa, Hpa);
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,6 @@ mod sync;
 #[doc(hidden)]
 pub mod testing;
 
-pub use addr::{AddrError, Gfn, Gpa, Hpa, Level, PageOrder, Pfn};
+pub use addr::{AddrError, Gfn, Gpa, Hpa, Level, PageOrder, Pfn, Va};
 pub use buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-pub use spt::{PageTable, PteFormat, TableMemory, Va};
+pub use spt::{PageTable, PteFormat, TableMemory};

@@ -295,7 +295,7 @@ fn guest_runs_on_hvmem_page_tables() {
     // 1. 2 MiB leaves over all of RAM, long mode on them.
     let t = Instant::now();
     let two_mib = MapSize::Exactly(Level::L2);
-    r.pt.map(&mut r.mem, va(0), hpa(0), r.l.ram, FLAGS, two_mib)
+    r.pt.map(&mut r.mem, va(0), hpa(0), r.l.ram, FLAGS, two_mib, WalkFlags::empty())
         .unwrap();
     let map_time = t.elapsed();
     let c = r.expect_census(leaves, 0);
@@ -313,7 +313,7 @@ fn guest_runs_on_hvmem_page_tables() {
     // change), but KVM must forget its shadow of the old tables to judge the new ones.
     let t = Instant::now();
     let split =
-        r.pt.split(&mut r.mem, va(0), r.l.ram, SplitTo::Level(Level::L1))
+        r.pt.split(&mut r.mem, va(0), r.l.ram, SplitTo::Level(Level::L1), WalkFlags::empty())
             .unwrap();
     let split_time = t.elapsed();
     assert_eq!(split as u64, leaves, "2 MiB leaves split");
@@ -386,11 +386,11 @@ fn guest_runs_on_hvmem_page_tables() {
     // collapse: back to 2 MiB leaves only.
     let t = Instant::now();
     let four_kib = MapSize::Exactly(Level::L1);
-    r.pt.map(&mut r.mem, va(hole), hpa(hole), PAGE, FLAGS, four_kib)
+    r.pt.map(&mut r.mem, va(hole), hpa(hole), PAGE, FLAGS, four_kib, WalkFlags::empty())
         .unwrap();
     let mut tlb = KvmTlb::new(&r.m);
     let collapsed =
-        r.pt.collapse(&mut r.mem, &mut tlb, va(0), r.l.ram, Level::L2)
+        r.pt.collapse(&mut r.mem, va(0), r.l.ram, Level::L2)
             .unwrap();
     let collapse_time = t.elapsed();
     assert_eq!(tlb.error, None);

@@ -70,7 +70,7 @@ fn racing_maps_install_each_table_once() {
                 let (pt, shared) = (pt.clone(), shared.clone());
                 thread::spawn(move || {
                     let size = MapSize::Exactly(Level::L1);
-                    pt.map_shared(&mut &*shared, va(t * PAGE), pa(t * PAGE), PAGE, rw(), size)
+                    pt.map(&mut &*shared, va(t * PAGE), pa(t * PAGE), PAGE, rw(), size, WalkFlags::SHARED)
                         .unwrap();
                 })
             })
@@ -101,13 +101,13 @@ fn split_racing_protect_loses_nothing() {
             TableArena::new(frames(8), pa(1 << 32)).unwrap(),
         ));
         let pt = Arc::new(PageTable::<X86_64>::new(&mut &*shared).unwrap());
-        pt.map_shared(&mut &*shared, va(0), pa(0), MIB2, rw(), MapSize::Largest)
+        pt.map(&mut &*shared, va(0), pa(0), MIB2, rw(), MapSize::Largest, WalkFlags::SHARED)
             .unwrap();
         let splitter = {
             let (pt, shared) = (pt.clone(), shared.clone());
             thread::spawn(move || {
                 let to = SplitTo::Level(Level::L1);
-                assert!(pt.split_shared(&mut &*shared, va(0), MIB2, to).unwrap() <= 1);
+                assert!(pt.split(&mut &*shared, va(0), MIB2, to, WalkFlags::SHARED).unwrap() <= 1);
             })
         };
         let protector = {
@@ -115,7 +115,7 @@ fn split_racing_protect_loses_nothing() {
             thread::spawn(move || {
                 let mut mem = &*shared;
                 let p = pt
-                    .protect_shared(&mut mem, va(0), MIB2, X86Flags::empty(), X86Flags::WRITABLE)
+                    .protect(&mut mem, va(0), MIB2, X86Flags::empty(), X86Flags::WRITABLE, WalkFlags::SHARED)
                     .unwrap();
                 p.flush(&mut CountingFlush::default(), &mut mem);
             })

@@ -19,9 +19,9 @@ use std::collections::BTreeMap;
 
 use hvmem::spt::{
     CountingFlush, MapError, MapSize, PageTable, ProtectError, SplitTo, TableArena, TableFrame,
-    TableMemory, UnmapError, Va, X86_64, X86Flags,
+    TableMapping, TableSlot, UnmapError, WalkFlags, X86_64, X86Flags,
 };
-use hvmem::{Hpa, Level};
+use hvmem::{Hpa, Level, Va};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::{MappedFrame, MappedPageTable, TranslateResult};
 use x86_64::structures::paging::{
@@ -176,7 +176,8 @@ fn leaf_straddles(arena: &TableArena<'_>, root: Hpa, start: u64, end: u64) -> bo
 
 fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
     let frames: Vec<TableFrame> = (0..6000).map(|_| TableFrame::new()).collect();
-    let mut arena = TableArena::new(&frames, Hpa::new(TABLES_AT).unwrap()).unwrap();
+    let mut slots: Vec<TableSlot> = (0..6000).map(|_| TableSlot::default()).collect();
+    let mut arena = TableArena::new(&frames, &mut slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
     let mut pt = PageTable::<X86_64>::new(&mut arena).unwrap();
     let root = pt.root();
     let mut model = Model::default();
@@ -201,6 +202,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                     len,
                     f,
                     MapSize::Largest,
+                    WalkFlags::empty(),
                 );
                 if model.overlaps(start, end) {
                     assert_eq!(r, Err(MapError::AlreadyMapped), "step {step}");
@@ -215,7 +217,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                 match pt.unmap(&mut arena, va(start), len) {
                     Ok(p) => {
                         assert!(!straddles, "step {step}");
-                        p.flush(&mut tlb, &mut arena);
+                        p.flush(&mut tlb, &mut arena).unwrap();
                         model.remove(start, end);
                         applied[1] += 1;
                     }
@@ -230,10 +232,10 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                     X86Flags::from_bits_retain(set),
                     X86Flags::from_bits_retain(clear),
                 );
-                match pt.protect(&mut arena, va(start), len, s, c) {
+                match pt.protect(&mut arena, va(start), len, s, c, WalkFlags::empty()) {
                     Ok(p) => {
                         assert!(!straddles, "step {step}");
-                        p.flush(&mut tlb, &mut arena);
+                        p.flush(&mut tlb, &mut arena).unwrap();
                         model.protect(start, end, set, clear);
                         applied[2] += 1;
                     }
@@ -246,13 +248,23 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                     SplitTo::Level(Level::L1),
                     SplitTo::Level(Level::L2),
                 ][rng.below(3) as usize];
-                applied[3] += pt.split(&mut arena, va(start), len, to).unwrap();
+                let done = pt
+                    .split(&mut arena, va(start), len, to, WalkFlags::empty())
+                    .unwrap();
+                assert_eq!(done.resume_at, None, "step {step}: out of tables");
+                applied[3] += done.split;
             }
             _ => {
                 let max = [Level::L2, Level::L3][rng.below(2) as usize];
-                applied[4] += pt
-                    .collapse(&mut arena, &mut tlb, va(start), len, max)
-                    .unwrap();
+                loop {
+                    let p = pt.collapse(&mut arena, va(start), len, max).unwrap();
+                    applied[4] += p.tables_to_free();
+                    let again = p.is_incomplete();
+                    p.flush(&mut tlb, &mut arena).unwrap();
+                    if !again {
+                        break;
+                    }
+                }
             }
         }
         // Sample: the op's ends and around them, the model's extents, random addresses.
@@ -296,7 +308,8 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
     }
     pt.unmap(&mut arena, va(0), SPACE)
         .unwrap()
-        .flush(&mut tlb, &mut arena);
+        .flush(&mut tlb, &mut arena)
+        .unwrap();
     assert_eq!(arena.allocated(), 1);
     (checks, applied)
 }
@@ -322,7 +335,8 @@ fn random_sequences_agree_with_model_and_x86_64_crate() {
 #[test]
 fn peer_reads_huge_pages_we_build() {
     let frames: Vec<TableFrame> = (0..16).map(|_| TableFrame::new()).collect();
-    let mut arena = TableArena::new(&frames, Hpa::new(TABLES_AT).unwrap()).unwrap();
+    let mut slots: Vec<TableSlot> = (0..16).map(|_| TableSlot::default()).collect();
+    let mut arena = TableArena::new(&frames, &mut slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
     let mut pt = PageTable::<X86_64>::new(&mut arena).unwrap();
     let f = X86Flags::PRESENT | X86Flags::WRITABLE;
     let pa = |a| Hpa::new(a).unwrap();
@@ -333,6 +347,7 @@ fn peer_reads_huge_pages_we_build() {
         GIB1 + MIB2 + PAGE,
         f,
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     let root = pt.root();

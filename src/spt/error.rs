@@ -4,6 +4,7 @@
 
 use core::fmt;
 
+use super::ops::RangeError;
 use super::walk::WalkError;
 
 macro_rules! error_enum {
@@ -102,17 +103,27 @@ error_enum!(
 );
 
 error_enum!(
-    /// Why [`PageTable::split`](super::PageTable::split) refused or stopped.
+    /// Why [`PageTable::split`](super::PageTable::split) refused or stopped. Running out of
+    /// tables is not an error: the split stops and says where to resume.
     SplitError {
         /// The address or the length is not aligned to 4 KiB.
         Unaligned => "address or length not aligned to 4 KiB",
         /// The range reaches beyond the format's input addresses.
         OutOfRange => "range beyond the input address space",
-        /// Table memory ran out. Huge pages split before the failure stay split, which
-        /// changes no translation.
-        OutOfTables => "no table memory left",
         /// A table entry points outside table memory.
         BadTable => "table entry points outside table memory",
+    }
+);
+
+error_enum!(
+    /// Why [`split_entry`](super::split_entry) refused. Nothing changes on error.
+    SplitEntryError {
+        /// The entry is not a huge leaf (any more: in shared mode someone changed it).
+        NotHuge => "entry is not a huge leaf",
+        /// The child table is not in table memory.
+        BadChild => "child table outside table memory",
+        /// A reused child maps something other than the huge leaf's pages.
+        ChildMismatch => "existing child maps other pages than the huge leaf",
     }
 );
 
@@ -133,8 +144,25 @@ error_enum!(
 /// Maps a walk error whose visitor error is already the operation's error.
 pub(crate) fn flatten<E>(e: WalkError<E>, out_of_range: E, bad_table: E) -> E {
     match e {
-        WalkError::OutOfRange => out_of_range,
+        WalkError::OutOfRange | WalkError::SharedNotAllowed => out_of_range,
         WalkError::BadTable(_) => bad_table,
         WalkError::Visitor(e) => e,
     }
 }
+
+macro_rules! from_range_error {
+    ($($ty:ident),*) => {
+        $(
+            impl From<RangeError> for $ty {
+                fn from(e: RangeError) -> Self {
+                    match e {
+                        RangeError::Unaligned => Self::Unaligned,
+                        RangeError::OutOfRange => Self::OutOfRange,
+                    }
+                }
+            }
+        )*
+    };
+}
+
+from_range_error!(MapError, UnmapError, ProtectError, SplitError, CollapseError);

@@ -1,34 +1,70 @@
 //! TLB flushing: the embedder's [`TlbFlush`], the bounded [`FlushGather`] that feeds it,
-//! and the `#[must_use]` [`PendingFlush`] token of `unmap`, `protect` and `collapse`.
+//! and the `#[must_use]` [`PendingFlush`] token every operation that removes or restricts a
+//! translation returns (`unmap`, `protect`, `collapse`).
 //!
-//! An operation that removes or restricts a translation gathers the ranges it changed
-//! (asterinas `TlbFlusher`, Linux `mmu_gather`). The gather holds at most `N` ranges,
-//! merging adjacent ones; past that it degrades to "flush everything" (Linux's
-//! `tlb_single_page_flush_ceiling`, KVM's fallback to `kvm_flush_remote_tlbs`).
+//! An operation gathers the ranges it changed, each with the page size of the entries it
+//! changed there (asterinas `TlbFlusher`, Linux `mmu_gather`), so a flusher can invalidate
+//! a 1 GiB leaf with one operation instead of 262,144 4 KiB ones. A range already covered
+//! by a gathered range is not added twice (its smaller page size is kept). Past
+//! [`FLUSH_ALL_PAGES`] invalidations, or [`GATHER_RANGES`] ranges, the gather degrades to
+//! "flush everything" (Linux's `tlb_single_page_flush_ceiling`, KVM's fallback to
+//! `kvm_flush_remote_tlbs`).
 //!
 //! Tables an operation unlinks (emptied by `unmap`, replaced by a huge leaf in `collapse`)
 //! may still be cached by hardware page walkers until the flush, so they are freed only
 //! by [`PendingFlush::flush`], after the TLB flush (asterinas's `#[must_use]` page-table
-//! fragments, KVM's RCU-deferred `tdp_mmu_free_sp`). They are chained through entry 0 of
-//! each table; a link is a 4 KiB aligned address, which no format treats as present, so a
-//! stale walk through such a table finds nothing.
+//! fragments, KVM's RCU-deferred `tdp_mmu_free_sp`). They wait in the token itself, out of
+//! band: nothing is chained through the tables, whose entries a stale walker may still
+//! read and safe code may still write. The token holds at most [`DEFER_TABLES`]; an
+//! operation that would unlink more stops unlinking (unmap leaves the emptied table
+//! linked, collapse leaves the rest uncollapsed) and says so with
+//! [`PendingFlush::is_incomplete`]: flush, and run it again.
+
+use core::fmt;
 
 use arrayvec::ArrayVec;
 
-use super::Va;
-use super::memory::{TableMemory, Tables};
-use crate::addr::Hpa;
-use crate::sync::Ordering;
+use super::memory::{FreeError, TableAlloc};
+use crate::addr::{Hpa, Level};
 
-/// Ranges a [`PendingFlush`] gathers before it degrades to a full flush.
+/// Ranges a [`FlushGather`] of a [`PendingFlush`] holds before it degrades to a full flush.
 pub const GATHER_RANGES: usize = 16;
+
+/// Page invalidations a [`FlushGather`] allows before it degrades to a full flush (Linux
+/// `tlb_single_page_flush_ceiling` is 33; a flusher that uses ranges can afford more).
+pub const FLUSH_ALL_PAGES: u64 = 64;
+
+/// Tables a [`PendingFlush`] can hold for freeing after the flush.
+pub const DEFER_TABLES: usize = 64;
+
+/// One range of input addresses to invalidate, and the size of the pages mapped there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlushRange {
+    /// The first input address (a [`Va`](crate::Va) or [`Gpa`](crate::Gpa), raw).
+    pub start: u64,
+    /// Bytes from `start`.
+    pub len: u64,
+    /// The smallest page size whose translations the range may hold: one invalidation per
+    /// `level.page_size()` bytes covers it (INVLPG of any address of a huge page drops it).
+    pub level: Level,
+}
+
+impl FlushRange {
+    /// The invalidations a flusher that works page by page needs.
+    pub fn pages(&self) -> u64 {
+        self.len.div_ceil(self.level.page_size())
+    }
+
+    fn end(&self) -> u64 {
+        self.start.saturating_add(self.len)
+    }
+}
 
 /// Invalidates cached translations (KVM `kvm_flush_remote_tlbs_range` and
 /// `kvm_flush_remote_tlbs`; `INVLPG`, `INVEPT`, `TLBI`). Implemented by the embedder.
 pub trait TlbFlush {
-    /// Invalidates every translation of input addresses `[start, start + len)`,
-    /// including paging-structure caches for that range.
-    fn flush_range(&mut self, start: Va, len: u64);
+    /// Invalidates every translation of the range, including paging-structure caches.
+    fn flush_range(&mut self, range: FlushRange);
 
     /// Invalidates every translation of the page table.
     fn flush_all(&mut self);
@@ -41,14 +77,17 @@ pub struct CountingFlush {
     pub ranges: u64,
     /// Bytes passed to `flush_range`.
     pub bytes: u64,
+    /// Page invalidations those ranges ask for.
+    pub pages: u64,
     /// `flush_all` calls.
     pub all: u64,
 }
 
 impl TlbFlush for CountingFlush {
-    fn flush_range(&mut self, _start: Va, len: u64) {
+    fn flush_range(&mut self, range: FlushRange) {
         self.ranges += 1;
-        self.bytes += len;
+        self.bytes += range.len;
+        self.pages += range.pages();
     }
 
     fn flush_all(&mut self) {
@@ -56,12 +95,13 @@ impl TlbFlush for CountingFlush {
     }
 }
 
-/// Up to `N` address ranges waiting for a TLB flush; adding a range that neither fits nor
-/// extends the last one turns the gather into "flush everything" (asterinas
-/// `TlbFlusher`'s `FLUSH_ALL_RANGE_THRESHOLD`).
+/// Up to `N` address ranges waiting for a TLB flush, deduplicated, each with its page
+/// size; past `N` ranges or [`FLUSH_ALL_PAGES`] invalidations it turns into "flush
+/// everything" (asterinas `TlbFlusher`'s `FLUSH_ALL_RANGE_THRESHOLD`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlushGather<const N: usize> {
-    ranges: ArrayVec<(u64, u64), N>,
+    ranges: ArrayVec<FlushRange, N>,
+    pages: u64,
     all: bool,
 }
 
@@ -70,39 +110,81 @@ impl<const N: usize> FlushGather<N> {
     pub const fn new() -> Self {
         Self {
             ranges: ArrayVec::new_const(),
+            pages: 0,
             all: false,
         }
     }
 
-    /// Adds `[start, start + len)`.
+    /// Adds `[start, start + len)` (raw input addresses) holding pages of `level`.
     #[inline]
-    pub fn add(&mut self, start: Va, len: u64) {
+    pub fn add_raw(&mut self, start: u64, len: u64, level: Level) {
         if self.all || len == 0 {
             return;
         }
-        let start = start.get();
-        let end = start.saturating_add(len);
+        let new = FlushRange { start, len, level };
+        let end = new.end();
+        // Already covered: keep the smaller page size of the two.
+        if let Some(r) = self
+            .ranges
+            .iter_mut()
+            .rev()
+            .find(|r| r.start <= start && end <= r.end())
+        {
+            if level < r.level {
+                self.pages -= r.pages();
+                r.level = level;
+                self.pages += r.pages();
+            }
+            return self.check_pages();
+        }
+        // Extends the last range with the same page size.
         if let Some(last) = self.ranges.last_mut() {
-            if last.1 == start {
-                last.1 = end;
-                return;
+            if last.end() == start && last.level == level {
+                last.len += len;
+                self.pages += new.pages();
+                return self.check_pages();
             }
         }
-        if self.ranges.try_push((start, end)).is_err() {
-            self.ranges.clear();
-            self.all = true;
+        if self.ranges.try_push(new).is_err() {
+            return self.degrade();
         }
+        self.pages += new.pages();
+        self.check_pages();
+    }
+
+    /// Adds the range of a table entry that was cleared or replaced (at `level`): only
+    /// paging-structure caches may still hold it, and on every architecture an
+    /// invalidation of any address under the entry drops those (x86 INVLPG, arm64 TLBI
+    /// VA). So it costs nothing when a gathered range already intersects it (the leaves the
+    /// same operation cleared under it), and one invalidation otherwise.
+    #[inline]
+    pub fn add_table_raw(&mut self, start: u64, len: u64, level: Level) {
+        let end = start.saturating_add(len);
+        if self.all || self.ranges.iter().any(|r| r.start < end && start < r.end()) {
+            return;
+        }
+        self.add_raw(start, len, level);
+    }
+
+    fn check_pages(&mut self) {
+        if self.pages > FLUSH_ALL_PAGES {
+            self.degrade();
+        }
+    }
+
+    fn degrade(&mut self) {
+        self.ranges.clear();
+        self.pages = 0;
+        self.all = true;
     }
 
     /// Adds everything `other` holds.
     pub fn merge<const K: usize>(&mut self, other: &FlushGather<K>) {
         if other.all {
-            self.ranges.clear();
-            self.all = true;
-            return;
+            return self.degrade();
         }
-        for &(start, end) in &other.ranges {
-            self.add(Va(start), end - start);
+        for r in &other.ranges {
+            self.add_raw(r.start, r.len, r.level);
         }
     }
 
@@ -116,9 +198,14 @@ impl<const N: usize> FlushGather<N> {
         self.all
     }
 
-    /// The gathered ranges as `(start, len)` (empty after an overflow).
-    pub fn ranges(&self) -> impl Iterator<Item = (Va, u64)> + '_ {
-        self.ranges.iter().map(|&(s, e)| (Va(s), e - s))
+    /// The gathered ranges (empty after an overflow).
+    pub fn ranges(&self) -> &[FlushRange] {
+        &self.ranges
+    }
+
+    /// Page invalidations the ranges ask for.
+    pub fn pages(&self) -> u64 {
+        self.pages
     }
 
     /// Flushes what was gathered and empties the gather.
@@ -126,46 +213,11 @@ impl<const N: usize> FlushGather<N> {
         if self.all {
             tlb.flush_all();
         } else {
-            for &(start, end) in &self.ranges {
-                tlb.flush_range(Va(start), end - start);
+            for &r in &self.ranges {
+                tlb.flush_range(r);
             }
         }
-        self.ranges.clear();
-        self.all = false;
-    }
-}
-
-/// Tables unlinked from a page table, waiting for the TLB flush before they are freed:
-/// a list through entry 0 of each table.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct DeferredTables {
-    head: Option<Hpa>,
-    count: usize,
-}
-
-impl DeferredTables {
-    /// Chains `table`, already unlinked and with every other entry clear.
-    pub(crate) fn push<M: TableMemory + ?Sized>(&mut self, table: Hpa, tables: &Tables<'_, M>) {
-        if let Some(entries) = tables.table(table) {
-            let link = self.head.map_or(0, Hpa::get);
-            entries[0].store(link, Ordering::Release);
-            self.head = Some(table);
-            self.count += 1;
-        }
-    }
-
-    /// Frees every chained table.
-    pub(crate) fn free_all<M: TableMemory + ?Sized>(&mut self, tables: &mut Tables<'_, M>) {
-        let mut next = self.head.take();
-        while self.count > 0 {
-            let Some(table) = next else { break };
-            next = tables
-                .table(table)
-                .map(|entries| super::hpa(entries[0].swap(0, Ordering::Relaxed)));
-            tables.free(table);
-            self.count -= 1;
-        }
-        self.count = 0;
+        *self = Self::new();
     }
 }
 
@@ -173,11 +225,22 @@ impl DeferredTables {
 /// the TLB, then free these tables (x86_64 `MapperFlush`, asterinas's must-use fragments).
 /// Dropping it without [`flush`](Self::flush) leaves stale translations possible and leaks
 /// the tables.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Default, PartialEq, Eq)]
 #[must_use = "flush the TLB (and free unlinked tables) with `PendingFlush::flush`"]
 pub struct PendingFlush {
     pub(crate) gather: FlushGather<GATHER_RANGES>,
-    pub(crate) tables: DeferredTables,
+    tables: ArrayVec<Hpa, DEFER_TABLES>,
+    incomplete: bool,
+}
+
+impl fmt::Debug for PendingFlush {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingFlush")
+            .field("gather", &self.gather)
+            .field("tables", &self.tables.len())
+            .field("incomplete", &self.incomplete)
+            .finish()
+    }
 }
 
 impl PendingFlush {
@@ -185,10 +248,8 @@ impl PendingFlush {
     pub const fn new() -> Self {
         Self {
             gather: FlushGather::new(),
-            tables: DeferredTables {
-                head: None,
-                count: 0,
-            },
+            tables: ArrayVec::new_const(),
+            incomplete: false,
         }
     }
 
@@ -199,36 +260,70 @@ impl PendingFlush {
 
     /// Tables that will be freed after the flush.
     pub fn tables_to_free(&self) -> usize {
-        self.tables.count
+        self.tables.len()
+    }
+
+    /// Whether the operation stopped unlinking tables (or collapsing) because this token
+    /// was full: flush it and run the operation again to finish.
+    pub fn is_incomplete(&self) -> bool {
+        self.incomplete
     }
 
     /// Whether there is nothing to flush and nothing to free.
     pub fn is_empty(&self) -> bool {
-        self.gather.is_empty() && self.tables.count == 0
+        self.gather.is_empty() && self.tables.is_empty()
     }
 
-    /// Flushes the TLB, then frees the unlinked tables into `mem`.
-    pub fn flush<T: TlbFlush + ?Sized, M: TableMemory + ?Sized>(
+    /// Whether another table fits.
+    #[inline]
+    pub(crate) fn has_room(&self) -> bool {
+        !self.tables.is_full()
+    }
+
+    /// Keeps `table` for freeing after the flush; `false` (and the token is marked
+    /// incomplete) when full.
+    #[inline]
+    pub(crate) fn defer(&mut self, table: Hpa) -> bool {
+        if self.tables.try_push(table).is_err() {
+            self.incomplete = true;
+            return false;
+        }
+        true
+    }
+
+    /// Marks the operation as stopped early for lack of room.
+    #[inline]
+    pub(crate) fn set_incomplete(&mut self) {
+        self.incomplete = true;
+    }
+
+    /// Flushes the TLB, then frees the unlinked tables into `mem`. Every table is offered;
+    /// the first refusal (a table the memory says is not allocated or still linked: the
+    /// tree was changed behind the operation's back) is returned.
+    pub fn flush<T: TlbFlush + ?Sized, M: TableAlloc + ?Sized>(
         mut self,
         tlb: &mut T,
         mem: &mut M,
-    ) {
+    ) -> Result<(), FreeError> {
         self.gather.flush(tlb);
-        self.tables.free_all(&mut Tables::new(mem));
+        let mut result = Ok(());
+        for table in self.tables.drain(..) {
+            if let Err(e) = mem.free_table(table) {
+                result = result.and(Err(e));
+            }
+        }
+        result
     }
 
-    /// Adds another operation's pending work to this one, so one flush covers both.
-    pub fn merge<M: TableMemory + ?Sized>(&mut self, mut other: PendingFlush, mem: &mut M) {
-        self.gather.merge(&other.gather);
-        let tables = Tables::new(mem);
-        let mut next = other.tables.head.take();
-        while other.tables.count > 0 {
-            let Some(table) = next else { break };
-            next = tables
-                .table(table)
-                .map(|entries| super::hpa(entries[0].load(Ordering::Relaxed)));
-            self.tables.push(table, &tables);
-            other.tables.count -= 1;
+    /// Adds another operation's pending work to this one, so one flush covers both; gives
+    /// `other` back unchanged if its tables do not fit.
+    pub fn merge(&mut self, other: PendingFlush) -> Result<(), PendingFlush> {
+        if self.tables.remaining_capacity() < other.tables.len() {
+            return Err(other);
         }
+        self.gather.merge(&other.gather);
+        self.tables.extend(other.tables.iter().copied());
+        self.incomplete |= other.incomplete;
+        Ok(())
     }
 }

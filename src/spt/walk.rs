@@ -14,18 +14,23 @@
 //! how `map` builds tables and `split` splits recursively; if it replaced a table with a
 //! leaf, the walker does not descend.
 //!
-//! In *shared* mode ([`PageTable::walk_shared`](super::PageTable::walk_shared), for use
-//! under a read lock) [`VisitCtx::set`] is a compare-exchange against the value the visitor
-//! saw; a visitor whose exchange fails sees the current value and decides again (KVM's
+//! With [`WalkFlags::SHARED`] (arm64 `KVM_PGTABLE_WALK_SHARED`, for use under a read lock)
+//! [`VisitCtx::set`] is a compare-exchange against the value the visitor saw; a visitor
+//! whose exchange fails sees the current value and decides again (KVM's
 //! `tdp_mmu_set_spte_atomic`, arm64 `stage2_try_set_pte`).
+//!
+//! A walk starts at any table ([`Subtree`]: table, level, base address), not only at a
+//! root, and every visited entry has an [`EntryRef`]: the handle an rmap stores (KVM stores
+//! `u64 *sptep`), from which a [`VisitCtx`] can be rebuilt later to act on the entry with
+//! the same rules, without a walk from a root.
 
 use core::fmt;
 use core::marker::PhantomData;
 
-use super::Va;
+use super::flush::FlushGather;
 use super::format::PteFormat;
-use super::memory::{ENTRIES, Table, TableMemory, Tables};
-use crate::addr::{Hpa, Level};
+use super::memory::{ENTRIES, Table, TableMapping, TableMemory, Tables, table_ref};
+use crate::addr::{Address, Hpa, Level, PAGE_SIZE};
 use crate::sync::{AtomicU64, Ordering};
 
 bitflags::bitflags! {
@@ -39,6 +44,10 @@ bitflags::bitflags! {
         const TABLE_PRE = 1 << 1;
         /// Table entries, after their subtree was walked.
         const TABLE_POST = 1 << 2;
+        /// Shared mode: the caller holds the MMU lock for read and other walkers may
+        /// change the tree at once, so [`VisitCtx::set`] is a compare-exchange (arm64
+        /// `KVM_PGTABLE_WALK_SHARED`). Operations that free tables refuse it.
+        const SHARED = 1 << 3;
     }
 }
 
@@ -73,6 +82,8 @@ pub enum WalkError<E> {
     OutOfRange,
     /// A table entry points to an address the table memory does not hold.
     BadTable(Hpa),
+    /// An operation that frees tables was asked to walk in shared mode.
+    SharedNotAllowed,
     /// The visitor's own error.
     Visitor(E),
 }
@@ -82,6 +93,7 @@ impl<E: fmt::Display> fmt::Display for WalkError<E> {
         match self {
             Self::OutOfRange => f.write_str("range beyond the format's input address space"),
             Self::BadTable(pa) => write!(f, "table entry points outside table memory ({pa})"),
+            Self::SharedNotAllowed => f.write_str("operation cannot run in shared mode"),
             Self::Visitor(e) => e.fmt(f),
         }
     }
@@ -93,6 +105,7 @@ impl<E: fmt::Debug + fmt::Display> core::error::Error for WalkError<E> {}
 /// `struct kvm_pgtable_visit_ctx`).
 pub struct VisitCtx<'t, F: PteFormat> {
     slot: &'t AtomicU64,
+    entry: EntryRef,
     old: u64,
     addr: u64,
     level: Level,
@@ -105,8 +118,20 @@ pub struct VisitCtx<'t, F: PteFormat> {
 impl<'t, F: PteFormat> VisitCtx<'t, F> {
     /// The first input address the entry maps (aligned to the entry's size).
     #[inline]
-    pub fn addr(&self) -> Va {
-        Va(self.addr)
+    pub fn addr(&self) -> F::In {
+        in_addr::<F>(self.addr)
+    }
+
+    /// [`addr`](Self::addr) as a raw number.
+    #[inline]
+    pub fn raw_addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The handle of the entry: its table and index (what an rmap stores).
+    #[inline]
+    pub fn entry(&self) -> EntryRef {
+        self.entry
     }
 
     /// The level of the table holding the entry.
@@ -134,10 +159,10 @@ impl<'t, F: PteFormat> VisitCtx<'t, F> {
         self.slot
     }
 
-    /// The start and end of the walk's range.
+    /// The start and end of the walk's range, as raw input addresses.
     #[inline]
-    pub fn walk_range(&self) -> (Va, u64) {
-        (Va(self.start), self.end)
+    pub fn walk_range(&self) -> (u64, u64) {
+        (self.start, self.end)
     }
 
     /// Whether the entry's whole range lies inside the walk's range.
@@ -156,6 +181,20 @@ impl<'t, F: PteFormat> VisitCtx<'t, F> {
     #[inline]
     pub fn is_shared(&self) -> bool {
         self.shared
+    }
+
+    /// Adds the entry's range, with its page size, to a TLB flush gather: for a leaf
+    /// that was changed or cleared.
+    #[inline]
+    pub fn gather<const N: usize>(&self, gather: &mut FlushGather<N>) {
+        gather.add_raw(self.addr, self.size(), self.level);
+    }
+
+    /// Adds the entry's range to a TLB flush gather for a table entry that was cleared
+    /// ([`FlushGather::add_table_raw`]).
+    #[inline]
+    pub fn gather_table<const N: usize>(&self, gather: &mut FlushGather<N>) {
+        gather.add_table_raw(self.addr, self.size(), self.level);
     }
 
     /// Reads the entry again.
@@ -198,6 +237,7 @@ impl<'t, F: PteFormat> VisitCtx<'t, F> {
 impl<F: PteFormat> fmt::Debug for VisitCtx<'_, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VisitCtx")
+            .field("entry", &self.entry)
             .field("addr", &format_args!("{:#x}", self.addr))
             .field("level", &self.level.get())
             .field("old", &format_args!("{:#x}", self.old))
@@ -240,6 +280,185 @@ where
     }
 }
 
+/// The input address of a raw value the walker produced (always inside the format's input
+/// space, so the conversion does not fail).
+#[inline]
+pub(crate) fn in_addr<F: PteFormat>(raw: u64) -> F::In {
+    F::In::from_raw(raw).unwrap_or(F::In::ZERO)
+}
+
+/// A handle naming one entry of one table: the table's physical address and the entry's
+/// index, in 8 bytes (KVM's `u64 *sptep`; the level and address come from the table's
+/// header, KVM's `sptep_to_sp`). What an rmap stores.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryRef(u64);
+
+static_assertions::assert_eq_size!(EntryRef, u64);
+
+/// Why an [`EntryRef`] could not be acted on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The table is not in the table memory.
+    BadTable,
+    /// The address is not aligned to the level's page size, or is outside the format's
+    /// input addresses, or the level is above the format's root.
+    BadAddress,
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::BadTable => "entry handle names a table outside table memory",
+            Self::BadAddress => "address or level does not fit the entry",
+        })
+    }
+}
+
+impl core::error::Error for EntryError {}
+
+impl EntryRef {
+    /// The entry `index` (below 512) of the table at `table` (4 KiB aligned).
+    pub const fn new(table: Hpa, index: usize) -> Option<Self> {
+        if table.get() % PAGE_SIZE != 0 || index >= ENTRIES {
+            return None;
+        }
+        Some(Self(table.get() | index as u64))
+    }
+
+    /// The table that holds the entry.
+    #[inline]
+    pub fn table(self) -> Hpa {
+        crate::spt::hpa(self.0 & !(PAGE_SIZE - 1))
+    }
+
+    /// The entry's index in its table.
+    #[inline]
+    pub const fn index(self) -> usize {
+        (self.0 & (ENTRIES as u64 - 1)) as usize
+    }
+
+    /// The entry's current value, if its table is in `mem`.
+    #[inline]
+    pub fn load<M: TableMapping + ?Sized>(self, mem: &M) -> Option<u64> {
+        Some(table_ref(mem, self.table())?[self.index()].load(Ordering::Acquire))
+    }
+
+    /// A visit context for the entry, to act on it later with the rules of a visit
+    /// ([`VisitCtx::set`], compare-exchange in shared mode, [`VisitCtx::gather`]) without a
+    /// walk: `addr` is the input address the entry maps and `level` the level of its table
+    /// (both from the table's header). Only [`WalkFlags::SHARED`] of `flags` matters.
+    pub fn ctx<'m, F: PteFormat, M: TableMapping + ?Sized>(
+        self,
+        mem: &'m M,
+        addr: F::In,
+        level: Level,
+        flags: WalkFlags,
+    ) -> Result<VisitCtx<'m, F>, EntryError> {
+        let raw = addr.raw();
+        let size = level.page_size();
+        if level > F::ROOT_LEVEL
+            || raw % size != 0
+            || raw.checked_add(size).is_none_or(|end| end > 1u64 << F::INPUT_BITS)
+        {
+            return Err(EntryError::BadAddress);
+        }
+        let table = table_ref(mem, self.table()).ok_or(EntryError::BadTable)?;
+        let slot = &table[self.index()];
+        Ok(VisitCtx {
+            slot,
+            entry: self,
+            old: slot.load(Ordering::Acquire),
+            addr: raw,
+            level,
+            start: raw,
+            end: raw + size,
+            shared: flags.contains(WalkFlags::SHARED),
+            _format: PhantomData,
+        })
+    }
+}
+
+impl fmt::Debug for EntryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EntryRef({:#x}[{}])", self.table().get(), self.index())
+    }
+}
+
+/// A subtree to walk: a table, its level, and the first input address it maps (arm64
+/// walks from any `kvm_pgtable` root; KVM's shadow MMU from any `kvm_mmu_page`). A
+/// [`PageTable`](super::PageTable) is the subtree of its root at address 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Subtree {
+    table: Hpa,
+    level: Level,
+    base: u64,
+}
+
+impl Subtree {
+    /// The subtree under `table` at `level`, mapping input addresses from `base` (aligned
+    /// to the span of one table at that level) for `F`.
+    pub fn new<F: PteFormat>(table: Hpa, level: Level, base: F::In) -> Option<Self> {
+        let base = base.raw();
+        let span = span(level);
+        if level > F::ROOT_LEVEL || base % span != 0 || base >= 1u64 << F::INPUT_BITS {
+            return None;
+        }
+        Some(Self { table, level, base })
+    }
+
+    /// The subtree of a root table.
+    pub(crate) const fn root<F: PteFormat>(table: Hpa) -> Self {
+        Self {
+            table,
+            level: F::ROOT_LEVEL,
+            base: 0,
+        }
+    }
+
+    /// The table at the top of the subtree.
+    pub fn table(&self) -> Hpa {
+        self.table
+    }
+
+    /// The level of that table.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// The raw input addresses the subtree maps, `(start, end)`.
+    pub fn range(&self) -> (u64, u64) {
+        (self.base, self.base.saturating_add(span(self.level)))
+    }
+
+    /// Walks the entries of the subtree that intersect `[start, start + len)` (KVM
+    /// `kvm_pgtable_walk`). `flags` says which entries are visited and whether the walk is
+    /// shared.
+    pub fn walk<F, M, V>(
+        &self,
+        mem: &mut M,
+        start: F::In,
+        len: u64,
+        flags: WalkFlags,
+        visitor: &mut V,
+    ) -> Result<(), WalkError<V::Error>>
+    where
+        F: PteFormat,
+        M: TableMemory + ?Sized,
+        V: Visitor<F, M>,
+    {
+        let start = start.raw();
+        let end = start.checked_add(len).ok_or(WalkError::OutOfRange)?;
+        walk::<F, M, V>(*self, &mut Tables::new(mem), start, end, flags, visitor)
+    }
+}
+
+/// Bytes of input address one table at `level` maps.
+#[inline]
+const fn span(level: Level) -> u64 {
+    1u64 << (level.shift() + 9)
+}
+
 /// The state of one walk.
 struct Walker<'w, 'm, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> {
     tables: &'w mut Tables<'m, M>,
@@ -253,24 +472,24 @@ struct Walker<'w, 'm, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> {
     _format: PhantomData<F>,
 }
 
-/// Walks `[start, end)` of the tree under `root` (KVM `kvm_pgtable_walk`). `end` is
-/// checked against the format's input address space; `start < end` is the caller's.
+/// Walks `[start, end)` of `subtree` (KVM `kvm_pgtable_walk`). The range must lie inside
+/// the subtree and the format's input addresses.
 #[inline]
 pub(crate) fn walk<F, M, V>(
-    root: Hpa,
+    subtree: Subtree,
     tables: &mut Tables<'_, M>,
     start: u64,
     end: u64,
     flags: WalkFlags,
     visitor: &mut V,
-    shared: bool,
 ) -> Result<(), WalkError<V::Error>>
 where
     F: PteFormat,
     M: TableMemory + ?Sized,
     V: Visitor<F, M>,
 {
-    if end > 1u64 << F::INPUT_BITS || start > end {
+    let (lo, hi) = subtree.range();
+    if end > 1u64 << F::INPUT_BITS || start > end || start < lo || end > hi {
         return Err(WalkError::OutOfRange);
     }
     if start == end {
@@ -283,10 +502,10 @@ where
         start,
         end,
         addr: start,
-        shared,
+        shared: flags.contains(WalkFlags::SHARED),
         _format: PhantomData,
     };
-    walker.run(root)
+    walker.run(subtree)
 }
 
 /// A table level as a type, so each level of the walk is its own function and the whole
@@ -319,18 +538,19 @@ depth! {
 }
 
 impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm, F, M, V> {
-    /// Walks the tree under `root` from `self.addr` to `self.end`.
+    /// Walks the subtree from `self.addr` to `self.end`.
     #[inline]
-    fn run(&mut self, root: Hpa) -> Result<(), WalkError<V::Error>> {
-        let Some(entries) = self.tables.table(root) else {
-            return Err(WalkError::BadTable(root));
+    fn run(&mut self, subtree: Subtree) -> Result<(), WalkError<V::Error>> {
+        let Some(entries) = self.tables.table(subtree.table) else {
+            return Err(WalkError::BadTable(subtree.table));
         };
-        let stopped = match F::ROOT_LEVEL.get() {
-            5 => self.table::<D5>(entries),
-            4 => self.table::<D4>(entries),
-            3 => self.table::<D3>(entries),
-            2 => self.table::<D2>(entries),
-            _ => self.table::<D1>(entries),
+        let table = subtree.table;
+        let stopped = match subtree.level.get() {
+            5 => self.table::<D5>(table, entries),
+            4 => self.table::<D4>(table, entries),
+            3 => self.table::<D3>(table, entries),
+            2 => self.table::<D2>(table, entries),
+            _ => self.table::<D1>(table, entries),
         };
         stopped.map(|_| ())
     }
@@ -338,7 +558,11 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
     /// Walks the entries of one table at level `D` from `self.addr` on; `Ok(true)` when the
     /// walk stops.
     #[inline(always)]
-    fn table<D: Depth>(&mut self, entries: &'m Table) -> Result<bool, WalkError<V::Error>> {
+    fn table<D: Depth>(
+        &mut self,
+        table: Hpa,
+        entries: &'m Table,
+    ) -> Result<bool, WalkError<V::Error>> {
         let level = D::LEVEL;
         let shift = level.shift();
         let size = 1u64 << shift;
@@ -348,6 +572,7 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
             let addr = self.addr & !(size - 1);
             let mut ctx = VisitCtx::<F> {
                 slot,
+                entry: EntryRef(table.get() | index as u64),
                 old: slot.load(Ordering::Acquire),
                 addr,
                 level,
@@ -386,7 +611,7 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
                 let Some(child_entries) = self.tables.table(child) else {
                     return Err(WalkError::BadTable(child));
                 };
-                if self.table::<D::Below>(child_entries)? {
+                if self.table::<D::Below>(child, child_entries)? {
                     return Ok(true);
                 }
                 if self.flags.contains(WalkFlags::TABLE_POST) {

@@ -10,10 +10,10 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::addr::{Hpa, Level};
+use crate::addr::{Address, Hpa, Level};
 use crate::spt::{
     Action, CollapseError, CountingFlush, MapError, MapSize, PageTable, PendingFlush, ProtectError,
-    PteFormat, SplitError, SplitTo, TableArena, TableFrame, Tables, TranslateError, UnmapError, Va,
+    PteFormat, SplitTo, TableArena, TableFrame, TableSlot, Tables, TranslateError, UnmapError,
     VisitCtx, VisitKind, WalkFlags,
 };
 
@@ -95,8 +95,8 @@ fn flags<F: PteFormat>(bits: u64) -> F::Flags {
     <F::Flags as bitflags::Flags>::from_bits_retain(bits)
 }
 
-fn va(a: u64) -> Va {
-    Va::new(a).unwrap_or(Va::ZERO)
+fn va<A: Address>(a: u64) -> A {
+    A::from_raw(a).unwrap_or(A::ZERO)
 }
 
 /// One mapped extent of the model.
@@ -237,11 +237,16 @@ pub fn frames() -> Vec<TableFrame> {
     (0..FRAMES).map(|_| TableFrame::new()).collect()
 }
 
+/// Slots for a harness's frames.
+pub fn slots() -> Vec<TableSlot> {
+    (0..FRAMES).map(|_| TableSlot::default()).collect()
+}
+
 impl<'a, F: PteFormat> PtHarness<'a, F> {
-    /// An empty page table over `frames`.
-    pub fn new(frames: &'a [TableFrame]) -> Result<Self, String> {
+    /// An empty page table over `frames` and their `slots`.
+    pub fn new(frames: &'a [TableFrame], slots: &'a mut [TableSlot]) -> Result<Self, String> {
         let base = Hpa::new(TABLES_AT).map_err(|e| format!("{e}"))?;
-        let mut mem = TableArena::new(frames, base).map_err(|e| format!("{e}"))?;
+        let mut mem = TableArena::new(frames, slots, base).map_err(|e| format!("{e}"))?;
         let pt = PageTable::new(&mut mem).map_err(|e| format!("{e}"))?;
         Ok(Self {
             mem,
@@ -261,8 +266,10 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
         self.model.translate(va)
     }
 
-    fn flush(&mut self, pending: PendingFlush) {
-        pending.flush(&mut self.tlb, &mut self.mem);
+    fn flush(&mut self, pending: PendingFlush) -> Result<(), String> {
+        pending
+            .flush(&mut self.tlb, &mut self.mem)
+            .map_err(|e| format!("freeing after the flush: {e}"))
     }
 
     /// Applies one op to the tree and the model, then checks everything.
@@ -352,7 +359,7 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
         } else {
             Ok(())
         };
-        let pa_addr = Hpa::new(pa).map_err(|e| format!("{e}"))?;
+        let pa_addr = F::Out::from_raw(pa).map_err(|e| format!("{e}"))?;
         let got = self.pt.map(
             &mut self.mem,
             va(start),
@@ -360,6 +367,7 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
             len,
             flags::<F>(bits),
             size,
+            WalkFlags::empty(),
         );
         match (got, expect) {
             (Ok(()), Ok(())) => self.model.map(start, end, pa, bits),
@@ -388,13 +396,24 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
         let straddled = self.straddled(start, end);
         match self.pt.unmap(&mut self.mem, va(start), end - start) {
             Ok(pending) if !straddled => {
-                self.flush(pending);
+                let mut incomplete = pending.is_incomplete();
+                self.flush(pending)?;
                 self.model.unmap(start, end);
+                // Every leaf is gone; emptied tables beyond one token's room are reclaimed
+                // by unmapping again.
+                while incomplete {
+                    let pending = self
+                        .pt
+                        .unmap(&mut self.mem, va(start), end - start)
+                        .map_err(|e| format!("unmap again: {e:?}"))?;
+                    incomplete = pending.is_incomplete();
+                    self.flush(pending)?;
+                }
                 Ok(())
             }
             Err(UnmapError::SplitsHugePage) if straddled => Ok(()),
             Ok(pending) => {
-                self.flush(pending);
+                self.flush(pending)?;
                 Err("unmap split a huge page".into())
             }
             Err(e) => Err(format!("unmap: {e:?} (straddled {straddled})")),
@@ -410,17 +429,18 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
             end - start,
             flags::<F>(set),
             flags::<F>(clear),
+            WalkFlags::empty(),
         );
         match got {
             Ok(pending) if !bad && !straddled => {
-                self.flush(pending);
+                self.flush(pending)?;
                 self.model.protect(start, end, set, clear);
                 Ok(())
             }
             Err(ProtectError::BadFlags) if bad => Ok(()),
             Err(ProtectError::SplitsHugePage) if !bad && straddled => Ok(()),
             Ok(pending) => {
-                self.flush(pending);
+                self.flush(pending)?;
                 Err(format!(
                     "protect succeeded (bad {bad}, straddled {straddled})"
                 ))
@@ -430,9 +450,9 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
     }
 
     fn split(&mut self, start: u64, end: u64, to: SplitTo) -> Result<(), String> {
-        match self.pt.split(&mut self.mem, va(start), end - start, to) {
-            Ok(_) => {}
-            Err(SplitError::OutOfTables) => return Err("split ran out of tables".into()),
+        match self.pt.split(&mut self.mem, va(start), end - start, to, WalkFlags::empty()) {
+            Ok(done) if done.resume_at.is_none() => {}
+            Ok(_) => return Err("split ran out of tables".into()),
             Err(e) => return Err(format!("split: {e:?}")),
         }
         if let SplitTo::Level(target) = to {
@@ -456,13 +476,21 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
     }
 
     fn collapse(&mut self, start: u64, end: u64, max: Level) -> Result<(), String> {
-        let got = self
-            .pt
-            .collapse(&mut self.mem, &mut self.tlb, va(start), end - start, max);
-        match got {
-            Ok(_) => {}
-            Err(CollapseError::BadLevel) => return Err("collapse refused a good level".into()),
-            Err(e) => return Err(format!("collapse: {e:?}")),
+        loop {
+            let got = self.pt.collapse(&mut self.mem, va(start), end - start, max);
+            match got {
+                Ok(pending) => {
+                    let again = pending.is_incomplete();
+                    self.flush(pending)?;
+                    if !again {
+                        break;
+                    }
+                }
+                Err(CollapseError::BadLevel) => {
+                    return Err("collapse refused a good level".into());
+                }
+                Err(e) => return Err(format!("collapse: {e:?}")),
+            }
         }
         let ad = F::ACCESSED | F::DIRTY;
         let mut level = Level::L2;
@@ -481,12 +509,15 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
             |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'a>>| {
                 let (pte, level) = (ctx.old(), ctx.level());
                 if F::is_leaf(pte, level) {
-                    let start = ctx.addr().get();
+                    let start = ctx.raw_addr();
                     let end = start + ctx.size();
                     let pa = F::leaf_addr(pte, level).get();
                     push_run(&mut runs, start, end, pa, F::leaf_flags(pte, level));
                 } else if pte != 0 {
-                    return Err(format!("non-present entry {pte:#x} left at {}", ctx.addr()));
+                    return Err(format!(
+                        "non-present entry {pte:#x} left at {:#x}",
+                        ctx.raw_addr()
+                    ));
                 }
                 Ok(Action::Continue)
             };
@@ -529,7 +560,7 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
         }
         for &a in samples.iter().filter(|&&a| a < VA_SPACE) {
             let got = match self.pt.translate(&self.mem, va(a)) {
-                Ok(t) => Some((t.pa.get(), bitflags::Flags::bits(&t.flags))),
+                Ok(t) => Some((t.pa.raw(), bitflags::Flags::bits(&t.flags))),
                 Err(TranslateError::NotMapped) => None,
                 Err(e) => return Err(format!("translate {a:#x}: {e:?}")),
             };

@@ -4,7 +4,7 @@
 use static_assertions::const_assert;
 
 use super::{ADDR_MASK, PteFormat};
-use crate::addr::{Hpa, Level};
+use crate::addr::{Gpa, Hpa, Level};
 
 bitflags::bitflags! {
     /// Attributes of an EPT leaf, without the address and without bit 7 (the page-size bit
@@ -62,6 +62,8 @@ pub struct Ept;
 
 impl PteFormat for Ept {
     type Flags = EptFlags;
+    type In = Gpa;
+    type Out = Hpa;
 
     const NAME: &'static str = "ept";
     const ROOT_LEVEL: Level = Level::L4;

@@ -30,7 +30,7 @@ pub use x86::{X86_64, X86_64La57, X86Flags};
 
 use core::fmt::Debug;
 
-use crate::addr::{Hpa, Level, Pfn};
+use crate::addr::{Address, Hpa, Level, Pfn};
 
 /// Bits 51:12, where every format keeps the physical address of a table or a 4 KiB page.
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -46,6 +46,12 @@ pub trait PteFormat:
 {
     /// Leaf attributes in the size-independent form (see the module docs).
     type Flags: bitflags::Flags<Bits = u64> + Copy + Debug + Eq + Send + Sync;
+    /// The addresses the tables translate: [`Va`](crate::Va) for x86 paging,
+    /// [`Gpa`](crate::Gpa) for EPT.
+    type In: Address;
+    /// The addresses leaves map to: [`Hpa`] (host-physical, or the physical memory of
+    /// whoever runs the code when a guest builds its own tables).
+    type Out: Address;
 
     /// A short name for messages and benchmark ids.
     const NAME: &'static str;

@@ -4,7 +4,7 @@
 use static_assertions::const_assert;
 
 use super::{ADDR_MASK, PteFormat};
-use crate::addr::{Hpa, Level};
+use crate::addr::{Hpa, Level, Va};
 
 bitflags::bitflags! {
     /// Attributes of an x86-64 leaf in the size-independent form: the bits of a 4 KiB PTE
@@ -69,6 +69,8 @@ macro_rules! x86_format {
 
         impl PteFormat for $name {
             type Flags = X86Flags;
+            type In = Va;
+            type Out = Hpa;
 
             const NAME: &'static str = $label;
             const ROOT_LEVEL: Level = $levels;

@@ -1,40 +1,24 @@
 //! `collapse`: replace a table whose 512 leaves map one contiguous, aligned block with
 //! identical attributes by one huge leaf (the effect of KVM's
 //! `kvm_mmu_recover_huge_pages` / `kvm_tdp_mmu_recover_huge_pages`, done in place like
-//! Linux's `collapse_huge_page`). The replaced table is freed after the TLB flush.
+//! Linux's `collapse_huge_page`). The replaced table is freed after the TLB flush: until
+//! then a stale hardware walk may still use its (valid) leaves.
 
-use arrayvec::ArrayVec;
-
-use super::{RangeError, check_range, child_level};
-use crate::addr::{Hpa, Level};
+use super::{check_range, child_level};
+use crate::addr::Level;
 use crate::spt::error::{CollapseError, flatten};
-use crate::spt::flush::{FlushGather, GATHER_RANGES, TlbFlush};
+use crate::spt::flush::PendingFlush;
 use crate::spt::format::PteFormat;
-use crate::spt::memory::{TableMemory, Tables};
+use crate::spt::memory::{TableMemory, Tables, Unlinked};
 use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags};
-use crate::spt::{PageTable, Va};
+use crate::spt::PageTable;
 use crate::sync::Ordering;
 
-/// Tables replaced before the flush that frees them. Unlike unmapped tables they still hold
-/// valid leaves a stale hardware walk may use, so they cannot be chained through their own
-/// entries: they wait here, and a full batch forces a flush in the middle of the walk.
-const BATCH: usize = 32;
-
-struct CollapseVisitor<'t, T: ?Sized> {
+struct CollapseVisitor {
     max: u8,
-    tlb: &'t mut T,
-    gather: FlushGather<GATHER_RANGES>,
-    replaced: ArrayVec<Hpa, BATCH>,
-    collapsed: usize,
-}
-
-impl<T: TlbFlush + ?Sized> CollapseVisitor<'_, T> {
-    fn flush<M: TableMemory + ?Sized>(&mut self, tables: &mut Tables<'_, M>) {
-        self.gather.flush(self.tlb);
-        for table in self.replaced.drain(..) {
-            tables.free(table);
-        }
-    }
+    pending: PendingFlush,
+    /// A table entry pointing outside table memory was skipped.
+    bad: bool,
 }
 
 /// The huge leaf that can replace the table `child` at `level`, if its leaves allow it.
@@ -70,75 +54,94 @@ fn collapsed_leaf<F: PteFormat>(entries: &crate::spt::Table, level: Level) -> Op
     ))
 }
 
-impl<F: PteFormat, M: TableMemory + ?Sized, T: TlbFlush + ?Sized> Visitor<F, M>
-    for CollapseVisitor<'_, T>
-{
+impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for CollapseVisitor {
     type Error = CollapseError;
 
     fn visit(
         &mut self,
-        _kind: VisitKind,
+        kind: VisitKind,
         ctx: &mut VisitCtx<'_, F>,
         tables: &mut Tables<'_, M>,
     ) -> Result<Action, CollapseError> {
         let level = ctx.level();
-        if level.get() > self.max || !ctx.covered() {
+        if kind == VisitKind::TablePre {
+            // Skip (and remember) a corrupt subtree instead of failing halfway with
+            // collapsed tables whose flush would be lost.
+            if tables.table(F::table_addr(ctx.old())).is_none() {
+                self.bad = true;
+                return Ok(Action::SkipSubtree);
+            }
+            return Ok(Action::Continue);
+        }
+        if level.get() > self.max || !ctx.covered() || self.pending.is_incomplete() {
             return Ok(Action::Continue);
         }
         let child = F::table_addr(ctx.old());
         let Some(entries) = tables.table(child) else {
-            return Err(CollapseError::BadTable);
+            self.bad = true;
+            return Ok(Action::Continue);
         };
         let Some(leaf) = collapsed_leaf::<F>(entries, level) else {
             return Ok(Action::Continue);
         };
-        if self.replaced.is_full() {
-            self.flush(tables);
+        if !self.pending.has_room() {
+            // Stop collapsing; the caller flushes and runs collapse again.
+            self.pending.set_incomplete();
+            return Ok(Action::Continue);
         }
         let _ = ctx.set(leaf);
-        self.gather.add(ctx.addr(), ctx.size());
-        self.replaced.push(child);
-        self.collapsed += 1;
+        // The child's leaves may be cached one by one.
+        self.pending
+            .gather
+            .add_raw(ctx.raw_addr(), ctx.size(), child_level(level));
+        if tables.unlink(child) == Unlinked::Free {
+            let _ = self.pending.defer(child);
+        }
         Ok(Action::Continue)
     }
 }
 
 impl<F: PteFormat> PageTable<F> {
     /// Collapses, bottom-up, every table inside `[va, va + len)` at levels up to `max`
-    /// whose 512 leaves map one contiguous block aligned to the huge size, with identical
-    /// flags apart from accessed and dirty (the huge leaf gets the union of those). A
-    /// collapsed level-2 table can then let its level-3 parent collapse too. Flushes the TLB
-    /// through `tlb` and only then frees the replaced tables. Returns how many tables were
-    /// collapsed.
+    /// (lowered to the page table's maximum leaf level) whose 512 leaves map one contiguous
+    /// block aligned to the huge size, with identical flags apart from accessed and dirty
+    /// (the huge leaf gets the union of those). A collapsed level-2 table can then let its
+    /// level-3 parent collapse too. Exclusive: the caller holds the MMU lock for write.
     ///
-    /// `max` above the format's largest leaf is lowered to it; level 1 is refused.
-    pub fn collapse<M: TableMemory + ?Sized, T: TlbFlush + ?Sized>(
+    /// Returns the TLB flush to do, after which the replaced tables are freed;
+    /// [`tables_to_free`](PendingFlush::tables_to_free) is the number collapsed (a replaced
+    /// table another parent still links is kept and not counted). At most
+    /// [`DEFER_TABLES`](crate::spt::DEFER_TABLES) tables collapse per call; when more could,
+    /// the token [is incomplete](PendingFlush::is_incomplete): flush and call again.
+    /// Level 1 is refused. A table entry pointing outside table memory (a corrupt tree)
+    /// is skipped; `BadTable` is returned only when nothing was collapsed, so a pending
+    /// flush is never lost.
+    pub fn collapse<M: TableMemory + ?Sized>(
         &mut self,
         mem: &mut M,
-        tlb: &mut T,
-        va: Va,
+        va: F::In,
         len: u64,
         max: Level,
-    ) -> Result<usize, CollapseError> {
+    ) -> Result<PendingFlush, CollapseError> {
         if max.get() < 2 {
             return Err(CollapseError::BadLevel);
         }
-        let max = max.min(F::LARGEST_LEAF);
-        check_range::<F>(va, len).map_err(|e| match e {
-            RangeError::Unaligned => CollapseError::Unaligned,
-            RangeError::OutOfRange => CollapseError::OutOfRange,
-        })?;
+        let max = max.min(self.max_leaf());
+        let (start, end) = check_range::<F>(va, len)?;
+        if max.get() < 2 {
+            return Ok(PendingFlush::new());
+        }
         let mut visitor = CollapseVisitor {
             max: max.get(),
-            tlb,
-            gather: FlushGather::new(),
-            replaced: ArrayVec::new(),
-            collapsed: 0,
+            pending: PendingFlush::new(),
+            bad: false,
         };
-        let result = self.walk(mem, va, len, WalkFlags::TABLE_POST, &mut visitor);
-        // Even after an error, what was replaced is flushed and freed.
-        visitor.flush(&mut Tables::new(mem));
-        result.map_err(|e| flatten(e, CollapseError::OutOfRange, CollapseError::BadTable))?;
-        Ok(visitor.collapsed)
+        let flags = WalkFlags::TABLE_PRE | WalkFlags::TABLE_POST;
+        self.walk_raw(mem, start, end, flags, &mut visitor)
+            .map_err(|e| flatten(e, CollapseError::OutOfRange, CollapseError::BadTable))?;
+        if visitor.bad && visitor.pending.is_empty() {
+            return Err(CollapseError::BadTable);
+        }
+        Ok(visitor.pending)
     }
 }

@@ -1,21 +1,22 @@
 //! `map`: install leaves for a range, building tables on the way (KVM `kvm_tdp_mmu_map`,
 //! arm64 `kvm_pgtable_stage2_map`, x86_64 `Mapper::map_to`).
 
-use super::{RangeError, check_range};
-use crate::addr::{Hpa, Level, PHYS_ADDR_BITS};
+use super::check_range;
+use crate::addr::{Address, Level, PHYS_ADDR_BITS};
 use crate::spt::error::{MapError, flatten};
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables};
-use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags, walk};
-use crate::spt::{PageTable, Va, hpa};
+use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags};
+use crate::spt::{PageTable, hpa};
 
 /// Which page sizes `map` may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MapSize {
-    /// The largest the format allows where the input and physical addresses are both
-    /// aligned to it and the range covers it (KVM's `max_level` from the host mapping).
+    /// The largest the page table allows (its maximum leaf level) where the input and
+    /// physical addresses are both aligned to it and the range covers it (KVM's
+    /// `max_level` from the host mapping).
     Largest,
-    /// Like `Largest`, but never above this level (for hosts without 1 GiB pages, say).
+    /// Like `Largest`, but never above this level.
     AtMost(Level),
     /// Only this size; the addresses and the length must be aligned to it.
     Exactly(Level),
@@ -62,7 +63,7 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for MapVisitor {
         }
         let l = level.get();
         if l <= self.max && l >= self.min && ctx.covered() {
-            let pa = self.pa + (ctx.addr().get() - self.start);
+            let pa = self.pa + (ctx.raw_addr() - self.start);
             if pa % level.page_size() == 0 {
                 if ctx.set(F::leaf_entry(hpa(pa), level, self.flags)) {
                     return Ok(Action::SkipSubtree);
@@ -74,12 +75,15 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for MapVisitor {
             // Validation makes this unreachable: the range is aligned to the smallest size.
             return Err(MapError::Unaligned);
         }
-        let table = tables.alloc().ok_or(MapError::OutOfTables)?;
+        let child = super::child_level(level);
+        let table = tables.alloc(child).ok_or(MapError::OutOfTables)?;
         if ctx.set(F::table_entry(table)) {
+            tables.link(table);
             // The walker reads the entry again and descends into the new table.
             return Ok(Action::Continue);
         }
-        tables.free(table);
+        // Never visible to anyone: give it back at once.
+        let _ = tables.free(table);
         raced::<F>(ctx)
     }
 }
@@ -95,85 +99,53 @@ fn raced<F: PteFormat>(ctx: &VisitCtx<'_, F>) -> Result<Action, MapError> {
 
 impl<F: PteFormat> PageTable<F> {
     /// Maps `[va, va + len)` to `[pa, pa + len)` with leaf `flags` (in the size-independent
-    /// form of [`PteFormat`]), using the page sizes `size` allows.
+    /// form of [`PteFormat`]), using the page sizes `size` and the page table's maximum
+    /// leaf level allow. `mode` is empty under the MMU lock held for write, or
+    /// [`WalkFlags::SHARED`] under the lock held for read (KVM's TDP MMU fault path): then
+    /// a concurrent mapping of the same entries makes one of the callers fail with
+    /// `AlreadyMapped`, possibly after mapping part of its range.
     ///
     /// Errors other than `OutOfTables` and `BadTable` change nothing: the range is checked
     /// for existing mappings first (a read-only walk). On `OutOfTables` the part of the
     /// range before the failure is mapped and the tables built so far stay; unmap the range
     /// to undo it.
+    #[allow(clippy::too_many_arguments, reason = "map's request plus the walk mode")]
     pub fn map<M: TableMemory + ?Sized>(
-        &mut self,
-        mem: &mut M,
-        va: Va,
-        pa: Hpa,
-        len: u64,
-        flags: F::Flags,
-        size: MapSize,
-    ) -> Result<(), MapError> {
-        self.map_inner(mem, va, pa, len, flags, size, false)
-    }
-
-    /// [`map`](Self::map) in shared mode, for a caller holding the MMU lock for read
-    /// (KVM's TDP MMU fault path). A concurrent mapping of the same entries makes one of
-    /// the callers fail with `AlreadyMapped`, possibly after mapping part of its range.
-    pub fn map_shared<M: TableMemory + ?Sized>(
         &self,
         mem: &mut M,
-        va: Va,
-        pa: Hpa,
+        va: F::In,
+        pa: F::Out,
         len: u64,
         flags: F::Flags,
         size: MapSize,
-    ) -> Result<(), MapError> {
-        self.map_inner(mem, va, pa, len, flags, size, true)
-    }
-
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the public map signature plus the mode"
-    )]
-    fn map_inner<M: TableMemory + ?Sized>(
-        &self,
-        mem: &mut M,
-        va: Va,
-        pa: Hpa,
-        len: u64,
-        flags: F::Flags,
-        size: MapSize,
-        shared: bool,
+        mode: WalkFlags,
     ) -> Result<(), MapError> {
         let flags = bitflags::Flags::bits(&flags);
         if flags & F::REQUIRED != F::REQUIRED {
             return Err(MapError::BadFlags);
         }
-        let largest = F::LARGEST_LEAF;
+        let largest = self.max_leaf();
         let (min, max, exact) = match size {
             MapSize::Largest => (Level::L1, largest, false),
             MapSize::AtMost(l) => (Level::L1, l.min(largest), false),
             MapSize::Exactly(l) if l <= largest => (l, l, true),
             MapSize::Exactly(_) => return Err(MapError::UnsupportedSize),
         };
-        let end = check_range::<F>(va, len).map_err(|e| match e {
-            RangeError::Unaligned => MapError::Unaligned,
-            RangeError::OutOfRange => MapError::OutOfRange,
-        })?;
+        let (start, end) = check_range::<F>(va, len)?;
+        let pa = pa.raw();
         let align = min.page_size();
-        if va.get() % align != 0 || pa.get() % align != 0 || len % align != 0 {
+        if start % align != 0 || pa % align != 0 || len % align != 0 {
             return Err(MapError::Unaligned);
         }
-        if pa
-            .get()
-            .checked_add(len)
-            .is_none_or(|e| e > 1 << PHYS_ADDR_BITS)
-        {
+        if pa.checked_add(len).is_none_or(|e| e > 1 << PHYS_ADDR_BITS) {
             return Err(MapError::OutOfRange);
         }
         if len == 0 {
             return Ok(());
         }
         let mut visitor = MapVisitor {
-            start: va.get(),
-            pa: pa.get(),
+            start,
+            pa,
             flags: flags & F::FLAGS_MASK,
             min: min.get(),
             max: max.get(),
@@ -181,19 +153,12 @@ impl<F: PteFormat> PageTable<F> {
             check: true,
         };
         let conv = |e| flatten(e, MapError::OutOfRange, MapError::BadTable);
-        let visit_flags = WalkFlags::LEAF | WalkFlags::TABLE_PRE;
-        self.walk_read(mem, va.get(), end, visit_flags, &mut visitor)
+        let visit = WalkFlags::LEAF | WalkFlags::TABLE_PRE;
+        self.walk_read(mem, start, end, visit, &mut visitor)
             .map_err(conv)?;
         visitor.check = false;
-        walk::<F, M, _>(
-            self.root,
-            &mut Tables::new(mem),
-            va.get(),
-            end,
-            visit_flags,
-            &mut visitor,
-            shared,
-        )
-        .map_err(conv)
+        let visit = visit | (mode & WalkFlags::SHARED);
+        self.walk_raw(mem, start, end, visit, &mut visitor)
+            .map_err(conv)
     }
 }

@@ -8,16 +8,17 @@ mod translate;
 mod unmap;
 
 pub use map::MapSize;
-pub use split::SplitTo;
+pub use split::{EntrySplit, SplitChild, SplitDone, SplitTo, split_entry};
 pub use translate::Translation;
 
 use super::format::PteFormat;
 use super::memory::TableMemory;
-use super::walk::{Action, VisitCtx, VisitKind, WalkError, WalkFlags};
-use super::{PageTable, Tables, Va};
-use crate::addr::{Level, PAGE_SIZE};
+use super::walk::{Action, Subtree, VisitCtx, VisitKind, WalkError, WalkFlags, walk};
+use super::{PageTable, Tables};
+use crate::addr::{Address, Level, PAGE_SIZE};
 
-/// What is wrong with a range, before any operation-specific check.
+/// What is wrong with a range, before any operation-specific check. Each operation's error
+/// has a `From` impl for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RangeError {
     Unaligned,
@@ -25,43 +26,43 @@ pub(crate) enum RangeError {
 }
 
 /// Checks that `[start, start + len)` is 4 KiB aligned and inside the format's input
-/// addresses; returns the end.
-pub(crate) fn check_range<F: PteFormat>(start: Va, len: u64) -> Result<u64, RangeError> {
-    if start.get() % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+/// addresses; returns `(start, end)` as raw addresses.
+pub(crate) fn check_range<F: PteFormat>(start: F::In, len: u64) -> Result<(u64, u64), RangeError> {
+    let start = start.raw();
+    if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
         return Err(RangeError::Unaligned);
     }
-    match start.get().checked_add(len) {
-        Some(end) if end <= 1 << F::INPUT_BITS => Ok(end),
+    match start.checked_add(len) {
+        Some(end) if end <= 1 << F::INPUT_BITS => Ok((start, end)),
         _ => Err(RangeError::OutOfRange),
     }
 }
 
-/// A huge leaf at `addr` that the range `[start, end)` covers only in part, if any:
-/// looks at the leaves holding `start` and `end - 1` (a huge leaf can stick out of the
-/// range only at its ends). `Err(())` on a bad table.
-pub(crate) fn straddles_huge_leaf<F: PteFormat, M: TableMemory + ?Sized>(
+/// A leaf that the range `[start, end)` covers only in part, if any: looks at the entries
+/// holding `start` and `end - 1`, since a leaf can stick out of the range only at its
+/// ends. Leaves of any level count, even above the format's largest leaf (an entry with
+/// the page-size bit set where hardware would fault on it), so the check is total.
+/// `Err(())` on a bad table.
+pub(crate) fn straddles_leaf<F: PteFormat, M: TableMemory + ?Sized>(
     pt: &PageTable<F>,
     mem: &M,
     start: u64,
     end: u64,
 ) -> Result<bool, ()> {
-    let largest = F::LARGEST_LEAF.page_size();
+    // No leaf is larger than one entry of the root table.
+    let largest = F::ROOT_LEVEL.page_size();
     for probe in [start, end - 1] {
         if probe == start && start % largest == 0 || probe == end - 1 && end % largest == 0 {
             continue;
         }
         let mut straddles = false;
         let mut visitor = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, M>| {
-            straddles = F::is_huge(ctx.old(), ctx.level()) && !ctx.covered_by(start, end);
+            straddles = F::is_present(ctx.old()) && !ctx.covered_by(start, end);
             Ok::<_, ()>(Action::Stop)
         };
         match pt.walk_read(mem, probe, probe + 1, WalkFlags::LEAF, &mut visitor) {
             Ok(()) => {}
-            Err(WalkError::Visitor(()))
-            | Err(WalkError::BadTable(_))
-            | Err(WalkError::OutOfRange) => {
-                return Err(());
-            }
+            Err(_) => return Err(()),
         }
         if straddles {
             return Ok(true);
@@ -74,4 +75,54 @@ pub(crate) fn straddles_huge_leaf<F: PteFormat, M: TableMemory + ?Sized>(
 #[inline]
 pub(crate) fn child_level(level: Level) -> Level {
     level.lower().unwrap_or(Level::L1)
+}
+
+impl<F: PteFormat> PageTable<F> {
+    /// Walks read-only (visitors cannot allocate, free or change link counts).
+    #[inline]
+    pub(crate) fn walk_read<M, V>(
+        &self,
+        mem: &M,
+        start: u64,
+        end: u64,
+        flags: WalkFlags,
+        visitor: &mut V,
+    ) -> Result<(), WalkError<V::Error>>
+    where
+        M: TableMemory + ?Sized,
+        V: super::walk::Visitor<F, M>,
+    {
+        walk::<F, M, V>(
+            Subtree::root::<F>(self.root()),
+            &mut Tables::read_only(mem),
+            start,
+            end,
+            flags & !WalkFlags::SHARED,
+            visitor,
+        )
+    }
+
+    /// Walks `[start, end)` (raw) with full access.
+    #[inline]
+    pub(crate) fn walk_raw<M, V>(
+        &self,
+        mem: &mut M,
+        start: u64,
+        end: u64,
+        flags: WalkFlags,
+        visitor: &mut V,
+    ) -> Result<(), WalkError<V::Error>>
+    where
+        M: TableMemory + ?Sized,
+        V: super::walk::Visitor<F, M>,
+    {
+        walk::<F, M, V>(
+            Subtree::root::<F>(self.root()),
+            &mut Tables::new(mem),
+            start,
+            end,
+            flags,
+            visitor,
+        )
+    }
 }

@@ -2,13 +2,13 @@
 //! walk, arm64 `kvm_pgtable_stage2_relax_perms` / `stage2_update_leaf_attrs`, x86_64
 //! `Mapper::update_flags`).
 
-use super::{RangeError, check_range, straddles_huge_leaf};
+use super::{check_range, straddles_leaf};
 use crate::spt::error::{ProtectError, flatten};
 use crate::spt::flush::PendingFlush;
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables};
-use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags, walk};
-use crate::spt::{PageTable, Va};
+use crate::spt::PageTable;
+use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags};
 
 struct ProtectVisitor {
     set: u64,
@@ -41,7 +41,7 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for ProtectVisitor {
                 break;
             }
             if ctx.set(new) {
-                self.pending.gather.add(ctx.addr(), ctx.size());
+                ctx.gather(&mut self.pending.gather);
                 break;
             }
         }
@@ -53,56 +53,31 @@ impl<F: PteFormat> PageTable<F> {
     /// Sets the flags `set` and clears the flags `clear` (size-independent form; the
     /// address and the bits the format manages are left alone) in every leaf of
     /// `[va, va + len)`. Non-present entries stay so. Returns the TLB flush to do (needed
-    /// when a permission was taken away; harmless otherwise).
+    /// when a permission was taken away; harmless otherwise). `mode` may be
+    /// [`WalkFlags::SHARED`] (write protection for dirty logging under the read lock, KVM
+    /// `tdp_mmu_set_spte_atomic` in `wrprot_gfn_range`).
     ///
     /// Refused before anything changes: `clear` holding a bit every leaf needs, or a
-    /// range that covers part of a huge page.
+    /// range that covers part of a leaf.
     pub fn protect<M: TableMemory + ?Sized>(
-        &mut self,
-        mem: &mut M,
-        va: Va,
-        len: u64,
-        set: F::Flags,
-        clear: F::Flags,
-    ) -> Result<PendingFlush, ProtectError> {
-        self.protect_inner(mem, va, len, set, clear, false)
-    }
-
-    /// [`protect`](Self::protect) in shared mode (write protection for dirty logging under
-    /// the read lock, KVM `tdp_mmu_set_spte_atomic` in `wrprot_gfn_range`).
-    pub fn protect_shared<M: TableMemory + ?Sized>(
         &self,
         mem: &mut M,
-        va: Va,
+        va: F::In,
         len: u64,
         set: F::Flags,
         clear: F::Flags,
-    ) -> Result<PendingFlush, ProtectError> {
-        self.protect_inner(mem, va, len, set, clear, true)
-    }
-
-    fn protect_inner<M: TableMemory + ?Sized>(
-        &self,
-        mem: &mut M,
-        va: Va,
-        len: u64,
-        set: F::Flags,
-        clear: F::Flags,
-        shared: bool,
+        mode: WalkFlags,
     ) -> Result<PendingFlush, ProtectError> {
         let set = bitflags::Flags::bits(&set) & F::FLAGS_MASK;
         let clear = bitflags::Flags::bits(&clear) & F::FLAGS_MASK;
         if clear & F::REQUIRED != 0 {
             return Err(ProtectError::BadFlags);
         }
-        let end = check_range::<F>(va, len).map_err(|e| match e {
-            RangeError::Unaligned => ProtectError::Unaligned,
-            RangeError::OutOfRange => ProtectError::OutOfRange,
-        })?;
+        let (start, end) = check_range::<F>(va, len)?;
         if len == 0 {
             return Ok(PendingFlush::new());
         }
-        match straddles_huge_leaf(self, mem, va.get(), end) {
+        match straddles_leaf(self, mem, start, end) {
             Ok(false) => {}
             Ok(true) => return Err(ProtectError::SplitsHugePage),
             Err(()) => return Err(ProtectError::BadTable),
@@ -112,16 +87,9 @@ impl<F: PteFormat> PageTable<F> {
             clear,
             pending: PendingFlush::new(),
         };
-        walk::<F, M, _>(
-            self.root,
-            &mut Tables::new(mem),
-            va.get(),
-            end,
-            WalkFlags::LEAF,
-            &mut visitor,
-            shared,
-        )
-        .map_err(|e| flatten(e, ProtectError::OutOfRange, ProtectError::BadTable))?;
+        let flags = WalkFlags::LEAF | (mode & WalkFlags::SHARED);
+        self.walk_raw(mem, start, end, flags, &mut visitor)
+            .map_err(|e| flatten(e, ProtectError::OutOfRange, ProtectError::BadTable))?;
         Ok(visitor.pending)
     }
 }

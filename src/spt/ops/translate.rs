@@ -1,18 +1,18 @@
 //! `translate`: the leaf that maps one address (KVM `kvm_tdp_mmu_get_walk`, arm64
 //! `kvm_pgtable_get_leaf`, x86_64 `Translate::translate`).
 
-use crate::addr::{Hpa, Level};
+use crate::addr::{Address, Level};
 use crate::spt::error::TranslateError;
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables};
 use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkError, WalkFlags};
-use crate::spt::{PageTable, Va, hpa};
+use crate::spt::PageTable;
 
 /// Where an input address leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Translation<F: PteFormat> {
-    /// The physical address the input address maps to (page offset included).
-    pub pa: Hpa,
+    /// The output address the input address maps to (page offset included).
+    pub pa: F::Out,
     /// The level of the leaf (1: 4 KiB page, 2: 2 MiB, 3: 1 GiB).
     pub level: Level,
     /// The leaf's flags in the size-independent form.
@@ -41,7 +41,7 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for TranslateVisitor {
         if !F::is_present(entry) {
             return Err(());
         }
-        let pa = F::leaf_addr(entry, level).get() + (self.va - ctx.addr().get());
+        let pa = F::leaf_addr(entry, level).get() + (self.va - ctx.raw_addr());
         self.found = Some((pa, level, entry));
         Ok(Action::Stop)
     }
@@ -53,9 +53,9 @@ impl<F: PteFormat> PageTable<F> {
     pub fn translate<M: TableMemory + ?Sized>(
         &self,
         mem: &M,
-        va: Va,
+        va: F::In,
     ) -> Result<Translation<F>, TranslateError> {
-        let va = va.get();
+        let va = va.raw();
         if va >> F::INPUT_BITS != 0 {
             return Err(TranslateError::OutOfRange);
         }
@@ -68,7 +68,7 @@ impl<F: PteFormat> PageTable<F> {
         }
         let (pa, level, entry) = visitor.found.ok_or(TranslateError::NotMapped)?;
         Ok(Translation {
-            pa: hpa(pa),
+            pa: F::Out::from_raw(pa).map_err(|_| TranslateError::BadTable)?,
             level,
             flags: <F::Flags as bitflags::Flags>::from_bits_retain(F::leaf_flags(entry, level)),
             entry,

@@ -1,22 +1,26 @@
 //! The flush gather, entry layouts, the arena, randomized sequences against the model
 //! and threads in shared mode.
 
-use alloc::vec;
 
 use super::*;
 use crate::sync::Ordering;
 
+fn range(start: u64, len: u64, level: Level) -> FlushRange {
+    FlushRange { start, len, level }
+}
+
 #[test]
 fn gather_degrades_to_flush_all() {
     let mut g = FlushGather::<2>::new();
-    g.add(va(0), KIB4);
-    g.add(va(KIB4), KIB4); // merges
-    g.add(va(MIB2), KIB4);
+    g.add_raw(0, KIB4, Level::L1);
+    g.add_raw(KIB4, KIB4, Level::L1); // merges
+    g.add_raw(MIB2, KIB4, Level::L1);
     assert_eq!(
-        g.ranges().collect::<Vec<_>>(),
-        vec![(va(0), 2 * KIB4), (va(MIB2), KIB4)]
+        g.ranges(),
+        &[range(0, 2 * KIB4, Level::L1), range(MIB2, KIB4, Level::L1)]
     );
-    g.add(va(GIB1), KIB4);
+    assert_eq!(g.pages(), 3);
+    g.add_raw(GIB1, KIB4, Level::L1);
     assert!(g.is_flush_all());
     let mut tlb = CountingFlush::default();
     g.flush(&mut tlb);
@@ -25,6 +29,7 @@ fn gather_degrades_to_flush_all() {
         CountingFlush {
             ranges: 0,
             bytes: 0,
+            pages: 0,
             all: 1
         }
     );
@@ -32,36 +37,82 @@ fn gather_degrades_to_flush_all() {
 }
 
 #[test]
-fn unmap_many_ranges_flushes_all() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<X86_64>(&f);
+fn gather_dedups_and_keeps_page_sizes() {
+    let mut g = FlushGather::<4>::new();
+    // The leaves of a table, then the table itself over the same range: one range.
+    for i in 0..8 {
+        g.add_raw(MIB2 + i * KIB4, KIB4, Level::L1);
+    }
+    g.add_raw(MIB2, 8 * KIB4, Level::L2);
+    assert_eq!(g.ranges(), &[range(MIB2, 8 * KIB4, Level::L1)]);
+    // The same range twice: once.
+    g.add_raw(GIB1, MIB2, Level::L2);
+    g.add_raw(GIB1, MIB2, Level::L2);
+    assert_eq!(g.ranges().len(), 2);
+    // A smaller page inside a huge range lowers the range's page size.
+    g.add_raw(4 * GIB1, 2 * MIB2, Level::L2);
+    assert_eq!(g.pages(), 8 + 1 + 2);
+    // A table entry cleared over ranges already gathered costs nothing.
+    g.add_table_raw(0, GIB1, Level::L3);
+    assert_eq!(g.pages(), 8 + 1 + 2);
+    g.add_raw(4 * GIB1 + KIB4, KIB4, Level::L1);
+    // The 4 MiB range now holds 4 KiB pages: 1024 invalidations, past the ceiling.
+    assert!(g.is_flush_all());
+    // A 1 GiB leaf is one invalidation, not 262,144.
+    let mut g = FlushGather::<4>::new();
+    g.add_raw(0, GIB1, Level::L3);
+    assert_eq!(g.pages(), 1);
+    let mut tlb = CountingFlush::default();
+    g.flush(&mut tlb);
+    assert_eq!((tlb.ranges, tlb.pages, tlb.bytes), (1, 1, GIB1));
+}
+
+/// Unmapping a 2 MiB range of 4 KiB pages once gave the same range twice (the leaves, then
+/// their emptied table).
+#[test]
+fn unmap_gathers_each_range_once() {
+    let mut f = frames(64);
+    let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let size = MapSize::Exactly(Level::L1);
-    pt.map(&mut mem, va(0), pa(0), MIB2, rw::<X86_64>(), size)
+    pt.map(&mut mem, va(0), pa(0), 16 * KIB4, rw::<X86_64>(), size, WalkFlags::empty())
+        .unwrap();
+    let pending = pt.unmap(&mut mem, va(0), MIB2).unwrap();
+    assert_eq!(pending.gather().ranges(), &[range(0, 16 * KIB4, Level::L1)]);
+    assert_eq!(pending.tables_to_free(), 3);
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+}
+
+#[test]
+fn unmap_many_ranges_flushes_all() {
+    let mut f = frames(64);
+    let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
+    let size = MapSize::Exactly(Level::L1);
+    pt.map(&mut mem, va(0), pa(0), MIB2, rw::<X86_64>(), size, WalkFlags::empty())
         .unwrap();
     // Unmap every other page: more separate ranges than the gather holds.
     let mut pending = PendingFlush::new();
     for i in 0..(GATHER_RANGES as u64 + 1) {
         let p = pt.unmap(&mut mem, va(2 * i * KIB4), KIB4).unwrap();
-        pending.merge(p, &mut mem);
+        pending.merge(p).unwrap();
     }
     let mut tlb = CountingFlush::default();
-    pending.flush(&mut tlb, &mut mem);
+    pending.flush(&mut tlb, &mut mem).unwrap();
     assert_eq!((tlb.ranges, tlb.all), (0, 1));
 }
 
 #[test]
 fn x86_pat_moves_in_huge_leaves() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<X86_64>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let flags = X86Flags::PRESENT | X86Flags::WRITABLE | X86Flags::PAT | X86Flags::NO_EXECUTE;
-    pt.map(&mut mem, va(0), pa(0), MIB2, flags, MapSize::Largest)
+    pt.map(&mut mem, va(0), pa(0), MIB2, flags, MapSize::Largest, WalkFlags::empty())
         .unwrap();
     let t = pt.translate(&mem, va(0)).unwrap();
     assert_eq!(t.level, Level::L2);
     assert_eq!(t.flags, flags);
     // In the entry: PS (bit 7) and PAT at bit 12.
     assert_eq!(t.entry, 0x8000_0000_0000_1083);
-    pt.split(&mut mem, va(0), MIB2, SplitTo::OneLevel).unwrap();
+    pt.split(&mut mem, va(0), MIB2, SplitTo::OneLevel, WalkFlags::empty()).unwrap();
     let t = pt.translate(&mem, va(KIB4)).unwrap();
     assert_eq!(t.entry, 0x8000_0000_0000_1083);
     assert_eq!(t.flags, flags);
@@ -69,47 +120,131 @@ fn x86_pat_moves_in_huge_leaves() {
 
 #[test]
 fn ept_entries_have_hardware_layout() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<Ept>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<Ept>(&f.frames, &mut f.slots);
     let flags = EptFlags::READ | EptFlags::WRITE | EptFlags::EXECUTE | EptFlags::MEMTYPE_WB;
-    pt.map(&mut mem, va(GIB1), pa(GIB1), MIB2, flags, MapSize::Largest)
+    pt.map(&mut mem, va(GIB1), pa(GIB1), MIB2, flags, MapSize::Largest, WalkFlags::empty())
         .unwrap();
     let t = pt.translate(&mem, va(GIB1)).unwrap();
     assert_eq!(t.entry, GIB1 | 0xb7);
     assert_eq!(t.flags, flags);
     // Table entries grant RWX: the root (frame 0 of the arena) points to the next table.
     assert_eq!(pt.root().get(), TABLES_AT);
-    let top = f[0].0[0].load(Ordering::Relaxed);
+    let top = f.frames[0].0[0].load(Ordering::Relaxed);
     assert_eq!(top, (TABLES_AT + KIB4) | 0x7);
 }
 
 #[test]
 fn arena_reuses_and_refuses() {
-    let f = frames(2);
-    let mut mem = TableArena::new(&f, pa(TABLES_AT)).unwrap();
-    let a = mem.alloc_table().unwrap();
-    let b = mem.alloc_table().unwrap();
+    let mut f = frames(2);
+    let mut mem = TableArena::new(&f.frames, &mut f.slots, pa(TABLES_AT)).unwrap();
+    let a = mem.alloc_table(Level::L1).unwrap();
+    let b = mem.alloc_table(Level::L1).unwrap();
     assert_eq!(a.get(), TABLES_AT);
     assert_eq!(b.get(), TABLES_AT + KIB4);
-    assert_eq!(mem.alloc_table(), None);
-    f[1].0[9].store(5, Ordering::Relaxed);
-    mem.free_table(b);
-    mem.free_table(a);
+    assert_eq!(mem.alloc_table(Level::L1), None);
+    f.frames[1].0[9].store(5, Ordering::Relaxed);
+    mem.free_table(b).unwrap();
+    mem.free_table(a).unwrap();
     assert_eq!(mem.allocated(), 0);
-    assert_eq!(mem.alloc_table(), Some(a));
-    assert_eq!(mem.alloc_table(), Some(b));
-    assert!(f[1].0.iter().all(|e| e.load(Ordering::Relaxed) == 0));
+    assert_eq!(mem.alloc_table(Level::L1), Some(a));
+    assert_eq!(mem.alloc_table(Level::L1), Some(b));
+    assert!(f.frames[1].0.iter().all(|e| e.load(Ordering::Relaxed) == 0));
     assert!(mem.table_ptr(pa(TABLES_AT + 2 * KIB4)).is_none());
     assert!(mem.table_ptr(pa(TABLES_AT + 8)).is_none());
     assert!(mem.table_ptr(pa(0)).is_none());
     assert_eq!(
-        TableArena::new(&f, pa(0x800)).err(),
+        TableArena::new(&f.frames, &mut f.slots, pa(0x800)).err(),
         Some(ArenaError::Unaligned)
     );
     assert_eq!(
-        TableArena::new(&f, pa((1 << 52) - KIB4)).err(),
+        TableArena::new(&f.frames, &mut f.slots, pa((1 << 52) - KIB4)).err(),
         Some(ArenaError::OutOfRange)
     );
+    assert_eq!(
+        TableArena::new(&f.frames, &mut f.slots[..1], pa(0)).err(),
+        Some(ArenaError::TooFewSlots)
+    );
+}
+
+/// An arena whose last frame ends exactly at 2^52 is fine (it was refused).
+#[test]
+fn arena_may_end_at_the_top_of_physical_memory() {
+    let mut f = frames(2);
+    let mut mem = TableArena::new(&f.frames, &mut f.slots, pa((1 << 52) - 2 * KIB4)).unwrap();
+    let a = mem.alloc_table(Level::L1).unwrap();
+    let b = mem.alloc_table(Level::L1).unwrap();
+    assert_eq!(b.get(), (1 << 52) - KIB4);
+    assert!(mem.table_ptr(b).is_some());
+    mem.free_table(a).unwrap();
+    mem.free_table(b).unwrap();
+}
+
+/// The arena once kept its free list in entry 0 of each freed frame and followed it
+/// unchecked: anyone holding the frames (or a visitor writing a freed table) could send the
+/// next allocation out of bounds. The list is out of band now, so scribbling on freed
+/// frames cannot mislead it; double frees and frees of linked tables are refused.
+#[test]
+fn arena_free_list_is_out_of_band() {
+    let mut f = frames(4);
+    let mut mem = TableArena::new(&f.frames, &mut f.slots, pa(TABLES_AT)).unwrap();
+    let a = mem.alloc_table(Level::L2).unwrap();
+    let b = mem.alloc_table(Level::L1).unwrap();
+    mem.free_table(a).unwrap();
+    mem.free_table(b).unwrap();
+    // What the old arena read back as "next free index + 1": far out of bounds.
+    for frame in &f.frames {
+        frame.0[0].store(u64::MAX >> 1, Ordering::Relaxed);
+    }
+    assert_eq!(mem.alloc_table(Level::L1), Some(b));
+    assert_eq!(mem.alloc_table(Level::L1), Some(a));
+    assert_eq!(mem.level(a), Some(Level::L1));
+    let c = mem.alloc_table(Level::L1).unwrap();
+    let d = mem.alloc_table(Level::L1).unwrap();
+    assert_eq!(mem.alloc_table(Level::L1), None);
+    assert_eq!(mem.allocated(), 4);
+    // Double free, a never-allocated address, a linked table: refused, nothing changes.
+    mem.free_table(c).unwrap();
+    assert_eq!(mem.free_table(c), Err(FreeError::NotAllocated));
+    assert_eq!(mem.free_table(pa(TABLES_AT + 8)), Err(FreeError::NotATable));
+    assert_eq!(mem.free_table(pa(0)), Err(FreeError::NotATable));
+    mem.link(d);
+    assert_eq!(mem.free_table(d), Err(FreeError::StillLinked));
+    assert_eq!(mem.unlink(d), Unlinked::Free);
+    mem.free_table(d).unwrap();
+    assert_eq!(mem.allocated(), 2);
+    assert_eq!(mem.alloc_table(Level::L1), Some(d));
+    assert_eq!(mem.alloc_table(Level::L1), Some(c));
+    assert_eq!(mem.alloc_table(Level::L1), None);
+}
+
+/// A visitor that frees a table it leaves linked (through `Tables::free`) is refused when
+/// the ops recorded the link; the tree stays whole and later walks stay in bounds.
+fn visitor_cannot_free_linked_table<F: PteFormat>() {
+    let mut f = frames(16);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty())
+        .unwrap();
+    let before = mem.allocated();
+    let mut refused = 0;
+    let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, t: &mut Tables<'_, TableArena<'_>>| {
+        if t.free(F::table_addr(ctx.old())) == Err(FreeError::StillLinked) {
+            refused += 1;
+        }
+        Ok::<_, ()>(Action::Continue)
+    };
+    pt.walk(&mut mem, va(0), KIB4, WalkFlags::TABLE_PRE, &mut v)
+        .unwrap();
+    assert_eq!(refused, F::ROOT_LEVEL.get() as usize - 1);
+    assert_eq!(mem.allocated(), before);
+    assert_maps(&pt, &mem, 0, 0, Level::L1);
+}
+
+#[test]
+fn visitor_cannot_free_linked_table_all_formats() {
+    visitor_cannot_free_linked_table::<X86_64>();
+    visitor_cannot_free_linked_table::<X86_64La57>();
+    visitor_cannot_free_linked_table::<Ept>();
 }
 
 /// Random op sequences against the extent model of `testing::spt`, on every format: the
@@ -118,7 +253,8 @@ fn random_ops<F: PteFormat>(seed: u64, ops: usize) {
     use crate::testing::Rng;
     use crate::testing::spt::{PtHarness, frames, random_op};
     let f = frames();
-    let mut h = PtHarness::<F>::new(&f).unwrap();
+    let mut slots = crate::testing::spt::slots();
+    let mut h = PtHarness::<F>::new(&f, &mut slots).unwrap();
     let mut rng = Rng::new(seed);
     for i in 0..ops {
         let op = random_op(&mut rng);
@@ -155,8 +291,8 @@ fn random_ops_ept() {
 /// the same huge leaves; whatever the interleaving, every translation is right and no table
 /// leaks.
 fn threads_in_shared_mode<F: PteFormat>() {
-    let f = frames(2048);
-    let shared = LockedArena::new(TableArena::new(&f, pa(TABLES_AT)).unwrap());
+    let mut f = frames(2048);
+    let shared = LockedArena::new(TableArena::new(&f.frames, &mut f.slots, pa(TABLES_AT)).unwrap());
     let pt = PageTable::<F>::new(&mut &shared).unwrap();
     std::thread::scope(|s| {
         for t in 0..2u64 {
@@ -167,7 +303,7 @@ fn threads_in_shared_mode<F: PteFormat>() {
                     // Thread 0 maps even pages, thread 1 odd ones, of the same 2 MiB.
                     let page = (2 * i + t) * KIB4;
                     let size = MapSize::Exactly(Level::L1);
-                    pt.map_shared(&mut mem, va(page), pa(GIB1 + page), KIB4, rw::<F>(), size)
+                    pt.map(&mut mem, va(page), pa(GIB1 + page), KIB4, rw::<F>(), size, WalkFlags::SHARED)
                         .unwrap();
                 }
             });
@@ -179,13 +315,14 @@ fn threads_in_shared_mode<F: PteFormat>() {
     assert_eq!(shared.allocated(), pt.table_count(&&shared).unwrap());
 
     let at = 8 * GIB1;
-    pt.map_shared(
+    pt.map(
         &mut &shared,
         va(at),
         pa(at),
         4 * MIB2,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::SHARED,
     )
     .unwrap();
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
@@ -194,20 +331,20 @@ fn threads_in_shared_mode<F: PteFormat>() {
         let (pt, shared) = (&pt, &shared);
         s.spawn(move || {
             let to = SplitTo::Level(Level::L1);
-            pt.split_shared(&mut &*shared, va(at), 4 * MIB2, to)
+            pt.split(&mut &*shared, va(at), 4 * MIB2, to, WalkFlags::SHARED)
                 .unwrap()
         });
         s.spawn(move || {
             let mut mem = shared;
             let p = pt
-                .protect_shared(&mut mem, va(at), 4 * MIB2, none, w)
+                .protect(&mut mem, va(at), 4 * MIB2, none, w, WalkFlags::SHARED)
                 .unwrap();
-            p.flush(&mut CountingFlush::default(), &mut mem);
+            p.flush(&mut CountingFlush::default(), &mut mem).unwrap();
         });
     });
     for i in (0..4 * MIB2 / KIB4).step_by(7) {
         let t = pt.translate(&&shared, va(at + i * KIB4)).unwrap();
-        assert_eq!(t.pa.get(), at + i * KIB4);
+        assert_eq!(t.pa.raw(), at + i * KIB4);
         assert_eq!(t.level, Level::L1);
         assert_eq!(
             bits::<F>(t.flags) & F::WRITABLE,

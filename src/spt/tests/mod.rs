@@ -11,7 +11,7 @@ mod walker;
 use alloc::vec::Vec;
 
 use super::*;
-use crate::addr::{Hpa, Level};
+use crate::addr::{Address, Level};
 
 pub(super) const KIB4: u64 = 4 << 10;
 pub(super) const MIB2: u64 = 2 << 20;
@@ -19,16 +19,27 @@ pub(super) const GIB1: u64 = 1 << 30;
 /// Physical base of the test arenas: table addresses look like real ones, not small numbers.
 pub(super) const TABLES_AT: u64 = 0x7_0000_0000;
 
-pub(super) fn frames(n: usize) -> Vec<TableFrame> {
-    (0..n).map(|_| TableFrame::new()).collect()
+/// Table frames and their out-of-band slots.
+pub(super) struct Frames {
+    pub(super) frames: Vec<TableFrame>,
+    pub(super) slots: Vec<TableSlot>,
 }
 
-pub(super) fn va(a: u64) -> Va {
-    Va::new(a).unwrap()
+pub(super) fn frames(n: usize) -> Frames {
+    Frames {
+        frames: (0..n).map(|_| TableFrame::new()).collect(),
+        slots: (0..n).map(|_| TableSlot::default()).collect(),
+    }
 }
 
-pub(super) fn pa(a: u64) -> Hpa {
-    Hpa::new(a).unwrap()
+/// An input address of any format.
+pub(super) fn va<A: Address>(a: u64) -> A {
+    A::from_raw(a).unwrap()
+}
+
+/// An output or table address.
+pub(super) fn pa<A: Address>(a: u64) -> A {
+    A::from_raw(a).unwrap()
 }
 
 pub(super) fn rw<F: PteFormat>() -> F::Flags {
@@ -40,8 +51,11 @@ pub(super) fn bits<F: PteFormat>(f: F::Flags) -> u64 {
 }
 
 /// A fresh page table over `n` frames.
-pub(super) fn setup<F: PteFormat>(frames: &[TableFrame]) -> (TableArena<'_>, PageTable<F>) {
-    let mut mem = TableArena::new(frames, pa(TABLES_AT)).unwrap();
+pub(super) fn setup<'a, F: PteFormat>(
+    frames: &'a [TableFrame],
+    slots: &'a mut [TableSlot],
+) -> (TableArena<'a>, PageTable<F>) {
+    let mut mem = TableArena::new(frames, slots, pa(TABLES_AT)).unwrap();
     let pt = PageTable::<F>::new(&mut mem).unwrap();
     (mem, pt)
 }
@@ -54,8 +68,44 @@ pub(super) fn assert_maps<F: PteFormat, M: TableMemory>(
     level: Level,
 ) {
     let t = pt.translate(mem, va(v)).unwrap();
-    assert_eq!(t.pa.get(), p, "{} va {v:#x}", F::NAME);
+    assert_eq!(t.pa.raw(), p, "{} va {v:#x}", F::NAME);
     assert_eq!(t.level, level, "{} va {v:#x}", F::NAME);
+}
+
+/// Splits a range and returns how many leaves were split; the memory must not run dry.
+pub(super) fn split_n<F: PteFormat, M: TableMemory>(
+    pt: &PageTable<F>,
+    mem: &mut M,
+    start: u64,
+    len: u64,
+    to: SplitTo,
+    mode: WalkFlags,
+) -> Result<usize, SplitError> {
+    let done = pt.split(mem, va(start), len, to, mode)?;
+    assert_eq!(done.resume_at, None, "{} split ran out of tables", F::NAME);
+    Ok(done.split)
+}
+
+/// Collapses a range completely (as many calls as the pending flushes' room needs),
+/// flushing each time; returns how many tables were collapsed.
+pub(super) fn collapse_all<F: PteFormat, M: TableMemory>(
+    pt: &mut PageTable<F>,
+    mem: &mut M,
+    tlb: &mut CountingFlush,
+    start: u64,
+    len: u64,
+    max: Level,
+) -> Result<usize, CollapseError> {
+    let mut total = 0;
+    loop {
+        let pending = pt.collapse(mem, va(start), len, max)?;
+        total += pending.tables_to_free();
+        let again = pending.is_incomplete();
+        pending.flush(tlb, mem).unwrap();
+        if !again {
+            return Ok(total);
+        }
+    }
 }
 
 macro_rules! per_format {

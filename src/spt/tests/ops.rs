@@ -3,8 +3,8 @@
 use super::*;
 
 pub(super) fn map_largest<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     // 1 GiB + 2 MiB + 4 KiB starting at 1 GiB, physically at 5 GiB: one leaf of each size.
     let len = GIB1 + MIB2 + KIB4;
     pt.map(
@@ -14,6 +14,7 @@ pub(super) fn map_largest<F: PteFormat>() {
         len,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     assert_maps(&pt, &mem, GIB1 + 0x1234, 5 * GIB1 + 0x1234, Level::L3);
@@ -44,6 +45,7 @@ pub(super) fn map_largest<F: PteFormat>() {
         MIB2,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     assert_maps(&pt, &mem, 8 * GIB1, KIB4, Level::L1);
@@ -55,6 +57,7 @@ pub(super) fn map_largest<F: PteFormat>() {
         GIB1,
         rw::<F>(),
         MapSize::AtMost(Level::L2),
+        WalkFlags::empty(),
     )
     .unwrap();
     assert_maps(
@@ -67,8 +70,8 @@ pub(super) fn map_largest<F: PteFormat>() {
 }
 
 pub(super) fn map_exact_and_refusals<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(0),
@@ -76,6 +79,7 @@ pub(super) fn map_exact_and_refusals<F: PteFormat>() {
         MIB2,
         rw::<F>(),
         MapSize::Exactly(Level::L1),
+        WalkFlags::empty(),
     )
     .unwrap();
     for i in 0..512 {
@@ -177,7 +181,7 @@ pub(super) fn map_exact_and_refusals<F: PteFormat>() {
     ];
     for (v, p, len, flags, size, err) in cases {
         assert_eq!(
-            pt.map(&mut mem, v, p, len, flags, size),
+            pt.map(&mut mem, v, p, len, flags, size, WalkFlags::empty()),
             Err(err),
             "{} {v} {len:#x}",
             F::NAME
@@ -192,24 +196,24 @@ pub(super) fn map_exact_and_refusals<F: PteFormat>() {
     assert_maps(&pt, &mem, 0, GIB1, Level::L1);
     assert_eq!(pt.translate(&mem, va(MIB2)), Err(TranslateError::NotMapped));
     assert_eq!(
-        pt.map(&mut mem, va(MIB2), pa(0), 0, flags, MapSize::Largest),
+        pt.map(&mut mem, va(MIB2), pa(0), 0, flags, MapSize::Largest, WalkFlags::empty()),
         Ok(())
     );
 }
 
 pub(super) fn map_out_of_tables<F: PteFormat>() {
     // Root + 2 tables: not enough to reach level 1 in a 4- or 5-level tree.
-    let f = frames(3);
-    let (mut mem, mut pt) = setup::<F>(&f);
-    let r = pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest);
+    let mut f = frames(3);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    let r = pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty());
     assert_eq!(r, Err(MapError::OutOfTables));
     // The tables built so far stay reachable: nothing leaks.
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 }
 
 pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(GIB1),
@@ -217,6 +221,7 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
         GIB1 + 4 * MIB2,
         rw::<F>(),
         MapSize::Exactly(Level::L2),
+        WalkFlags::empty(),
     )
     .unwrap();
     pt.map(
@@ -226,6 +231,7 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
         MIB2,
         rw::<F>(),
         MapSize::Exactly(Level::L1),
+        WalkFlags::empty(),
     )
     .unwrap();
     let before = mem.allocated();
@@ -245,11 +251,17 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
     assert_maps(&pt, &mem, GIB1, 0, Level::L2);
 
     // Half of the 4 KiB pages: the level-1 table stays.
-    let pending = pt.unmap(&mut mem, va(4 * GIB1), MIB2 / 2).unwrap();
+    let pending = pt.unmap(&mut mem, va(4 * GIB1), 8 * KIB4).unwrap();
     assert_eq!(pending.tables_to_free(), 0);
     let mut tlb = CountingFlush::default();
-    pending.flush(&mut tlb, &mut mem);
-    assert_eq!((tlb.ranges, tlb.bytes), (1, MIB2 / 2));
+    pending.flush(&mut tlb, &mut mem).unwrap();
+    assert_eq!((tlb.ranges, tlb.bytes, tlb.pages), (1, 8 * KIB4, 8));
+    // 248 more pages: past the invalidation ceiling, one full flush.
+    let pending = pt.unmap(&mut mem, va(4 * GIB1 + 8 * KIB4), MIB2 / 2 - 8 * KIB4).unwrap();
+    assert!(pending.gather().is_flush_all());
+    let mut tlb = CountingFlush::default();
+    pending.flush(&mut tlb, &mut mem).unwrap();
+    assert_eq!((tlb.ranges, tlb.all), (0, 1));
     assert_eq!(
         pt.translate(&mem, va(4 * GIB1)),
         Err(TranslateError::NotMapped)
@@ -262,13 +274,13 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
     // Until the flush, the unlinked tables are still allocated.
     assert_eq!(mem.allocated(), before);
     let freed = pending.tables_to_free();
-    pending.flush(&mut CountingFlush::default(), &mut mem);
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
     assert_eq!(mem.allocated(), before - freed);
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 
     // Everything: only the root is left.
     let pending = pt.unmap(&mut mem, va(0), 8 * GIB1).unwrap();
-    pending.flush(&mut CountingFlush::default(), &mut mem);
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
     assert_eq!(mem.allocated(), 1);
     assert_eq!(pt.table_count(&mem).unwrap(), 1);
     assert_eq!(
@@ -276,14 +288,14 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
         Err(TranslateError::NotMapped)
     );
     // Freed tables are reused.
-    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest)
+    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty())
         .unwrap();
     assert_eq!(mem.allocated(), F::ROOT_LEVEL.get() as usize);
 }
 
 pub(super) fn protect_leaves<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(0),
@@ -291,19 +303,27 @@ pub(super) fn protect_leaves<F: PteFormat>() {
         MIB2 + KIB4 * 2,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
-    let pending = pt.protect(&mut mem, va(0), MIB2 + KIB4, none, w).unwrap();
-    // The 2 MiB leaf and the first 4 KiB leaf changed: one merged range.
-    assert_eq!(pending.gather().ranges().count(), 1);
-    pending.flush(&mut CountingFlush::default(), &mut mem);
+    let pending = pt.protect(&mut mem, va(0), MIB2 + KIB4, none, w, WalkFlags::empty()).unwrap();
+    // The 2 MiB leaf and the first 4 KiB leaf changed: two ranges, each with its page
+    // size, three invalidations.
+    assert_eq!(
+        pending.gather().ranges(),
+        &[
+            FlushRange { start: 0, len: MIB2, level: Level::L2 },
+            FlushRange { start: MIB2, len: KIB4, level: Level::L1 },
+        ]
+    );
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
     let t = pt.translate(&mem, va(0x1000)).unwrap();
     assert_eq!(bits::<F>(t.flags) & F::WRITABLE, 0);
     assert_eq!(bits::<F>(t.flags) & F::MMU_WRITABLE, F::MMU_WRITABLE);
     assert_eq!(t.level, Level::L2);
-    assert_eq!(t.pa.get(), 0x1000);
+    assert_eq!(t.pa.raw(), 0x1000);
     assert_eq!(
         bits::<F>(pt.translate(&mem, va(MIB2)).unwrap().flags) & F::WRITABLE,
         0
@@ -313,23 +333,23 @@ pub(super) fn protect_leaves<F: PteFormat>() {
         F::WRITABLE
     );
     // Restoring write access where mmu-writable says it may be restored.
-    let pending = pt.protect_shared(&mut mem, va(0), MIB2, w, none).unwrap();
-    pending.flush(&mut CountingFlush::default(), &mut mem);
+    let pending = pt.protect(&mut mem, va(0), MIB2, w, none, WalkFlags::SHARED).unwrap();
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
     assert_eq!(
         bits::<F>(pt.translate(&mem, va(0)).unwrap().flags),
         bits::<F>(rw::<F>())
     );
     // No change, nothing to flush.
-    let pending = pt.protect(&mut mem, va(0), MIB2, w, none).unwrap();
+    let pending = pt.protect(&mut mem, va(0), MIB2, w, none, WalkFlags::empty()).unwrap();
     assert!(pending.is_empty());
-    pending.flush(&mut CountingFlush::default(), &mut mem);
+    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
     let required = <F::Flags as bitflags::Flags>::from_bits_retain(F::REQUIRED);
     assert_eq!(
-        pt.protect(&mut mem, va(0), KIB4, none, required).err(),
+        pt.protect(&mut mem, va(0), KIB4, none, required, WalkFlags::empty()).err(),
         Some(ProtectError::BadFlags)
     );
     assert_eq!(
-        pt.protect(&mut mem, va(KIB4), KIB4, none, w).err(),
+        pt.protect(&mut mem, va(KIB4), KIB4, none, w, WalkFlags::empty()).err(),
         Some(ProtectError::SplitsHugePage)
     );
     assert_eq!(
@@ -339,8 +359,8 @@ pub(super) fn protect_leaves<F: PteFormat>() {
 }
 
 pub(super) fn split_keeps_translations<F: PteFormat>() {
-    let f = frames(700);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(700);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(GIB1),
@@ -348,6 +368,7 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
         GIB1,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     pt.map(
@@ -357,10 +378,14 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
         2 * MIB2,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     // One level: the 1 GiB leaf becomes 512 2 MiB leaves.
-    assert_eq!(pt.split(&mut mem, va(GIB1), GIB1, SplitTo::OneLevel), Ok(1));
+    assert_eq!(
+        split_n(&pt, &mut mem, GIB1, GIB1, SplitTo::OneLevel, WalkFlags::empty()),
+        Ok(1)
+    );
     assert_maps(
         &pt,
         &mem,
@@ -369,14 +394,15 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
         Level::L2,
     );
     // Down to 4 KiB, only for part of the range: the leaves it touches split whole.
-    let n = pt
-        .split(
-            &mut mem,
-            va(GIB1 + MIB2 - KIB4),
-            2 * KIB4,
-            SplitTo::Level(Level::L1),
-        )
-        .unwrap();
+    let n = split_n(
+        &pt,
+        &mut mem,
+        GIB1 + MIB2 - KIB4,
+        2 * KIB4,
+        SplitTo::Level(Level::L1),
+        WalkFlags::empty(),
+    )
+    .unwrap();
     assert_eq!(n, 2);
     for off in [0, MIB2 - KIB4, MIB2, 2 * MIB2 - KIB4] {
         assert_maps(&pt, &mem, GIB1 + off, 3 * GIB1 + off, Level::L1);
@@ -384,7 +410,7 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
     assert_maps(&pt, &mem, GIB1 + 2 * MIB2, 3 * GIB1 + 2 * MIB2, Level::L2);
     // Recursive split straight from 2 MiB and from 1 GiB to 4 KiB.
     assert_eq!(
-        pt.split_shared(&mut mem, va(4 * GIB1), 2 * MIB2, SplitTo::Level(Level::L1)),
+        split_n(&pt, &mut mem, 4 * GIB1, 2 * MIB2, SplitTo::Level(Level::L1), WalkFlags::SHARED),
         Ok(2)
     );
     for i in 0..1024 {
@@ -400,19 +426,19 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
     assert_eq!(bits::<F>(t.flags), bits::<F>(rw::<F>()));
     // Nothing left to split.
     assert_eq!(
-        pt.split(&mut mem, va(4 * GIB1), 2 * MIB2, SplitTo::OneLevel),
+        split_n(&pt, &mut mem, 4 * GIB1, 2 * MIB2, SplitTo::OneLevel, WalkFlags::empty()),
         Ok(0)
     );
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 }
 
 pub(super) fn split_1g_to_4k<F: PteFormat>() {
-    let f = frames(520);
-    let (mut mem, mut pt) = setup::<F>(&f);
-    pt.map(&mut mem, va(0), pa(GIB1), GIB1, rw::<F>(), MapSize::Largest)
+    let mut f = frames(520);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    pt.map(&mut mem, va(0), pa(GIB1), GIB1, rw::<F>(), MapSize::Largest, WalkFlags::empty())
         .unwrap();
     assert_eq!(
-        pt.split(&mut mem, va(0), GIB1, SplitTo::Level(Level::L1)),
+        split_n(&pt, &mut mem, 0, GIB1, SplitTo::Level(Level::L1), WalkFlags::empty()),
         Ok(513)
     );
     for i in (0..GIB1 / KIB4).step_by(509) {
@@ -422,8 +448,8 @@ pub(super) fn split_1g_to_4k<F: PteFormat>() {
 }
 
 pub(super) fn collapse_back<F: PteFormat>() {
-    let f = frames(700);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(700);
+    let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(GIB1),
@@ -431,21 +457,22 @@ pub(super) fn collapse_back<F: PteFormat>() {
         GIB1,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
-    pt.split(&mut mem, va(GIB1), GIB1, SplitTo::Level(Level::L1))
+    pt.split(&mut mem, va(GIB1), GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
         .unwrap();
     // Hardware marks a page accessed and another one dirty.
     let ad = <F::Flags as bitflags::Flags>::from_bits_retain(F::ACCESSED | F::DIRTY);
     let none = <F::Flags as bitflags::Flags>::empty();
-    pt.protect(&mut mem, va(GIB1 + 7 * KIB4), KIB4, ad, none)
+    pt.protect(&mut mem, va(GIB1 + 7 * KIB4), KIB4, ad, none, WalkFlags::empty())
         .unwrap()
-        .flush(&mut CountingFlush::default(), &mut mem);
+        .flush(&mut CountingFlush::default(), &mut mem).unwrap();
     let before = mem.allocated();
     let mut tlb = CountingFlush::default();
     // Only up to 2 MiB first.
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(GIB1), GIB1, Level::L2),
+        collapse_all(&mut pt, &mut mem, &mut tlb, GIB1, GIB1, Level::L2),
         Ok(512)
     );
     assert_eq!(mem.allocated(), before - 512);
@@ -458,36 +485,36 @@ pub(super) fn collapse_back<F: PteFormat>() {
     assert!(tlb.ranges + tlb.all > 0);
     // Then the 2 MiB leaves into one 1 GiB leaf.
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(0), 4 * GIB1, Level::L3),
+        collapse_all(&mut pt, &mut mem, &mut tlb, 0, 4 * GIB1, Level::L3),
         Ok(1)
     );
     assert_maps(&pt, &mem, GIB1 + 12345, 2 * GIB1 + 12345, Level::L3);
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(0), GIB1, Level::L1),
+        collapse_all(&mut pt, &mut mem, &mut tlb, 0, GIB1, Level::L1),
         Err(CollapseError::BadLevel)
     );
 }
 
 pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     let exact = MapSize::Exactly(Level::L1);
     // Not contiguous: the second half maps elsewhere.
-    pt.map(&mut mem, va(0), pa(0), MIB2 / 2, rw::<F>(), exact)
+    pt.map(&mut mem, va(0), pa(0), MIB2 / 2, rw::<F>(), exact, WalkFlags::empty())
         .unwrap();
-    pt.map(&mut mem, va(MIB2 / 2), pa(GIB1), MIB2 / 2, rw::<F>(), exact)
+    pt.map(&mut mem, va(MIB2 / 2), pa(GIB1), MIB2 / 2, rw::<F>(), exact, WalkFlags::empty())
         .unwrap();
     // Contiguous but one page read-only.
-    pt.map(&mut mem, va(MIB2), pa(MIB2), MIB2, rw::<F>(), exact)
+    pt.map(&mut mem, va(MIB2), pa(MIB2), MIB2, rw::<F>(), exact, WalkFlags::empty())
         .unwrap();
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
-    pt.protect(&mut mem, va(MIB2 + KIB4), KIB4, none, w)
+    pt.protect(&mut mem, va(MIB2 + KIB4), KIB4, none, w, WalkFlags::empty())
         .unwrap()
-        .flush(&mut CountingFlush::default(), &mut mem);
+        .flush(&mut CountingFlush::default(), &mut mem).unwrap();
     // Contiguous but not aligned physically.
-    pt.map(&mut mem, va(2 * MIB2), pa(KIB4), MIB2, rw::<F>(), exact)
+    pt.map(&mut mem, va(2 * MIB2), pa(KIB4), MIB2, rw::<F>(), exact, WalkFlags::empty())
         .unwrap();
     // Not full.
     pt.map(
@@ -497,23 +524,24 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
         MIB2 - KIB4,
         rw::<F>(),
         exact,
+        WalkFlags::empty(),
     )
     .unwrap();
     let mut tlb = CountingFlush::default();
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(0), GIB1, Level::L3),
+        collapse_all(&mut pt, &mut mem, &mut tlb, 0, GIB1, Level::L3),
         Ok(0)
     );
     assert_eq!(tlb, CountingFlush::default());
     // Good, but the range covers only half of it.
-    pt.map(&mut mem, va(4 * MIB2), pa(4 * MIB2), MIB2, rw::<F>(), exact)
+    pt.map(&mut mem, va(4 * MIB2), pa(4 * MIB2), MIB2, rw::<F>(), exact, WalkFlags::empty())
         .unwrap();
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(4 * MIB2), MIB2 / 2, Level::L2),
+        collapse_all(&mut pt, &mut mem, &mut tlb, 4 * MIB2, MIB2 / 2, Level::L2),
         Ok(0)
     );
     assert_eq!(
-        pt.collapse(&mut mem, &mut tlb, va(4 * MIB2), MIB2, Level::L2),
+        collapse_all(&mut pt, &mut mem, &mut tlb, 4 * MIB2, MIB2, Level::L2),
         Ok(1)
     );
     assert_maps(&pt, &mem, 4 * MIB2, 4 * MIB2, Level::L2);

@@ -5,8 +5,8 @@ use super::*;
 use crate::sync::Ordering;
 
 pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     pt.map(
         &mut mem,
         va(0),
@@ -14,13 +14,14 @@ pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
         2 * MIB2,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     // Visit log: (kind, level, addr).
     let mut log = Vec::new();
     let flags = WalkFlags::LEAF | WalkFlags::TABLE_PRE | WalkFlags::TABLE_POST;
     let mut v = |k: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'_>>| {
-        log.push((k, ctx.level().get(), ctx.addr().get()));
+        log.push((k, ctx.level().get(), ctx.raw_addr()));
         Ok::<_, ()>(Action::Continue)
     };
     pt.walk(&mut mem, va(MIB2), KIB4, flags, &mut v).unwrap();
@@ -39,7 +40,7 @@ pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
     let mut leaves = 0;
     let mut v = |k: VisitKind, ctx: &mut VisitCtx<'_, F>, t: &mut Tables<'_, TableArena<'_>>| {
         if k == VisitKind::Leaf && F::is_huge(ctx.old(), ctx.level()) {
-            let table = t.alloc().unwrap();
+            let table = t.alloc(Level::L1).unwrap();
             let entries = t.table(table).unwrap();
             let first = F::split_child(ctx.old(), ctx.level());
             for (i, e) in entries.iter().enumerate() {
@@ -106,9 +107,9 @@ pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
 }
 
 pub(super) fn shared_mode_cas<F: PteFormat>() {
-    let f = frames(64);
-    let (mut mem, pt) = setup::<F>(&f);
-    pt.map_shared(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest)
+    let mut f = frames(64);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::SHARED)
         .unwrap();
     // Another CPU changes the leaf between our read and our update: the exchange fails and
     // the visitor sees the value that won.
@@ -131,7 +132,7 @@ pub(super) fn shared_mode_cas<F: PteFormat>() {
         Ok::<_, ()>(Action::Continue)
     };
     let flags = WalkFlags::LEAF | WalkFlags::TABLE_PRE;
-    pt.walk_shared(&mut mem, va(0), KIB4, flags, &mut v)
+    pt.walk(&mut mem, va(0), KIB4, flags | WalkFlags::SHARED, &mut v)
         .unwrap();
     assert_eq!(outcome, Some((true, true)));
     let t = pt.translate(&mem, va(0)).unwrap();
@@ -140,17 +141,17 @@ pub(super) fn shared_mode_cas<F: PteFormat>() {
         (bits::<F>(rw::<F>()) | F::DIRTY) & !F::WRITABLE
     );
     assert_eq!(
-        pt.map_shared(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest),
+        pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::SHARED),
         Err(MapError::AlreadyMapped)
     );
 }
 
 pub(super) fn destroy_frees_all<F: PteFormat>() {
-    let f = frames(700);
-    let (mut mem, mut pt) = setup::<F>(&f);
-    pt.map(&mut mem, va(0), pa(0), GIB1, rw::<F>(), MapSize::Largest)
+    let mut f = frames(700);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    pt.map(&mut mem, va(0), pa(0), GIB1, rw::<F>(), MapSize::Largest, WalkFlags::empty())
         .unwrap();
-    pt.split(&mut mem, va(0), GIB1, SplitTo::Level(Level::L1))
+    pt.split(&mut mem, va(0), GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
         .unwrap();
     pt.map(
         &mut mem,
@@ -159,6 +160,7 @@ pub(super) fn destroy_frees_all<F: PteFormat>() {
         KIB4,
         rw::<F>(),
         MapSize::Largest,
+        WalkFlags::empty(),
     )
     .unwrap();
     assert!(mem.allocated() > 500);
@@ -167,8 +169,8 @@ pub(super) fn destroy_frees_all<F: PteFormat>() {
 }
 
 pub(super) fn bad_table_entry<F: PteFormat>() {
-    let f = frames(8);
-    let (mut mem, mut pt) = setup::<F>(&f);
+    let mut f = frames(8);
+    let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     // A visitor (or a guest owning the memory) writes a table entry pointing elsewhere.
     let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'_>>| {
         assert!(ctx.set(F::table_entry(pa(0x1000))));
@@ -178,7 +180,7 @@ pub(super) fn bad_table_entry<F: PteFormat>() {
         .unwrap();
     assert_eq!(pt.translate(&mem, va(0)), Err(TranslateError::BadTable));
     assert_eq!(
-        pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest),
+        pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty()),
         Err(MapError::BadTable)
     );
     assert_eq!(
@@ -186,7 +188,7 @@ pub(super) fn bad_table_entry<F: PteFormat>() {
         Some(UnmapError::BadTable)
     );
     assert_eq!(
-        pt.split(&mut mem, va(0), KIB4, SplitTo::OneLevel),
+        pt.split(&mut mem, va(0), KIB4, SplitTo::OneLevel, WalkFlags::empty()),
         Err(SplitError::BadTable)
     );
     assert!(pt.table_count(&mem).is_err());
