@@ -1,10 +1,12 @@
-//! Seed 001's experiment on real kernel facilities: how much of the host's transparent huge
-//! page memory each way of giving guest memory back costs.
+//! The experiment of the VIRTIO_BALLOON_F_THP_ORDER thread (Hui Zhu's figures, quoted in
+//! Hildenbrand, "Re: [RFC for Linux] virtio_balloon: Add VIRTIO_BALLOON_F_THP_ORDER to handle
+//! THP spilt issue", 2020-03-12) on real kernel facilities: how much of the host's
+//! transparent huge page memory each way of giving guest memory back costs.
 //!
 //! Guest RAM is 1 GiB of anonymous memory at a 2 MiB-aligned address with `MADV_HUGEPAGE`,
 //! touched all over (AnonHugePages about 1 GiB), and managed by hvmem's buddy allocator. A
-//! workload allocates 800 MiB in 4 KiB pages, writes them, and frees every other one (seed
-//! 001's `usemem --punch-holes -s -1 800m`): 400 MiB free in 4 KiB holes, 224 MiB free in
+//! workload allocates 800 MiB in 4 KiB pages, writes them, and frees every other one (the
+//! thread's `usemem --punch-holes -s -1 800m`): 400 MiB free in 4 KiB holes, 224 MiB free in
 //! large blocks. Then memory goes back to the host, each way on a fresh region:
 //!
 //! - (a) a classic balloon: 400 MiB at order 0 (Linux `fill_balloon`);
@@ -27,8 +29,10 @@
 //!
 //! `--quick` runs on 64 MiB (same proportions) and exits non-zero if THP accounting moves
 //! the wrong way: (b) must lose less than (a), no more than (b-plain) and strictly less with
-//! random holes, and (c) must lose nothing beyond what it handed back. Without THP it prints
-//! `skipped: <reason>` and exits 0.
+//! random holes, and (c) must lose nothing beyond what it handed back. Without THP (disabled,
+//! or less than 90% of the region granted as AnonHugePages) it prints `skipped: <reason>`
+//! and exits 0, unless `HVMEM_REQUIRE_THP=1` (CI sets it where THP is enabled): then the
+//! same reason is a failure.
 //!
 //! Run: `cargo run --release --example thp_reporting [-- --quick]`
 
@@ -51,6 +55,8 @@ const PAGE: u64 = 4096;
 const MAX_ORDER: usize = 10;
 /// PFNs per balloon message: whole 2 MiB blocks fit, so the host discards each in one call.
 const PFNS_PER_MSG: usize = 1024;
+/// How `run` says the kernel gave the region too little THP (see [`no_thp`]).
+const NO_THP: &str = "no THP: ";
 
 mod host;
 
@@ -272,8 +278,9 @@ impl Way {
         }
     }
 
-    /// Seed 001's AnonHugePages after, for the rows it measured (usemem in address order).
-    fn seed(self) -> Option<(u64, u64)> {
+    /// AnonHugePages before -> after in the THP_ORDER thread (Zhu's figures in Hildenbrand,
+    /// 2020-03-12), for the rows it measured (usemem in address order).
+    fn thread(self) -> Option<(u64, u64)> {
         match self {
             Way::BalloonOrder0 => Some((976_896, 153_600)),
             Way::BalloonThp => Some((976_896, 583_680)),
@@ -321,7 +328,7 @@ fn run(
     let (ahp, _) = smaps(ram.addr());
     if ahp * KIB < ram_bytes * 9 / 10 {
         return Err(format!(
-            "skipped: THP not granted (AnonHugePages {ahp} kB of a {} kB region)",
+            "{NO_THP}THP not granted (AnonHugePages {ahp} kB of a {} kB region)",
             ram_bytes / KIB
         ));
     }
@@ -404,13 +411,30 @@ fn run(
     })
 }
 
+/// Where THP is missing or not granted: a skip, or a failure under `HVMEM_REQUIRE_THP=1`.
+fn no_thp(reason: &str) -> ExitCode {
+    match std::env::var("HVMEM_REQUIRE_THP").as_deref() {
+        Ok("1") => {
+            println!("FAILED: HVMEM_REQUIRE_THP=1 but {reason}");
+            ExitCode::FAILURE
+        }
+        Ok("0") | Ok("") | Err(_) => {
+            println!("skipped: {reason}");
+            ExitCode::SUCCESS
+        }
+        Ok(v) => {
+            println!("FAILED: HVMEM_REQUIRE_THP={v}: want 1 (require THP) or 0");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let quick = std::env::args().any(|a| a == "--quick");
     if let Some(reason) = thp_unavailable() {
-        println!("skipped: {reason}");
-        return ExitCode::SUCCESS;
+        return no_thp(&reason);
     }
-    // Seed 001's proportions: 1 GiB guest, usemem 800 MiB, balloon 400 MiB (1024 -> 624).
+    // The thread's proportions: 1 GiB guest, usemem 800 MiB, balloon 400 MiB (1024 -> 624).
     let ram = if quick { 64 * MIB } else { 1024 * MIB };
     let (use_bytes, give) = (ram / 1024 * 800, ram / 1024 * 400);
     println!(
@@ -424,16 +448,15 @@ fn main() -> ExitCode {
         for way in Way::ALL {
             match run(way, random, ram, use_bytes, give, quick) {
                 Ok(row) => rows.push(row),
-                Err(skip) if skip.starts_with("skipped:") => {
-                    println!("{skip}");
-                    return ExitCode::SUCCESS;
-                }
-                Err(e) => panic!("{e}"),
+                Err(e) => match e.strip_prefix(NO_THP) {
+                    Some(reason) => return no_thp(reason),
+                    None => panic!("{e}"),
+                },
             }
         }
     }
     println!(
-        "{:<51}{:>21} {:>21} {:>9} {:>7} {:>7}  seed 001",
+        "{:<51}{:>21} {:>21} {:>9} {:>7} {:>7}  THP_ORDER thread",
         "                                             handed",
         "AnonHugePages kB",
         "RSS kB",
@@ -446,7 +469,7 @@ fn main() -> ExitCode {
         "way", "holes", "back MiB", "before", "after", "before", "after", "MiB", "2M pgs", "broke",
     );
     for r in &rows {
-        let seed = match (r.way.seed(), r.random) {
+        let thread = match (r.way.thread(), r.random) {
             (Some((b, a)), false) => format!("{b} -> {a}"),
             _ => String::new(),
         };
@@ -467,7 +490,7 @@ fn main() -> ExitCode {
             } else {
                 r.broken.to_string()
             },
-            seed
+            thread
         );
     }
     println!(

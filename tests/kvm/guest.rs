@@ -6,8 +6,10 @@
 //! 0x0000_1000  GDT: null, 64-bit code (0x08), data (0x10), 64-bit TSS (0x18, 16 bytes)
 //! 0x0000_2000  IDT: 32 interrupt gates; #PF (14) -> PF_HANDLER, the others -> their stub
 //! 0x0000_3000  TSS (zero; only its descriptor matters, no privilege changes happen)
-//! 0x0000_4000  code: the pattern loop, the #PF handler, 32 exception stubs
+//! 0x0000_4000  code: the pattern loop, the #PF handler, 32 exception stubs, the probe
 //! 0x0000_8000  stack, growing down from 0x1_0000
+//! 0x0001_0000  probe list: the pages the probe writes, one u64 each
+//! 0x0002_0000  probe records, PROBE_RECORD bytes per listed page
 //! 0x0020_0000  page tables, allocated by the table arena (size depends on RAM size)
 //! tables end   test area: every 4 KiB page gets the pattern, up to the end of RAM
 //! ```
@@ -45,8 +47,8 @@ pub const PORT_PAGE_FAULT: u16 = 0x12;
 pub const PORT_EXCEPTION: u16 = 0x13;
 
 /// The pattern loop. In: rdi = start, rsi = end (exclusive, both 4 KiB aligned),
-/// rdx = seed, r8 = a page to skip (or an address no page has).
-/// Every page gets `page ^ seed` in its first word and `!(page ^ seed)` in its last word;
+/// rdx = salt, r8 = a page to skip (or an address no page has).
+/// Every page gets `page ^ salt` in its first word and `!(page ^ salt)` in its last word;
 /// a second pass reads all of them back.
 #[rustfmt::skip]
 const MAIN: [u8; 0x68] = [
@@ -94,21 +96,136 @@ const MAIN: [u8; 0x68] = [
 /// Offset in `MAIN` of the first store of the write loop, the instruction that must fault.
 pub const WRITE_RIP: u64 = CODE + 0x11;
 
+/// The probe: for each page of a list, a read, a write, a read back, each recorded. It
+/// proves write permission by the guest's own stores and #PF error codes (KVM_TRANSLATE's
+/// `writeable` proves nothing: x86 KVM sets it to 1 for every address).
+///
+/// In: rdi = list of page addresses, rsi = count, rdx = salt, r10 = records (zeroed by the
+/// host). Record `i` ([`ProbeRecord`]): CR2 and error code of a #PF at the probe's store (both
+/// 0 when the store went through), the first word of page `i` before the store and after it.
+/// The store writes `page ^ salt`. Exits through `PORT_DONE` with r9 = pages probed.
+#[rustfmt::skip]
+const PROBE: [u8; 0x2f] = [
+    0x45, 0x31, 0xc9,                         // 00 xor  r9d, r9d
+                                              //    probe_loop:
+    0x49, 0x39, 0xf1,                         // 03 cmp  r9, rsi
+    0x73, 0x24,                               // 06 jae  probe_done (2c)
+    0x4a, 0x8b, 0x04, 0xcf,                   // 08 mov  rax, [rdi+r9*8]
+    0x48, 0x8b, 0x18,                         // 0c mov  rbx, [rax]          read before
+    0x49, 0x89, 0x5a, 0x10,                   // 0f mov  [r10+0x10], rbx
+    0x48, 0x89, 0xc1,                         // 13 mov  rcx, rax
+    0x48, 0x31, 0xd1,                         // 16 xor  rcx, rdx
+    0x48, 0x89, 0x08,                         // 19 mov  [rax], rcx          <- PROBE_WRITE_RIP
+    0x48, 0x8b, 0x18,                         // 1c mov  rbx, [rax]          read after
+    0x49, 0x89, 0x5a, 0x18,                   // 1f mov  [r10+0x18], rbx
+    0x49, 0x83, 0xc2, 0x20,                   // 23 add  r10, 0x20
+    0x49, 0xff, 0xc1,                         // 27 inc  r9
+    0xeb, 0xd7,                               // 2a jmp  probe_loop (03)
+                                              //    probe_done:
+    0xe6, 0x10,                               // 2c out  PORT_DONE, al
+    0xf4,                                     // 2e hlt
+];
+
+/// Where the probe is loaded (after the exception stubs).
+pub const PROBE_ENTRY: u64 = CODE + 0x300;
+/// The probe's store: the one instruction whose #PF the handler records and steps over.
+pub const PROBE_WRITE_RIP: u64 = PROBE_ENTRY + 0x19;
+/// Length of that store (`mov [rax], rcx`, 48 89 08).
+const PROBE_WRITE_LEN: u8 = 3;
+/// Where the host puts the probe's list of pages.
+pub const PROBE_LIST: u64 = 0x1_0000;
+/// Where the probe writes its records.
+pub const PROBE_RECORDS: u64 = 0x2_0000;
+/// Bytes per probe record.
+pub const PROBE_RECORD: u64 = 32;
+/// Most pages one probe run takes (list and records stay below `SYSTEM_END`).
+pub const PROBE_MAX: usize = 4096;
+
 /// The #PF handler (IDT vector 14). On entry the CPU has pushed the error code at [rsp]
 /// and the faulting RIP at [rsp + 8].
+///
+/// A fault at the probe's store is recorded and stepped over: the handler writes CR2 and the
+/// error code into the record r10 points at, adds the store's known length to the saved RIP
+/// and returns with `iretq`, so the probe goes on with its read back. That is the simplest
+/// robust way to resume: it needs no decoding (only that one instruction is ever stepped
+/// over, and its length is fixed) and no host round trip per fault, and a fault anywhere
+/// else (the probe's reads, the pattern loop) still stops the guest and reports through
+/// `PORT_PAGE_FAULT` with rax = CR2, rbx = error code, rcx = faulting RIP.
 #[rustfmt::skip]
-const PF_STUB: [u8; 15] = [
-    0x0f, 0x20, 0xd0,                         // mov  rax, cr2
-    0x48, 0x8b, 0x1c, 0x24,                   // mov  rbx, [rsp]
-    0x48, 0x8b, 0x4c, 0x24, 0x08,             // mov  rcx, [rsp+8]
-    0xe6, 0x12,                               // out  PORT_PAGE_FAULT, al
-    0xf4,                                     // hlt
+const PF_STUB: [u8; 0x3a] = [
+    0x50,                                     // 00 push rax
+    0x48, 0x8b, 0x44, 0x24, 0x10,             // 01 mov  rax, [rsp+0x10]    faulting RIP
+    0x48, 0x3d,                               // 06 cmp  rax, PROBE_WRITE_RIP (imm32)
+    PROBE_WRITE_RIP as u8, (PROBE_WRITE_RIP >> 8) as u8,
+    (PROBE_WRITE_RIP >> 16) as u8, (PROBE_WRITE_RIP >> 24) as u8,
+    0x75, 0x1c,                               // 0c jne  report (2a)
+    0x0f, 0x20, 0xd0,                         // 0e mov  rax, cr2
+    0x49, 0x89, 0x02,                         // 11 mov  [r10], rax
+    0x48, 0x8b, 0x44, 0x24, 0x08,             // 14 mov  rax, [rsp+0x08]    error code
+    0x49, 0x89, 0x42, 0x08,                   // 19 mov  [r10+0x08], rax
+    0x48, 0x83, 0x44, 0x24, 0x10,             // 1d add  qword [rsp+0x10], PROBE_WRITE_LEN
+    PROBE_WRITE_LEN,
+    0x58,                                     // 23 pop  rax
+    0x48, 0x83, 0xc4, 0x08,                   // 24 add  rsp, 8             drop the error code
+    0x48, 0xcf,                               // 28 iretq
+                                              //    report:
+    0x58,                                     // 2a pop  rax
+    0x0f, 0x20, 0xd0,                         // 2b mov  rax, cr2
+    0x48, 0x8b, 0x1c, 0x24,                   // 2e mov  rbx, [rsp]
+    0x48, 0x8b, 0x4c, 0x24, 0x08,             // 32 mov  rcx, [rsp+8]
+    0xe6, 0x12,                               // 37 out  PORT_PAGE_FAULT, al
+    0xf4,                                     // 39 hlt
 ];
+const _: () = assert!(PROBE_WRITE_RIP < 1 << 31, "cmp's imm32 is sign-extended");
+const _: () = assert!(PROBE_LIST + 8 * PROBE_MAX as u64 <= PROBE_RECORDS);
+const _: () = assert!(PROBE_RECORDS + PROBE_RECORD * PROBE_MAX as u64 <= SYSTEM_END);
+
+/// What the probe recorded for one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRecord {
+    /// CR2 of the #PF at the store, 0 when the store did not fault.
+    pub cr2: u64,
+    /// The #PF error code, 0 when the store did not fault.
+    pub error: u64,
+    /// The page's first word, read before the store.
+    pub before: u64,
+    /// The page's first word, read after the store (or after the fault was stepped over).
+    pub after: u64,
+}
+
+/// Writes `pages` as the probe's list and zeroes its records.
+pub fn write_probe_list(ram: &super::ram::GuestRam, pages: &[u64]) {
+    assert!(pages.len() <= PROBE_MAX, "{} pages to probe", pages.len());
+    for (i, &p) in pages.iter().enumerate() {
+        ram.write_u64(PROBE_LIST + 8 * i as u64, p);
+        for w in 0..PROBE_RECORD / 8 {
+            ram.write_u64(PROBE_RECORDS + PROBE_RECORD * i as u64 + 8 * w, 0);
+        }
+    }
+}
+
+/// The first `n` probe records.
+pub fn probe_records(ram: &super::ram::GuestRam, n: usize) -> Vec<ProbeRecord> {
+    (0..n as u64)
+        .map(|i| {
+            let at = PROBE_RECORDS + PROBE_RECORD * i;
+            ProbeRecord {
+                cr2: ram.read_u64(at),
+                error: ram.read_u64(at + 8),
+                before: ram.read_u64(at + 16),
+                after: ram.read_u64(at + 24),
+            }
+        })
+        .collect()
+}
 
 /// Where the #PF handler is loaded.
 pub const PF_HANDLER: u64 = CODE + 0x100;
 /// Where the stub of vector 0 is loaded; vector `v` is at `STUBS + 8 * v`.
 const STUBS: u64 = CODE + 0x200;
+const _: () = assert!(PF_HANDLER + PF_STUB.len() as u64 <= STUBS);
+const _: () =
+    assert!(STUBS + 8 * 32 <= PROBE_ENTRY && PROBE_ENTRY + PROBE.len() as u64 <= CODE + 0x1000);
 
 /// The stub of any exception other than #PF: `mov al, v; out PORT_EXCEPTION, al; hlt`.
 fn exception_stub(vector: u8) -> [u8; 8] {
@@ -168,6 +285,7 @@ pub fn load(ram: &super::ram::GuestRam) {
     }
     ram.write_bytes(CODE, &MAIN);
     ram.write_bytes(PF_HANDLER, &PF_STUB);
+    ram.write_bytes(PROBE_ENTRY, &PROBE);
 }
 
 /// Size of the IDT in bytes (32 gates).
@@ -176,11 +294,11 @@ pub const IDT_BYTES: u16 = 32 * 16;
 pub const GDT_BYTES: u16 = 5 * 8;
 
 /// The pattern the guest writes into the first word of `page`.
-pub fn pattern(page: u64, seed: u64) -> u64 {
-    page ^ seed
+pub fn pattern(page: u64, salt: u64) -> u64 {
+    page ^ salt
 }
 
 /// The pattern the guest writes into the last word of `page`.
-pub fn pattern_last(page: u64, seed: u64) -> u64 {
-    !(page ^ seed)
+pub fn pattern_last(page: u64, salt: u64) -> u64 {
+    !(page ^ salt)
 }

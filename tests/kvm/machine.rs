@@ -53,7 +53,7 @@ pub struct Pass {
     /// End (exclusive).
     pub end: u64,
     /// Mixed into every page's pattern, so each pass writes different values.
-    pub seed: u64,
+    pub salt: u64,
     /// A page the loop leaves alone (`u64::MAX`: none).
     pub skip: u64,
 }
@@ -71,10 +71,22 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Opens /dev/kvm; `None` when it cannot be opened or is not KVM API version 12 (the
-    /// test then skips).
-    pub fn open_kvm() -> Option<Kvm> {
-        Kvm::new().ok().filter(|kvm| kvm.get_api_version() == 12)
+    /// Opens the KVM device: `/dev/kvm`, or the path in `HVMEM_KVM_DEVICE` (so a run can
+    /// simulate a machine without KVM). `Ok(None)` only when the device does not exist; every
+    /// other failure (open, stat, an API version other than 12) is an error, not a skip.
+    pub fn open_kvm() -> Result<Option<Kvm>, String> {
+        let path = std::env::var("HVMEM_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+        match std::path::Path::new(&path).try_exists() {
+            Ok(false) => return Ok(None),
+            Ok(true) => {}
+            Err(e) => return Err(format!("stat {path}: {e}")),
+        }
+        let cpath = std::ffi::CString::new(path.clone()).map_err(|e| format!("{path}: {e}"))?;
+        let kvm = Kvm::new_with_path(&cpath).map_err(|e| format!("open {path}: {e}"))?;
+        match kvm.get_api_version() {
+            12 => Ok(Some(kvm)),
+            v => Err(format!("{path}: KVM API version {v}, want 12")),
+        }
     }
 
     /// Creates a VM over `ram`, loads the guest's GDT/IDT/code and gives the vCPU the host's
@@ -108,13 +120,15 @@ impl Machine {
     }
 
     /// `KVM_TRANSLATE`: KVM's own walk of the guest page tables for `gva`, with the vCPU's
-    /// current CR3. `Some((gpa, writable))` when the address is mapped.
-    pub fn kvm_translate(&self, gva: u64) -> Result<Option<(u64, bool)>, String> {
+    /// current CR3. `Some(gpa)` when the address is mapped. Its `writeable` field is not
+    /// returned: x86 KVM (`kvm_arch_vcpu_ioctl_translate`) sets it to 1 for every address,
+    /// so write permission is judged by the guest's own stores ([`Machine::probe`]).
+    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>, String> {
         let t = self
             .vcpu
             .translate_gva(gva)
             .map_err(|e| format!("KVM_TRANSLATE {gva:#x}: {e}"))?;
-        Ok((t.valid != 0).then_some((t.physical_address, t.writeable != 0)))
+        Ok((t.valid != 0).then_some(t.physical_address))
     }
 
     /// Loads the special registers for 64-bit mode with `cr3` as the root table.
@@ -180,15 +194,51 @@ impl Machine {
 
     /// Runs the pattern loop once, from a fresh register state, until it reports.
     pub fn run(&mut self, pass: Pass) -> Result<Exit, String> {
-        let regs = kvm_regs {
+        self.run_from(kvm_regs {
             rip: guest::CODE,
-            rsp: guest::STACK_TOP,
-            rflags: 0x2, // reserved bit 1; interrupts off
             rdi: pass.start,
             rsi: pass.end,
-            rdx: pass.seed,
+            rdx: pass.salt,
             r8: pass.skip,
             ..Default::default()
+        })
+    }
+
+    /// Runs the probe over `pages` (a store of `page ^ salt` to each, see
+    /// [`guest::ProbeRecord`]). Returns how the run ended and, when the probe got through its
+    /// whole list, one record per page.
+    pub fn probe(
+        &mut self,
+        pages: &[u64],
+        salt: u64,
+    ) -> Result<(Exit, Vec<guest::ProbeRecord>), String> {
+        guest::write_probe_list(&self.ram, pages);
+        let exit = self.run_from(kvm_regs {
+            rip: guest::PROBE_ENTRY,
+            rdi: guest::PROBE_LIST,
+            rsi: pages.len() as u64,
+            rdx: salt,
+            r10: guest::PROBE_RECORDS,
+            ..Default::default()
+        })?;
+        let done = exit
+            == Exit::Done {
+                pages: pages.len() as u64,
+            };
+        let records = if done {
+            guest::probe_records(&self.ram, pages.len())
+        } else {
+            Vec::new()
+        };
+        Ok((exit, records))
+    }
+
+    /// Runs the guest from `regs` (the stack and flags are set here) until it reports.
+    fn run_from(&mut self, regs: kvm_regs) -> Result<Exit, String> {
+        let regs = kvm_regs {
+            rsp: guest::STACK_TOP,
+            rflags: 0x2, // reserved bit 1; interrupts off
+            ..regs
         };
         self.vcpu
             .set_regs(&regs)

@@ -4,12 +4,15 @@
 //!   region of it), reached as `[AtomicU64]`;
 //! - [`machine`]: VM + vCPU in long mode, one run of the pattern loop, `KVM_TRANSLATE`,
 //!   and hvmem's `TlbFlush` for the guest;
-//! - [`guest`]: layout, GDT, IDT, the hand-assembled pattern loop and #PF handler;
-//! - [`inspect`]: an independent reader of the tables (census, walk).
+//! - [`guest`]: layout, GDT, IDT, the hand-assembled pattern loop, the write probe and the
+//!   #PF handler;
+//! - [`inspect`]: an independent reader of the tables (census, walk);
+//! - [`protect`]: the test's one call of `PageTable::protect`, with its flush.
 //!
-//! The page tables themselves are built by `hvmem::spt` in the test body.
+//! The page tables themselves are built by `hvmem::spt` in the test body (and in `protect`).
 
 pub mod guest;
 pub mod inspect;
 pub mod machine;
+pub mod protect;
 pub mod ram;
