@@ -46,7 +46,7 @@ use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use hvmem::spt::{MapSize, PageTable, SplitTo, TableArena, X86_64, X86Flags};
+use hvmem::spt::{MapSize, PageTable, SplitTo, TableArena, WalkFlags, X86_64, X86Flags};
 use hvmem::{Hpa, Level, Va};
 use kvm::guest::{self, ProbeRecord};
 use kvm::inspect::{self, Census};
@@ -498,6 +498,8 @@ fn guest_runs_on_hvmem_page_tables() {
         r.pt.split(&mut r.mem, va(0), r.l.ram, SplitTo::Level(Level::L1), WalkFlags::empty())
             .unwrap();
     let split_time = t.elapsed();
+    assert_eq!(split.resume_at, None, "split ran out of tables");
+    let split = split.split;
     assert_eq!(split as u64, leaves, "2 MiB leaves split");
     let c = r.expect_census(0, pages);
     r.our_sweep(Level::L1, NO_SKIP);
@@ -515,7 +517,7 @@ fn guest_runs_on_hvmem_page_tables() {
     let t = Instant::now();
     let pending = r.pt.unmap(&mut r.mem, va(hole), PAGE).unwrap();
     let mut tlb = KvmTlb::new(&r.m);
-    pending.flush(&mut tlb, &mut r.mem);
+    pending.flush(&mut tlb, &mut r.mem).unwrap();
     let unmap_time = t.elapsed();
     assert_eq!(tlb.error, None);
     assert_eq!(
@@ -591,9 +593,17 @@ fn guest_runs_on_hvmem_page_tables() {
     r.pt.map(&mut r.mem, va(hole), hpa(hole), PAGE, FLAGS, four_kib, WalkFlags::empty())
         .unwrap();
     let mut tlb = KvmTlb::new(&r.m);
-    let collapsed =
-        r.pt.collapse(&mut r.mem, va(0), r.l.ram, Level::L2)
-            .unwrap();
+    // One call collapses as many tables as its pending flush can hold: repeat.
+    let mut collapsed = 0;
+    loop {
+        let pending = r.pt.collapse(&mut r.mem, va(0), r.l.ram, Level::L2).unwrap();
+        collapsed += pending.tables_to_free();
+        let again = pending.is_incomplete();
+        pending.flush(&mut tlb, &mut r.mem).unwrap();
+        if !again {
+            break;
+        }
+    }
     let collapse_time = t.elapsed();
     assert_eq!(tlb.error, None);
     let flushes = (tlb.ranges, tlb.all);

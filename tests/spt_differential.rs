@@ -342,7 +342,7 @@ fn peer_reads_huge_pages_we_build() {
     let frames: Vec<TableFrame> = (0..16).map(|_| TableFrame::new()).collect();
     let mut slots: Vec<TableSlot> = (0..16).map(|_| TableSlot::default()).collect();
     let mut arena = TableArena::new(&frames, &mut slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
-    let mut pt = PageTable::<X86_64>::new(&mut arena).unwrap();
+    let pt = PageTable::<X86_64>::new(&mut arena).unwrap();
     let f = X86Flags::PRESENT | X86Flags::WRITABLE;
     let pa = |a| Hpa::new(a).unwrap();
     pt.map(

@@ -5,7 +5,7 @@
 //! match the descriptors in the guest's GDT, so exception delivery through the IDT (which
 //! reloads CS from the GDT) works.
 
-use hvmem::spt::{TlbFlush, Va};
+use hvmem::spt::{FlushRange, TlbFlush};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_segment};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -315,7 +315,7 @@ impl<'m> KvmTlb<'m> {
 }
 
 impl TlbFlush for KvmTlb<'_> {
-    fn flush_range(&mut self, _start: Va, _len: u64) {
+    fn flush_range(&mut self, _range: FlushRange) {
         self.ranges += 1;
         self.flush();
     }

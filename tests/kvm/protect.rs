@@ -6,7 +6,7 @@
 //! permission. The guest alone cannot check it here: on the PVM shadow-MMU host this test
 //! was written on, the guest saw these permission edits even with the flush left out.
 
-use hvmem::spt::{PageTable, TableArena, X86_64, X86Flags};
+use hvmem::spt::{PageTable, TableArena, WalkFlags, X86_64, X86Flags};
 
 use super::machine::{KvmTlb, Machine};
 
@@ -37,9 +37,11 @@ pub fn set_writable(
     for &(start, len) in ranges {
         let va = hvmem::Va::new(start).map_err(|e| format!("{start:#x}: {e}"))?;
         let pending = pt
-            .protect(mem, va, len, set, clear)
+            .protect(mem, va, len, set, clear, WalkFlags::empty())
             .map_err(|e| format!("protect [{start:#x}, +{len:#x}): {e}"))?;
-        pending.flush(&mut tlb, mem);
+        pending
+            .flush(&mut tlb, mem)
+            .map_err(|e| format!("freeing after protect's flush: {e}"))?;
     }
     match tlb.error {
         Some(e) => Err(e),

@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hvmem::Hpa;
-use hvmem::spt::{TableArena, TableFrame};
+use hvmem::spt::{TableArena, TableFrame, TableSlot};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 
@@ -83,7 +83,12 @@ impl GuestRam {
         // mmap memory is page aligned, so `first` is aligned for `TableFrame`. Every host
         // access to guest RAM goes through the atomics of `words`, KVM's page walker only
         // does atomic accesses to entries, and the guest never touches the table region.
-        unsafe { TableArena::from_raw_parts(first, frames, base) }.map_err(|e| e.to_string())
+        // The arena's out-of-band slots live as long as the test process (leaked, once per
+        // arena: a test builds one).
+        let slots: &'static mut [TableSlot] =
+            Box::leak((0..frames).map(|_| TableSlot::default()).collect());
+        unsafe { TableArena::from_raw_parts(first, frames, slots, base) }
+            .map_err(|e| e.to_string())
     }
 
     /// Reads the 64-bit word at guest-physical `gpa` (8-byte aligned).
