@@ -14,10 +14,12 @@
 // The peer's mapper is built with `unsafe` constructors (SAFETY comments below).
 #![allow(unsafe_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, black_box};
+use criterion::{BenchmarkId, Criterion, Throughput, black_box};
 use criterion::{criterion_group, criterion_main};
-use hvmem::spt::{MapSize, PageTable, SplitTo, TableArena, TableFrame, Va, X86_64, X86Flags};
-use hvmem::{Hpa, Level};
+use hvmem::spt::{
+    MapSize, PageTable, SplitTo, TableArena, TableFrame, TableSlot, WalkFlags, X86_64, X86Flags,
+};
+use hvmem::{Hpa, Level, Va};
 use x86_64::structures::paging::mapper::{MappedPageTable, PageTableFrameMapping};
 use x86_64::structures::paging::{
     FrameAllocator, Mapper, Page, PageTable as PeerTable, PageTableFlags, PhysFrame, Size2MiB,
@@ -40,8 +42,17 @@ fn ours_pool() -> Vec<TableFrame> {
     (0..POOL).map(|_| TableFrame::new()).collect()
 }
 
-fn ours_fresh(frames: &[TableFrame]) -> (TableArena<'_>, PageTable<X86_64>) {
-    let mut arena = TableArena::new(frames, Hpa::new(TABLES_AT).unwrap()).unwrap();
+fn ours_slots() -> Vec<TableSlot> {
+    (0..POOL).map(|_| TableSlot::default()).collect()
+}
+
+/// A fresh arena over the pool (its constructor takes constant time; frames and slots are
+/// reset when handed out) with an empty page table.
+fn ours_fresh<'a>(
+    frames: &'a [TableFrame],
+    slots: &'a mut [TableSlot],
+) -> (TableArena<'a>, PageTable<X86_64>) {
+    let mut arena = TableArena::new(frames, slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
     let pt = PageTable::new(&mut arena).unwrap();
     (arena, pt)
 }
@@ -133,10 +144,14 @@ fn map_1g_4k(c: &mut Criterion) {
     let mut g = c.benchmark_group("map_1g_4k");
     g.throughput(Throughput::Elements(GIB1 / PAGE));
     let frames = ours_pool();
+    let mut slots = ours_slots();
     g.bench_function(BenchmarkId::from_parameter("hvmem"), |b| {
-        b.iter_batched(
-            || ours_fresh(&frames),
-            |(mut arena, mut pt)| {
+        // The arena borrows the slots mutably, so each iteration builds its own (untimed).
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let (mut arena, pt) = ours_fresh(&frames, &mut slots);
+                let start = std::time::Instant::now();
                 pt.map(
                     &mut arena,
                     Va::new(VA_AT).unwrap(),
@@ -147,10 +162,11 @@ fn map_1g_4k(c: &mut Criterion) {
                     WalkFlags::empty(),
                 )
                 .unwrap();
-                black_box(arena.allocated())
-            },
-            BatchSize::PerIteration,
-        );
+                total += start.elapsed();
+                black_box(arena.allocated());
+            }
+            total
+        });
     });
     let mut pool = PeerPool::new();
     g.bench_function(BenchmarkId::from_parameter("x86_64"), |b| {
@@ -178,7 +194,8 @@ fn translate_1m(c: &mut Criterion) {
         .collect();
 
     let frames = ours_pool();
-    let (mut arena, mut pt) = ours_fresh(&frames);
+    let mut slots = ours_slots();
+    let (mut arena, pt) = ours_fresh(&frames, &mut slots);
     let (va, pa) = (Va::new(VA_AT).unwrap(), Hpa::new(PA_AT).unwrap());
     pt.map(
         &mut arena,
@@ -229,33 +246,28 @@ fn split_1g(c: &mut Criterion) {
     let mut g = c.benchmark_group("split_1g");
     g.throughput(Throughput::Elements(GIB1 / MIB2));
     let frames = ours_pool();
+    let mut slots = ours_slots();
     g.bench_function(BenchmarkId::from_parameter("hvmem"), |b| {
-        b.iter_batched(
-            || {
-                let (mut arena, mut pt) = ours_fresh(&frames);
+        // The arena borrows the slots mutably, so each iteration builds its own (untimed).
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let (mut arena, pt) = ours_fresh(&frames, &mut slots);
                 let (va, pa) = (Va::new(VA_AT).unwrap(), Hpa::new(PA_AT).unwrap());
-                pt.map(
-                    &mut arena,
-                    va,
-                    pa,
-                    GIB1,
-                    ours_flags(),
-                    MapSize::Exactly(Level::L2),
-                    WalkFlags::empty(),
-                )
-                .unwrap();
-                (arena, pt)
-            },
-            |(mut arena, mut pt)| {
-                let va = Va::new(VA_AT).unwrap();
-                let n = pt
-                    .split(&mut arena, va, GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
+                let excl = WalkFlags::empty();
+                let l2 = MapSize::Exactly(Level::L2);
+                pt.map(&mut arena, va, pa, GIB1, ours_flags(), l2, excl)
                     .unwrap();
-                assert_eq!(n, 512);
-                black_box(arena.allocated())
-            },
-            BatchSize::PerIteration,
-        );
+                let start = std::time::Instant::now();
+                let done = pt
+                    .split(&mut arena, va, GIB1, SplitTo::Level(Level::L1), excl)
+                    .unwrap();
+                total += start.elapsed();
+                assert_eq!((done.split, done.resume_at), (512, None));
+                black_box(arena.allocated());
+            }
+            total
+        });
     });
     let mut pool = PeerPool::new();
     g.bench_function(BenchmarkId::from_parameter("x86_64"), |b| {
