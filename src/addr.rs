@@ -355,7 +355,17 @@ impl fmt::Display for Va {
 /// [`PteFormat::In`]: crate::spt::PteFormat::In
 /// [`PteFormat::Out`]: crate::spt::PteFormat::Out
 pub trait Address:
-    Copy + fmt::Debug + fmt::Display + PartialEq + Eq + PartialOrd + Ord + core::hash::Hash + Send + Sync + 'static
+    Copy
+    + fmt::Debug
+    + fmt::Display
+    + PartialEq
+    + Eq
+    + PartialOrd
+    + Ord
+    + core::hash::Hash
+    + Send
+    + Sync
+    + 'static
 {
     /// Bits an address of this space may have (57 for [`Va`], 52 for physical ones).
     const BITS: u32;
@@ -406,7 +416,6 @@ macro_rules! phys_address {
 }
 
 phys_address!(Gpa, Hpa);
-
 
 #[cfg(test)]
 mod tests {

@@ -477,8 +477,16 @@ fn guest_runs_on_hvmem_page_tables() {
     // 1. 2 MiB leaves over all of RAM, long mode on them.
     let t = Instant::now();
     let two_mib = MapSize::Exactly(Level::L2);
-    r.pt.map(&mut r.mem, va(0), hpa(0), r.l.ram, FLAGS, two_mib, WalkFlags::empty())
-        .unwrap();
+    r.pt.map(
+        &mut r.mem,
+        va(0),
+        hpa(0),
+        r.l.ram,
+        FLAGS,
+        two_mib,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let map_time = t.elapsed();
     let c = r.expect_census(leaves, 0);
     r.our_sweep(Level::L2, NO_SKIP);
@@ -495,8 +503,14 @@ fn guest_runs_on_hvmem_page_tables() {
     // change), but KVM must forget its shadow of the old tables to judge the new ones.
     let t = Instant::now();
     let split =
-        r.pt.split(&mut r.mem, va(0), r.l.ram, SplitTo::Level(Level::L1), WalkFlags::empty())
-            .unwrap();
+        r.pt.split(
+            &mut r.mem,
+            va(0),
+            r.l.ram,
+            SplitTo::Level(Level::L1),
+            WalkFlags::empty(),
+        )
+        .unwrap();
     let split_time = t.elapsed();
     assert_eq!(split.resume_at, None, "split ran out of tables");
     let split = split.split;
@@ -590,13 +604,23 @@ fn guest_runs_on_hvmem_page_tables() {
     // collapse: back to 2 MiB leaves only.
     let t = Instant::now();
     let four_kib = MapSize::Exactly(Level::L1);
-    r.pt.map(&mut r.mem, va(hole), hpa(hole), PAGE, FLAGS, four_kib, WalkFlags::empty())
-        .unwrap();
+    r.pt.map(
+        &mut r.mem,
+        va(hole),
+        hpa(hole),
+        PAGE,
+        FLAGS,
+        four_kib,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let mut tlb = KvmTlb::new(&r.m);
     // One call collapses as many tables as its pending flush can hold: repeat.
     let mut collapsed = 0;
     loop {
-        let pending = r.pt.collapse(&mut r.mem, va(0), r.l.ram, Level::L2).unwrap();
+        let pending =
+            r.pt.collapse(&mut r.mem, va(0), r.l.ram, Level::L2)
+                .unwrap();
         collapsed += pending.tables_to_free();
         let again = pending.is_incomplete();
         pending.flush(&mut tlb, &mut r.mem).unwrap();

@@ -8,10 +8,10 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use hvmem::spt::{
-    CountingFlush, LockedArena, MapSize, PageTable, SplitTo, TableArena, TableFrame, Va, X86_64,
-    X86Flags,
+    CountingFlush, LockedArena, MapSize, PageTable, SplitTo, TableArena, TableFrame, TableSlot,
+    WalkFlags, X86_64, X86Flags,
 };
-use hvmem::{Hpa, Level};
+use hvmem::{Hpa, Level, Va};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -51,6 +51,11 @@ fn frames(n: usize) -> &'static [TableFrame] {
     )
 }
 
+fn slots(n: usize) -> &'static mut [TableSlot] {
+    // Leaked per execution, like the frames (their link counts are loom atomics).
+    Box::leak((0..n).map(|_| TableSlot::default()).collect())
+}
+
 fn rw() -> X86Flags {
     X86Flags::PRESENT | X86Flags::WRITABLE
 }
@@ -62,7 +67,7 @@ fn rw() -> X86Flags {
 fn racing_maps_install_each_table_once() {
     let runs = model(|| {
         let shared = Arc::new(LockedArena::new(
-            TableArena::new(frames(10), pa(1 << 32)).unwrap(),
+            TableArena::new(frames(10), slots(10), pa(1 << 32)).unwrap(),
         ));
         let pt = Arc::new(PageTable::<X86_64>::new(&mut &*shared).unwrap());
         let handles: Vec<_> = (0..2u64)
@@ -70,7 +75,8 @@ fn racing_maps_install_each_table_once() {
                 let (pt, shared) = (pt.clone(), shared.clone());
                 thread::spawn(move || {
                     let size = MapSize::Exactly(Level::L1);
-                    pt.map(&mut &*shared, va(t * PAGE), pa(t * PAGE), PAGE, rw(), size, WalkFlags::SHARED)
+                    let (v, p) = (va(t * PAGE), pa(t * PAGE));
+                    pt.map(&mut &*shared, v, p, PAGE, rw(), size, WalkFlags::SHARED)
                         .unwrap();
                 })
             })
@@ -98,26 +104,38 @@ fn racing_maps_install_each_table_once() {
 fn split_racing_protect_loses_nothing() {
     let runs = model(|| {
         let shared = Arc::new(LockedArena::new(
-            TableArena::new(frames(8), pa(1 << 32)).unwrap(),
+            TableArena::new(frames(8), slots(8), pa(1 << 32)).unwrap(),
         ));
         let pt = Arc::new(PageTable::<X86_64>::new(&mut &*shared).unwrap());
-        pt.map(&mut &*shared, va(0), pa(0), MIB2, rw(), MapSize::Largest, WalkFlags::SHARED)
-            .unwrap();
+        pt.map(
+            &mut &*shared,
+            va(0),
+            pa(0),
+            MIB2,
+            rw(),
+            MapSize::Largest,
+            WalkFlags::SHARED,
+        )
+        .unwrap();
         let splitter = {
             let (pt, shared) = (pt.clone(), shared.clone());
             thread::spawn(move || {
                 let to = SplitTo::Level(Level::L1);
-                assert!(pt.split(&mut &*shared, va(0), MIB2, to, WalkFlags::SHARED).unwrap() <= 1);
+                let done = pt
+                    .split(&mut &*shared, va(0), MIB2, to, WalkFlags::SHARED)
+                    .unwrap();
+                assert!(done.split <= 1 && done.resume_at.is_none());
             })
         };
         let protector = {
             let (pt, shared) = (pt.clone(), shared.clone());
             thread::spawn(move || {
                 let mut mem = &*shared;
+                let (set, clear) = (X86Flags::empty(), X86Flags::WRITABLE);
                 let p = pt
-                    .protect(&mut mem, va(0), MIB2, X86Flags::empty(), X86Flags::WRITABLE, WalkFlags::SHARED)
+                    .protect(&mut mem, va(0), MIB2, set, clear, WalkFlags::SHARED)
                     .unwrap();
-                p.flush(&mut CountingFlush::default(), &mut mem);
+                p.flush(&mut CountingFlush::default(), &mut mem).unwrap();
             })
         };
         splitter.join().unwrap();

@@ -165,4 +165,10 @@ macro_rules! from_range_error {
     };
 }
 
-from_range_error!(MapError, UnmapError, ProtectError, SplitError, CollapseError);
+from_range_error!(
+    MapError,
+    UnmapError,
+    ProtectError,
+    SplitError,
+    CollapseError
+);

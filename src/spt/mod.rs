@@ -110,8 +110,8 @@ use core::fmt;
 use core::marker::PhantomData;
 
 pub use error::{
-    CollapseError, MapError, NewError, ProtectError, SplitEntryError, SplitError,
-    TranslateError, UnmapError,
+    CollapseError, MapError, NewError, ProtectError, SplitEntryError, SplitError, TranslateError,
+    UnmapError,
 };
 pub use flush::{
     CountingFlush, DEFER_TABLES, FLUSH_ALL_PAGES, FlushGather, FlushRange, GATHER_RANGES,
@@ -122,9 +122,7 @@ pub use memory::{
     ArenaError, ENTRIES, FreeError, LockedArena, Table, TableAlloc, TableArena, TableFrame,
     TableLinks, TableMapping, TableMemory, TableSlot, Tables, Unlinked, WithAlloc,
 };
-pub use ops::{
-    EntrySplit, MapSize, SplitChild, SplitDone, SplitTo, Translation, split_entry,
-};
+pub use ops::{EntrySplit, MapSize, SplitChild, SplitDone, SplitTo, Translation, split_entry};
 pub use walk::{
     Action, EntryError, EntryRef, Subtree, VisitCtx, VisitKind, Visitor, WalkError, WalkFlags,
 };
@@ -164,7 +162,9 @@ impl<F: PteFormat> fmt::Debug for PageTable<F> {
 impl<F: PteFormat> PageTable<F> {
     /// An empty page table: one zeroed root table from `mem`.
     pub fn new<M: TableMemory + ?Sized>(mem: &mut M) -> Result<Self, NewError> {
-        let root = mem.alloc_table(F::ROOT_LEVEL).ok_or(NewError::OutOfTables)?;
+        let root = mem
+            .alloc_table(F::ROOT_LEVEL)
+            .ok_or(NewError::OutOfTables)?;
         Ok(Self::from_root(root))
     }
 

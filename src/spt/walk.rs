@@ -359,7 +359,9 @@ impl EntryRef {
         let size = level.page_size();
         if level > F::ROOT_LEVEL
             || raw % size != 0
-            || raw.checked_add(size).is_none_or(|end| end > 1u64 << F::INPUT_BITS)
+            || raw
+                .checked_add(size)
+                .is_none_or(|end| end > 1u64 << F::INPUT_BITS)
         {
             return Err(EntryError::BadAddress);
         }
@@ -473,8 +475,9 @@ struct Walker<'w, 'm, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> {
 }
 
 /// Walks `[start, end)` of `subtree` (KVM `kvm_pgtable_walk`). The range must lie inside
-/// the subtree and the format's input addresses.
-#[inline]
+/// the subtree and the format's input addresses. Always inlined, so a walk from a root
+/// (whose level is the format's constant) keeps only the loop nest of that level.
+#[inline(always)]
 pub(crate) fn walk<F, M, V>(
     subtree: Subtree,
     tables: &mut Tables<'_, M>,
@@ -539,7 +542,7 @@ depth! {
 
 impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm, F, M, V> {
     /// Walks the subtree from `self.addr` to `self.end`.
-    #[inline]
+    #[inline(always)]
     fn run(&mut self, subtree: Subtree) -> Result<(), WalkError<V::Error>> {
         let Some(entries) = self.tables.table(subtree.table) else {
             return Err(WalkError::BadTable(subtree.table));

@@ -450,7 +450,13 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
     }
 
     fn split(&mut self, start: u64, end: u64, to: SplitTo) -> Result<(), String> {
-        match self.pt.split(&mut self.mem, va(start), end - start, to, WalkFlags::empty()) {
+        match self.pt.split(
+            &mut self.mem,
+            va(start),
+            end - start,
+            to,
+            WalkFlags::empty(),
+        ) {
             Ok(done) if done.resume_at.is_none() => {}
             Ok(_) => return Err("split ran out of tables".into()),
             Err(e) => return Err(format!("split: {e:?}")),

@@ -87,8 +87,7 @@ impl GuestRam {
         // arena: a test builds one).
         let slots: &'static mut [TableSlot] =
             Box::leak((0..frames).map(|_| TableSlot::default()).collect());
-        unsafe { TableArena::from_raw_parts(first, frames, slots, base) }
-            .map_err(|e| e.to_string())
+        unsafe { TableArena::from_raw_parts(first, frames, slots, base) }.map_err(|e| e.to_string())
     }
 
     /// Reads the 64-bit word at guest-physical `gpa` (8-byte aligned).

@@ -6,12 +6,12 @@
 
 use super::{check_range, child_level};
 use crate::addr::Level;
+use crate::spt::PageTable;
 use crate::spt::error::{CollapseError, flatten};
 use crate::spt::flush::PendingFlush;
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables, Unlinked};
 use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags};
-use crate::spt::PageTable;
 use crate::sync::Ordering;
 
 struct CollapseVisitor {

@@ -109,7 +109,10 @@ impl<F: PteFormat> PageTable<F> {
     /// for existing mappings first (a read-only walk). On `OutOfTables` the part of the
     /// range before the failure is mapped and the tables built so far stay; unmap the range
     /// to undo it.
-    #[allow(clippy::too_many_arguments, reason = "map's request plus the walk mode")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "map's request plus the walk mode"
+    )]
     pub fn map<M: TableMemory + ?Sized>(
         &self,
         mem: &mut M,

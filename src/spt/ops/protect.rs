@@ -3,11 +3,11 @@
 //! `Mapper::update_flags`).
 
 use super::{check_range, straddles_leaf};
+use crate::spt::PageTable;
 use crate::spt::error::{ProtectError, flatten};
 use crate::spt::flush::PendingFlush;
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables};
-use crate::spt::PageTable;
 use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkFlags};
 
 struct ProtectVisitor {

@@ -11,11 +11,11 @@
 
 use super::{check_range, child_level};
 use crate::addr::{Address, Hpa, Level};
+use crate::spt::PageTable;
 use crate::spt::error::{SplitEntryError, SplitError, flatten};
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{ENTRIES, TableLinks, TableMapping, TableMemory, Tables, table_ref};
 use crate::spt::walk::{Action, EntryRef, VisitCtx, VisitKind, Visitor, WalkFlags, in_addr};
-use crate::spt::PageTable;
 use crate::sync::Ordering;
 
 /// How far `split` goes.

@@ -2,11 +2,11 @@
 //! `kvm_pgtable_get_leaf`, x86_64 `Translate::translate`).
 
 use crate::addr::{Address, Level};
+use crate::spt::PageTable;
 use crate::spt::error::TranslateError;
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{TableMemory, Tables};
 use crate::spt::walk::{Action, VisitCtx, VisitKind, Visitor, WalkError, WalkFlags};
-use crate::spt::PageTable;
 
 /// Where an input address leads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

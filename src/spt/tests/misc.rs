@@ -1,7 +1,6 @@
 //! The flush gather, entry layouts, the arena, randomized sequences against the model
 //! and threads in shared mode.
 
-
 use super::*;
 use crate::sync::Ordering;
 
@@ -74,12 +73,22 @@ fn unmap_gathers_each_range_once() {
     let mut f = frames(64);
     let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let size = MapSize::Exactly(Level::L1);
-    pt.map(&mut mem, va(0), pa(0), 16 * KIB4, rw::<X86_64>(), size, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        16 * KIB4,
+        rw::<X86_64>(),
+        size,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let pending = pt.unmap(&mut mem, va(0), MIB2).unwrap();
     assert_eq!(pending.gather().ranges(), &[range(0, 16 * KIB4, Level::L1)]);
     assert_eq!(pending.tables_to_free(), 3);
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
 }
 
 #[test]
@@ -87,8 +96,16 @@ fn unmap_many_ranges_flushes_all() {
     let mut f = frames(64);
     let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let size = MapSize::Exactly(Level::L1);
-    pt.map(&mut mem, va(0), pa(0), MIB2, rw::<X86_64>(), size, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        MIB2,
+        rw::<X86_64>(),
+        size,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     // Unmap every other page: more separate ranges than the gather holds.
     let mut pending = PendingFlush::new();
     for i in 0..(GATHER_RANGES as u64 + 1) {
@@ -105,14 +122,23 @@ fn x86_pat_moves_in_huge_leaves() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let flags = X86Flags::PRESENT | X86Flags::WRITABLE | X86Flags::PAT | X86Flags::NO_EXECUTE;
-    pt.map(&mut mem, va(0), pa(0), MIB2, flags, MapSize::Largest, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        MIB2,
+        flags,
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let t = pt.translate(&mem, va(0)).unwrap();
     assert_eq!(t.level, Level::L2);
     assert_eq!(t.flags, flags);
     // In the entry: PS (bit 7) and PAT at bit 12.
     assert_eq!(t.entry, 0x8000_0000_0000_1083);
-    pt.split(&mut mem, va(0), MIB2, SplitTo::OneLevel, WalkFlags::empty()).unwrap();
+    pt.split(&mut mem, va(0), MIB2, SplitTo::OneLevel, WalkFlags::empty())
+        .unwrap();
     let t = pt.translate(&mem, va(KIB4)).unwrap();
     assert_eq!(t.entry, 0x8000_0000_0000_1083);
     assert_eq!(t.flags, flags);
@@ -123,8 +149,16 @@ fn ept_entries_have_hardware_layout() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<Ept>(&f.frames, &mut f.slots);
     let flags = EptFlags::READ | EptFlags::WRITE | EptFlags::EXECUTE | EptFlags::MEMTYPE_WB;
-    pt.map(&mut mem, va(GIB1), pa(GIB1), MIB2, flags, MapSize::Largest, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(GIB1),
+        MIB2,
+        flags,
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let t = pt.translate(&mem, va(GIB1)).unwrap();
     assert_eq!(t.entry, GIB1 | 0xb7);
     assert_eq!(t.flags, flags);
@@ -223,8 +257,16 @@ fn arena_free_list_is_out_of_band() {
 fn visitor_cannot_free_linked_table<F: PteFormat>() {
     let mut f = frames(16);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        KIB4,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let before = mem.allocated();
     let mut refused = 0;
     let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, t: &mut Tables<'_, TableArena<'_>>| {
@@ -303,8 +345,16 @@ fn threads_in_shared_mode<F: PteFormat>() {
                     // Thread 0 maps even pages, thread 1 odd ones, of the same 2 MiB.
                     let page = (2 * i + t) * KIB4;
                     let size = MapSize::Exactly(Level::L1);
-                    pt.map(&mut mem, va(page), pa(GIB1 + page), KIB4, rw::<F>(), size, WalkFlags::SHARED)
-                        .unwrap();
+                    pt.map(
+                        &mut mem,
+                        va(page),
+                        pa(GIB1 + page),
+                        KIB4,
+                        rw::<F>(),
+                        size,
+                        WalkFlags::SHARED,
+                    )
+                    .unwrap();
                 }
             });
         }

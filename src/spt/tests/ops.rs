@@ -196,7 +196,15 @@ pub(super) fn map_exact_and_refusals<F: PteFormat>() {
     assert_maps(&pt, &mem, 0, GIB1, Level::L1);
     assert_eq!(pt.translate(&mem, va(MIB2)), Err(TranslateError::NotMapped));
     assert_eq!(
-        pt.map(&mut mem, va(MIB2), pa(0), 0, flags, MapSize::Largest, WalkFlags::empty()),
+        pt.map(
+            &mut mem,
+            va(MIB2),
+            pa(0),
+            0,
+            flags,
+            MapSize::Largest,
+            WalkFlags::empty()
+        ),
         Ok(())
     );
 }
@@ -205,7 +213,15 @@ pub(super) fn map_out_of_tables<F: PteFormat>() {
     // Root + 2 tables: not enough to reach level 1 in a 4- or 5-level tree.
     let mut f = frames(3);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    let r = pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty());
+    let r = pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        KIB4,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::empty(),
+    );
     assert_eq!(r, Err(MapError::OutOfTables));
     // The tables built so far stay reachable: nothing leaks.
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
@@ -257,7 +273,9 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
     pending.flush(&mut tlb, &mut mem).unwrap();
     assert_eq!((tlb.ranges, tlb.bytes, tlb.pages), (1, 8 * KIB4, 8));
     // 248 more pages: past the invalidation ceiling, one full flush.
-    let pending = pt.unmap(&mut mem, va(4 * GIB1 + 8 * KIB4), MIB2 / 2 - 8 * KIB4).unwrap();
+    let pending = pt
+        .unmap(&mut mem, va(4 * GIB1 + 8 * KIB4), MIB2 / 2 - 8 * KIB4)
+        .unwrap();
     assert!(pending.gather().is_flush_all());
     let mut tlb = CountingFlush::default();
     pending.flush(&mut tlb, &mut mem).unwrap();
@@ -274,13 +292,17 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
     // Until the flush, the unlinked tables are still allocated.
     assert_eq!(mem.allocated(), before);
     let freed = pending.tables_to_free();
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
     assert_eq!(mem.allocated(), before - freed);
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 
     // Everything: only the root is left.
     let pending = pt.unmap(&mut mem, va(0), 8 * GIB1).unwrap();
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
     assert_eq!(mem.allocated(), 1);
     assert_eq!(pt.table_count(&mem).unwrap(), 1);
     assert_eq!(
@@ -288,8 +310,16 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
         Err(TranslateError::NotMapped)
     );
     // Freed tables are reused.
-    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        KIB4,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     assert_eq!(mem.allocated(), F::ROOT_LEVEL.get() as usize);
 }
 
@@ -308,17 +338,29 @@ pub(super) fn protect_leaves<F: PteFormat>() {
     .unwrap();
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
-    let pending = pt.protect(&mut mem, va(0), MIB2 + KIB4, none, w, WalkFlags::empty()).unwrap();
+    let pending = pt
+        .protect(&mut mem, va(0), MIB2 + KIB4, none, w, WalkFlags::empty())
+        .unwrap();
     // The 2 MiB leaf and the first 4 KiB leaf changed: two ranges, each with its page
     // size, three invalidations.
     assert_eq!(
         pending.gather().ranges(),
         &[
-            FlushRange { start: 0, len: MIB2, level: Level::L2 },
-            FlushRange { start: MIB2, len: KIB4, level: Level::L1 },
+            FlushRange {
+                start: 0,
+                len: MIB2,
+                level: Level::L2
+            },
+            FlushRange {
+                start: MIB2,
+                len: KIB4,
+                level: Level::L1
+            },
         ]
     );
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
     let t = pt.translate(&mem, va(0x1000)).unwrap();
     assert_eq!(bits::<F>(t.flags) & F::WRITABLE, 0);
     assert_eq!(bits::<F>(t.flags) & F::MMU_WRITABLE, F::MMU_WRITABLE);
@@ -333,23 +375,33 @@ pub(super) fn protect_leaves<F: PteFormat>() {
         F::WRITABLE
     );
     // Restoring write access where mmu-writable says it may be restored.
-    let pending = pt.protect(&mut mem, va(0), MIB2, w, none, WalkFlags::SHARED).unwrap();
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    let pending = pt
+        .protect(&mut mem, va(0), MIB2, w, none, WalkFlags::SHARED)
+        .unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
     assert_eq!(
         bits::<F>(pt.translate(&mem, va(0)).unwrap().flags),
         bits::<F>(rw::<F>())
     );
     // No change, nothing to flush.
-    let pending = pt.protect(&mut mem, va(0), MIB2, w, none, WalkFlags::empty()).unwrap();
+    let pending = pt
+        .protect(&mut mem, va(0), MIB2, w, none, WalkFlags::empty())
+        .unwrap();
     assert!(pending.is_empty());
-    pending.flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
     let required = <F::Flags as bitflags::Flags>::from_bits_retain(F::REQUIRED);
     assert_eq!(
-        pt.protect(&mut mem, va(0), KIB4, none, required, WalkFlags::empty()).err(),
+        pt.protect(&mut mem, va(0), KIB4, none, required, WalkFlags::empty())
+            .err(),
         Some(ProtectError::BadFlags)
     );
     assert_eq!(
-        pt.protect(&mut mem, va(KIB4), KIB4, none, w, WalkFlags::empty()).err(),
+        pt.protect(&mut mem, va(KIB4), KIB4, none, w, WalkFlags::empty())
+            .err(),
         Some(ProtectError::SplitsHugePage)
     );
     assert_eq!(
@@ -383,7 +435,14 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
     .unwrap();
     // One level: the 1 GiB leaf becomes 512 2 MiB leaves.
     assert_eq!(
-        split_n(&pt, &mut mem, GIB1, GIB1, SplitTo::OneLevel, WalkFlags::empty()),
+        split_n(
+            &pt,
+            &mut mem,
+            GIB1,
+            GIB1,
+            SplitTo::OneLevel,
+            WalkFlags::empty()
+        ),
         Ok(1)
     );
     assert_maps(
@@ -410,7 +469,14 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
     assert_maps(&pt, &mem, GIB1 + 2 * MIB2, 3 * GIB1 + 2 * MIB2, Level::L2);
     // Recursive split straight from 2 MiB and from 1 GiB to 4 KiB.
     assert_eq!(
-        split_n(&pt, &mut mem, 4 * GIB1, 2 * MIB2, SplitTo::Level(Level::L1), WalkFlags::SHARED),
+        split_n(
+            &pt,
+            &mut mem,
+            4 * GIB1,
+            2 * MIB2,
+            SplitTo::Level(Level::L1),
+            WalkFlags::SHARED
+        ),
         Ok(2)
     );
     for i in 0..1024 {
@@ -426,7 +492,14 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
     assert_eq!(bits::<F>(t.flags), bits::<F>(rw::<F>()));
     // Nothing left to split.
     assert_eq!(
-        split_n(&pt, &mut mem, 4 * GIB1, 2 * MIB2, SplitTo::OneLevel, WalkFlags::empty()),
+        split_n(
+            &pt,
+            &mut mem,
+            4 * GIB1,
+            2 * MIB2,
+            SplitTo::OneLevel,
+            WalkFlags::empty()
+        ),
         Ok(0)
     );
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
@@ -435,10 +508,25 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
 pub(super) fn split_1g_to_4k<F: PteFormat>() {
     let mut f = frames(520);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(&mut mem, va(0), pa(GIB1), GIB1, rw::<F>(), MapSize::Largest, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(GIB1),
+        GIB1,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     assert_eq!(
-        split_n(&pt, &mut mem, 0, GIB1, SplitTo::Level(Level::L1), WalkFlags::empty()),
+        split_n(
+            &pt,
+            &mut mem,
+            0,
+            GIB1,
+            SplitTo::Level(Level::L1),
+            WalkFlags::empty()
+        ),
         Ok(513)
     );
     for i in (0..GIB1 / KIB4).step_by(509) {
@@ -460,14 +548,28 @@ pub(super) fn collapse_back<F: PteFormat>() {
         WalkFlags::empty(),
     )
     .unwrap();
-    pt.split(&mut mem, va(GIB1), GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
-        .unwrap();
+    pt.split(
+        &mut mem,
+        va(GIB1),
+        GIB1,
+        SplitTo::Level(Level::L1),
+        WalkFlags::empty(),
+    )
+    .unwrap();
     // Hardware marks a page accessed and another one dirty.
     let ad = <F::Flags as bitflags::Flags>::from_bits_retain(F::ACCESSED | F::DIRTY);
     let none = <F::Flags as bitflags::Flags>::empty();
-    pt.protect(&mut mem, va(GIB1 + 7 * KIB4), KIB4, ad, none, WalkFlags::empty())
-        .unwrap()
-        .flush(&mut CountingFlush::default(), &mut mem).unwrap();
+    pt.protect(
+        &mut mem,
+        va(GIB1 + 7 * KIB4),
+        KIB4,
+        ad,
+        none,
+        WalkFlags::empty(),
+    )
+    .unwrap()
+    .flush(&mut CountingFlush::default(), &mut mem)
+    .unwrap();
     let before = mem.allocated();
     let mut tlb = CountingFlush::default();
     // Only up to 2 MiB first.
@@ -501,21 +603,54 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     let exact = MapSize::Exactly(Level::L1);
     // Not contiguous: the second half maps elsewhere.
-    pt.map(&mut mem, va(0), pa(0), MIB2 / 2, rw::<F>(), exact, WalkFlags::empty())
-        .unwrap();
-    pt.map(&mut mem, va(MIB2 / 2), pa(GIB1), MIB2 / 2, rw::<F>(), exact, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        MIB2 / 2,
+        rw::<F>(),
+        exact,
+        WalkFlags::empty(),
+    )
+    .unwrap();
+    pt.map(
+        &mut mem,
+        va(MIB2 / 2),
+        pa(GIB1),
+        MIB2 / 2,
+        rw::<F>(),
+        exact,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     // Contiguous but one page read-only.
-    pt.map(&mut mem, va(MIB2), pa(MIB2), MIB2, rw::<F>(), exact, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(MIB2),
+        pa(MIB2),
+        MIB2,
+        rw::<F>(),
+        exact,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
     pt.protect(&mut mem, va(MIB2 + KIB4), KIB4, none, w, WalkFlags::empty())
         .unwrap()
-        .flush(&mut CountingFlush::default(), &mut mem).unwrap();
-    // Contiguous but not aligned physically.
-    pt.map(&mut mem, va(2 * MIB2), pa(KIB4), MIB2, rw::<F>(), exact, WalkFlags::empty())
+        .flush(&mut CountingFlush::default(), &mut mem)
         .unwrap();
+    // Contiguous but not aligned physically.
+    pt.map(
+        &mut mem,
+        va(2 * MIB2),
+        pa(KIB4),
+        MIB2,
+        rw::<F>(),
+        exact,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     // Not full.
     pt.map(
         &mut mem,
@@ -534,8 +669,16 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
     );
     assert_eq!(tlb, CountingFlush::default());
     // Good, but the range covers only half of it.
-    pt.map(&mut mem, va(4 * MIB2), pa(4 * MIB2), MIB2, rw::<F>(), exact, WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(4 * MIB2),
+        pa(4 * MIB2),
+        MIB2,
+        rw::<F>(),
+        exact,
+        WalkFlags::empty(),
+    )
+    .unwrap();
     assert_eq!(
         collapse_all(&mut pt, &mut mem, &mut tlb, 4 * MIB2, MIB2 / 2, Level::L2),
         Ok(0)

@@ -109,8 +109,16 @@ pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
 pub(super) fn shared_mode_cas<F: PteFormat>() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::SHARED)
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        KIB4,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::SHARED,
+    )
+    .unwrap();
     // Another CPU changes the leaf between our read and our update: the exchange fails and
     // the visitor sees the value that won.
     let mut l1_table = None;
@@ -141,7 +149,15 @@ pub(super) fn shared_mode_cas<F: PteFormat>() {
         (bits::<F>(rw::<F>()) | F::DIRTY) & !F::WRITABLE
     );
     assert_eq!(
-        pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::SHARED),
+        pt.map(
+            &mut mem,
+            va(0),
+            pa(0),
+            KIB4,
+            rw::<F>(),
+            MapSize::Largest,
+            WalkFlags::SHARED
+        ),
         Err(MapError::AlreadyMapped)
     );
 }
@@ -149,10 +165,24 @@ pub(super) fn shared_mode_cas<F: PteFormat>() {
 pub(super) fn destroy_frees_all<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(&mut mem, va(0), pa(0), GIB1, rw::<F>(), MapSize::Largest, WalkFlags::empty())
-        .unwrap();
-    pt.split(&mut mem, va(0), GIB1, SplitTo::Level(Level::L1), WalkFlags::empty())
-        .unwrap();
+    pt.map(
+        &mut mem,
+        va(0),
+        pa(0),
+        GIB1,
+        rw::<F>(),
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
+    pt.split(
+        &mut mem,
+        va(0),
+        GIB1,
+        SplitTo::Level(Level::L1),
+        WalkFlags::empty(),
+    )
+    .unwrap();
     pt.map(
         &mut mem,
         va(1 << (F::INPUT_BITS - 1)),
@@ -180,7 +210,15 @@ pub(super) fn bad_table_entry<F: PteFormat>() {
         .unwrap();
     assert_eq!(pt.translate(&mem, va(0)), Err(TranslateError::BadTable));
     assert_eq!(
-        pt.map(&mut mem, va(0), pa(0), KIB4, rw::<F>(), MapSize::Largest, WalkFlags::empty()),
+        pt.map(
+            &mut mem,
+            va(0),
+            pa(0),
+            KIB4,
+            rw::<F>(),
+            MapSize::Largest,
+            WalkFlags::empty()
+        ),
         Err(MapError::BadTable)
     );
     assert_eq!(
