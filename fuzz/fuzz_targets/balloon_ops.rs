@@ -6,12 +6,14 @@
 #![no_main]
 
 use hvmem::testing::balloon::{BalloonHarness, BalloonOp, BalloonSetup};
+use hvmem_fuzz::{Ops, note_len};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: (BalloonSetup, Vec<BalloonOp>)| {
+fuzz_target!(|input: (BalloonSetup, Ops<BalloonOp>)| {
     let (setup, ops) = input;
+    note_len("balloon_ops", &ops);
     let mut h = BalloonHarness::new(setup);
-    for (i, op) in ops.into_iter().enumerate() {
+    for (i, op) in ops.ops.into_iter().enumerate() {
         if let Err(e) = h.apply(op) {
             panic!("setup {setup:?} op {i} {op:?}: {e}");
         }

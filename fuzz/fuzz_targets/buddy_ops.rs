@@ -4,11 +4,13 @@
 #![no_main]
 
 use hvmem::testing::buddy::{BuddyHarness, BuddyOp};
+use hvmem_fuzz::{Ops, note_len};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|ops: Vec<BuddyOp>| {
+fuzz_target!(|ops: Ops<BuddyOp>| {
+    note_len("buddy_ops", &ops);
     let mut h = BuddyHarness::new();
-    for (i, op) in ops.into_iter().enumerate() {
+    for (i, op) in ops.ops.into_iter().enumerate() {
         if let Err(e) = h.apply(op) {
             panic!("op {i} {op:?}: {e}");
         }

@@ -9,12 +9,14 @@
 #![no_main]
 
 use hvmem::testing::receiver::{ReceiverHarness, ReceiverOp, RegionSpec};
+use hvmem_fuzz::{Ops, note_len};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: (Vec<RegionSpec>, Vec<ReceiverOp>)| {
+fuzz_target!(|input: (Vec<RegionSpec>, Ops<ReceiverOp>)| {
     let (layout, ops) = input;
+    note_len("host_receiver", &ops);
     let mut h = ReceiverHarness::new(&layout);
-    for (i, op) in ops.iter().enumerate() {
+    for (i, op) in ops.ops.iter().enumerate() {
         if let Err(e) = h.apply(op) {
             panic!("op {i} {op:?}: {e}");
         }

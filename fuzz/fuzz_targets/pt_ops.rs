@@ -8,7 +8,8 @@
 use std::sync::OnceLock;
 
 use hvmem::spt::{Ept, PteFormat, TableFrame, X86_64, X86_64La57};
-use hvmem::testing::spt::{PtHarness, PtOp, frames};
+use hvmem::testing::spt::{PtHarness, PtOp, frames, slots};
+use hvmem_fuzz::{Ops, note_len};
 use libfuzzer_sys::fuzz_target;
 
 /// Table frames shared by every run (an arena zeroes a frame when it hands it out), so a
@@ -17,7 +18,8 @@ static FRAMES: OnceLock<Vec<TableFrame>> = OnceLock::new();
 
 fn run<F: PteFormat>(ops: &[PtOp]) {
     let f = FRAMES.get_or_init(frames);
-    let mut h = PtHarness::<F>::new(f).expect("harness");
+    let mut s = slots();
+    let mut h = PtHarness::<F>::new(f, &mut s).expect("harness");
     for (i, op) in ops.iter().enumerate() {
         if let Err(e) = h.apply(*op) {
             panic!("{} op {i} {op:?}: {e}", F::NAME);
@@ -28,10 +30,11 @@ fn run<F: PteFormat>(ops: &[PtOp]) {
     }
 }
 
-fuzz_target!(|ops: Vec<PtOp>| {
-    // Bounded: a few dozen ops already reach every level and every error.
-    let ops = &ops[..ops.len().min(64)];
-    run::<X86_64>(ops);
-    run::<X86_64La57>(ops);
-    run::<Ept>(ops);
+fuzz_target!(|ops: Ops<PtOp>| {
+    // No cap on the sequence: `-max_len` bounds it (see .ci/run), and sequences of ~100 ops
+    // are what reach states a few ops cannot (tables freed and reused, splits of splits).
+    note_len("pt_ops", &ops);
+    run::<X86_64>(&ops.ops);
+    run::<X86_64La57>(&ops.ops);
+    run::<Ept>(&ops.ops);
 });

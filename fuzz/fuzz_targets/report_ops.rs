@@ -5,12 +5,14 @@
 #![no_main]
 
 use hvmem::testing::report::{Knobs, ReportHarness, ReportOp};
+use hvmem_fuzz::{Ops, note_len};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: (Knobs, Vec<ReportOp>)| {
+fuzz_target!(|input: (Knobs, Ops<ReportOp>)| {
     let (knobs, ops) = input;
+    note_len("report_ops", &ops);
     let mut h = ReportHarness::new(knobs);
-    for (i, op) in ops.into_iter().enumerate() {
+    for (i, op) in ops.ops.into_iter().enumerate() {
         if let Err(e) = h.apply(op) {
             panic!("{knobs:?} op {i} {op:?}: {e}");
         }
