@@ -4,6 +4,7 @@
 //! actions, shared mode, destroy, corrupted entries; `misc.rs`: flush gather, entry layouts,
 //! the arena, randomized sequences against the model, threads in shared mode.
 
+mod dag;
 mod misc;
 mod ops;
 mod walker;
@@ -136,4 +137,12 @@ per_format!(
     walker::shared_mode_cas,
     walker::destroy_frees_all,
     walker::bad_table_entry,
+    dag::two_parent_dag,
+    dag::destroy_keeps_shared_child,
+    dag::split_entry_refusals,
+    dag::existing_child_with_table_asks_for_flush,
+    dag::split_from_a_cache_resumes,
+    dag::subtree_walks_and_handles,
+    dag::max_leaf_level_holds,
+    dag::unmap_refuses_before_changing_anything,
 );
