@@ -184,7 +184,7 @@ fn balloon(
 ) -> u64 {
     let frames = ram_bytes / PAGE;
     let base = Pfn::new(0).unwrap();
-    let words = Balloon::<Vec<u64>>::storage_words(base, frames, cfg.host_order);
+    let words = Balloon::<Vec<u64>>::storage_words(base, frames, cfg.host_order).unwrap();
     let mut b = Balloon::new(vec![0u64; words], base, frames, cfg).unwrap();
     let want = target / PAGE;
     while b.frames() < want {

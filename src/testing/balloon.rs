@@ -91,7 +91,8 @@ impl BalloonHarness {
                 FallbackPolicy::PreferBroken
             },
         };
-        let words = Balloon::<Vec<u64>>::storage_words(base, WINDOW_FRAMES, cfg.host_order);
+        let words =
+            Balloon::<Vec<u64>>::storage_words(base, WINDOW_FRAMES, cfg.host_order).unwrap_or(0);
         let balloon = match Balloon::new(vec![0u64; words], base, WINDOW_FRAMES, cfg) {
             Ok(b) => b,
             Err(e) => unreachable!("balloon refused: {e}"),
