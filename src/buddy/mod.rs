@@ -152,16 +152,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
                 "MAX_ORDER above PageOrder::LIMIT"
             )
         };
-        let len = meta.len() as u64;
-        if len == 0 {
-            return Err(NewError::Empty);
-        }
-        if len >= u64::from(NIL) {
-            return Err(NewError::TooManyFrames);
-        }
-        if base.checked_add(len - 1).is_none() {
-            return Err(NewError::OutOfRange);
-        }
+        Self::check_window(base, meta.len() as u64)?;
         meta.fill(FrameMeta::HOLE);
         Ok(Self {
             meta,
@@ -169,6 +160,20 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             area: FreeArea::EMPTY,
             managed_frames: 0,
         })
+    }
+
+    /// Whether a window of `frames` frames from `base` is one [`new`](Self::new) accepts.
+    fn check_window(base: Pfn, frames: u64) -> Result<(), NewError> {
+        if frames == 0 {
+            return Err(NewError::Empty);
+        }
+        if frames >= u64::from(NIL) {
+            return Err(NewError::TooManyFrames);
+        }
+        if base.checked_add(frames - 1).is_none() {
+            return Err(NewError::OutOfRange);
+        }
+        Ok(())
     }
 
     /// Hands the frames `[start, start + frames)` to the allocator as free, unreported memory.
@@ -305,8 +310,10 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
 impl<const MAX_ORDER: usize> Buddy<alloc::boxed::Box<[FrameMeta]>, MAX_ORDER> {
     /// An allocator whose metadata for the window `[base, base + frames)` is allocated on the
     /// heap, 12 bytes per frame. Fails with [`WithWindowError::NoMemory`] when the heap is
-    /// short, or as [`Buddy::new`] does.
+    /// short, or as [`Buddy::new`] does; a window `new` would refuse is refused before the
+    /// heap is asked for anything.
     pub fn with_window(base: Pfn, frames: u64) -> Result<Self, WithWindowError> {
+        Self::check_window(base, frames).map_err(WithWindowError::New)?;
         let len =
             usize::try_from(frames).map_err(|_| WithWindowError::New(NewError::TooManyFrames))?;
         let mut meta = alloc::vec::Vec::new();
