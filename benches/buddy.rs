@@ -8,7 +8,8 @@
 //! - `mixed_churn`: orders 0..=9 from a fixed seed, ~70 % of 1 GiB held, one free + one alloc
 //!   per iteration.
 //! - `fragmented`: a 2 GiB arena whose first 1 GiB has every other 4 KiB page allocated (the
-//!   `usemem --punch-holes` pattern of seed 001); one iteration allocates order-9 blocks until
+//!   `usemem --punch-holes` pattern of Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to
+//!   handle THP spilt issue", 2020); one iteration allocates order-9 blocks until
 //!   none is left and frees them again.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]

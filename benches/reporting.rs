@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::{BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter};
+use hvmem::hint::guest::{
+    BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter,
+};
 use hvmem::{PageOrder, Pfn};
 
 /// Frames in 1 GiB.

@@ -10,7 +10,7 @@
 
 use arrayvec::ArrayVec;
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::{Balloon, BalloonConfig, FallbackPolicy};
+use hvmem::hint::guest::{Balloon, BalloonConfig, FallbackPolicy};
 use hvmem::{PageOrder, Pfn};
 use loom::sync::Arc;
 use loom::thread;

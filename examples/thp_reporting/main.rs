@@ -1,10 +1,12 @@
-//! Seed 001's experiment on real kernel facilities: how much of the host's transparent huge
-//! page memory each way of giving guest memory back costs.
+//! The experiment of (Hildenbrand, "Re: [RFC for Linux] virtio_balloon: Add
+//! VIRTIO_BALLOON_F_THP_ORDER to handle THP spilt issue", 2020-03-12) on real kernel
+//! facilities: how much of the host's transparent huge page memory each way of giving guest
+//! memory back costs.
 //!
 //! Guest RAM is 1 GiB of anonymous memory at a 2 MiB-aligned address with `MADV_HUGEPAGE`,
 //! touched all over (AnonHugePages about 1 GiB), and managed by hvmem's buddy allocator. A
-//! workload allocates 800 MiB in 4 KiB pages, writes them, and frees every other one (seed
-//! 001's `usemem --punch-holes -s -1 800m`): 400 MiB free in 4 KiB holes, 224 MiB free in
+//! workload allocates 800 MiB in 4 KiB pages, writes them, and frees every other one (the
+//! thread's `usemem --punch-holes -s -1 800m`): 400 MiB free in 4 KiB holes, 224 MiB free in
 //! large blocks. Then memory goes back to the host, each way on a fresh region:
 //!
 //! - (a) a classic balloon: 400 MiB at order 0 (Linux `fill_balloon`);
@@ -38,11 +40,11 @@ use std::process::ExitCode;
 
 use arrayvec::ArrayVec;
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::wire::{self, DescError, Direction, ScatterEntry};
-use hvmem::hint::{
-    Balloon, BalloonConfig, Discard, FallbackPolicy, RamLayout, RamRegion, ReportPolicy,
-    ReportReceiver, ReportTransport, Reporter,
+use hvmem::hint::guest::{
+    Balloon, BalloonConfig, FallbackPolicy, ReportPolicy, ReportTransport, Reporter,
 };
+use hvmem::hint::host::{Discard, RamLayout, RamRegion, ReportReceiver};
+use hvmem::hint::wire::{self, DescError, Direction, ScatterEntry};
 use hvmem::{Gpa, PageOrder, Pfn};
 
 const KIB: u64 = 1 << 10;
@@ -272,8 +274,8 @@ impl Way {
         }
     }
 
-    /// Seed 001's AnonHugePages after, for the rows it measured (usemem in address order).
-    fn seed(self) -> Option<(u64, u64)> {
+    /// The thread's AnonHugePages after, for the rows it measured (usemem in address order).
+    fn thread_figures(self) -> Option<(u64, u64)> {
         match self {
             Way::BalloonOrder0 => Some((976_896, 153_600)),
             Way::BalloonThp => Some((976_896, 583_680)),
@@ -410,7 +412,7 @@ fn main() -> ExitCode {
         println!("skipped: {reason}");
         return ExitCode::SUCCESS;
     }
-    // Seed 001's proportions: 1 GiB guest, usemem 800 MiB, balloon 400 MiB (1024 -> 624).
+    // The thread's proportions: 1 GiB guest, usemem 800 MiB, balloon 400 MiB (1024 -> 624).
     let ram = if quick { 64 * MIB } else { 1024 * MIB };
     let (use_bytes, give) = (ram / 1024 * 800, ram / 1024 * 400);
     println!(
@@ -433,7 +435,7 @@ fn main() -> ExitCode {
         }
     }
     println!(
-        "{:<51}{:>21} {:>21} {:>9} {:>7} {:>7}  seed 001",
+        "{:<51}{:>21} {:>21} {:>9} {:>7} {:>7}  thread",
         "                                             handed",
         "AnonHugePages kB",
         "RSS kB",
@@ -446,7 +448,7 @@ fn main() -> ExitCode {
         "way", "holes", "back MiB", "before", "after", "before", "after", "MiB", "2M pgs", "broke",
     );
     for r in &rows {
-        let seed = match (r.way.seed(), r.random) {
+        let measured = match (r.way.thread_figures(), r.random) {
             (Some((b, a)), false) => format!("{b} -> {a}"),
             _ => String::new(),
         };
@@ -467,7 +469,7 @@ fn main() -> ExitCode {
             } else {
                 r.broken.to_string()
             },
-            seed
+            measured
         );
     }
     println!(

@@ -18,7 +18,7 @@ use arrayvec::ArrayVec;
 use super::Rng;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use crate::hint::{Balloon, BalloonConfig, FallbackPolicy};
+use crate::hint::guest::{Balloon, BalloonConfig, FallbackPolicy};
 
 /// The buddy's largest order.
 pub const MAX_ORDER: usize = 10;

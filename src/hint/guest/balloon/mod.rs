@@ -1,10 +1,12 @@
-//! A THP-order memory balloon that breaks as few host huge pages as it can (seed 001).
+//! A THP-order memory balloon that breaks as few host huge pages as it can
+//! (Hildenbrand, "Re: [RFC for Linux] virtio_balloon: Add VIRTIO_BALLOON_F_THP_ORDER to handle
+//! THP spilt issue", 2020-03-12).
 //!
 //! # The problem
 //! A classic balloon (Linux `fill_balloon`) takes 4 KiB pages from the guest allocator and
 //! the host discards each one. When the guest's free memory is fragmented, those pages are
 //! spread over many 2 MiB host pages, and every one of them loses its transparent huge page:
-//! in seed 001 ballooning 400 MiB out of a guest that ran `usemem --punch-holes` dropped the
+//! in that thread ballooning 400 MiB out of a guest that ran `usemem --punch-holes` dropped the
 //! host's AnonHugePages from 976896 kB to 153600 kB. Hui Zhu's fix allocates at the THP
 //! order instead; David Hildenbrand answered that (1) the balloon must fall back to smaller
 //! allocations when large ones run out, and (5) the order must come from the host.
@@ -37,7 +39,7 @@
 //! many frames it holds in each host page. Deflating returns fully ballooned host pages
 //! first (the host refaults each as a fresh huge page), then pieces of broken ones, never
 //! more than asked. The blocks of each call go to the embedder, which sends them as PFN
-//! arrays ([`super::wire::block_pfns`]).
+//! arrays ([`crate::hint::wire::block_pfns`]).
 //!
 //! Host pages are aligned in guest frame numbers: the embedder maps guest RAM at host
 //! addresses aligned to the host page size (as QEMU and Firecracker do for THP).
@@ -52,9 +54,9 @@ use core::ops::DerefMut;
 
 use arrayvec::ArrayVec;
 
-use super::wire::hint_error_display;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, BlockState, FrameMeta, FreeError, LockedBuddy};
+use crate::hint::wire::hint_error_display;
 
 /// How the balloon falls back below the host page order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
