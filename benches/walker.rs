@@ -17,6 +17,7 @@
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, black_box};
 use criterion::{criterion_group, criterion_main};
 use hvmem::spt::{MapSize, PageTable, SplitTo, TableArena, TableFrame, Va, X86_64, X86Flags};
+use hvmem::testing::Rng;
 use hvmem::{Hpa, Level};
 use x86_64::structures::paging::mapper::{MappedPageTable, PageTableFrameMapping};
 use x86_64::structures::paging::{
@@ -166,15 +167,8 @@ fn translate_1m(c: &mut Criterion) {
     const N: u64 = 1 << 20;
     let mut g = c.benchmark_group("translate_1m");
     g.throughput(Throughput::Elements(N));
-    let mut seed = 0x1234_5678_9abc_def1u64;
-    let addrs: Vec<u64> = (0..N)
-        .map(|_| {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            VA_AT + seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % GIB1
-        })
-        .collect();
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
+    let addrs: Vec<u64> = (0..N).map(|_| VA_AT + rng.below(GIB1)).collect();
 
     let frames = ours_pool();
     let (mut arena, mut pt) = ours_fresh(&frames);

@@ -45,6 +45,7 @@ use hvmem::hint::guest::{
 };
 use hvmem::hint::host::{Discard, RamLayout, RamRegion, ReportReceiver};
 use hvmem::hint::wire::{self, DescError, Direction, ScatterEntry};
+use hvmem::testing::Rng;
 use hvmem::{Gpa, PageOrder, Pfn};
 
 const KIB: u64 = 1 << 10;
@@ -92,18 +93,6 @@ fn receiver(ram: &GuestRam, bytes: u64, backing: PageOrder) -> Receiver<'_> {
     )
 }
 
-/// A deterministic generator for the random hole order.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn pattern(pfn: u64) -> u64 {
     pfn.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
@@ -138,7 +127,7 @@ fn usemem(ram: &mut GuestRam, ram_bytes: u64, use_bytes: u64, random: bool) -> G
         }
     }
     if random {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
         for i in (1..holes.len()).rev() {
             holes.swap(i, rng.below(i as u64 + 1) as usize);
         }

@@ -300,7 +300,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     }
 
     /// Whether two allocators are in exactly the same state (for "an error changes nothing").
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, fuzzing, feature = "testing"))]
     pub(crate) fn same_state(&self, other: &Self) -> bool {
         *self.meta == *other.meta
             && self.base == other.base
