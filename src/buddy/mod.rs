@@ -35,7 +35,7 @@
 //!   `__isolate_free_page`), [`Buddy::put_back`] returns one, reported (to the tail) or not (to
 //!   the end of the unreported blocks, so a failed report is retried last) (Linux
 //!   `__putback_isolated_page`). [`Buddy::reset_reported`] forgets every reported flag, as
-//!   needed after live migration. The hint batcher (`crate::hint`) uses the cold-end pair
+//!   needed after live migration. The hint batcher (`crate::hint::guest`) uses the cold-end pair
 //!   instead: [`Buddy::isolate_cold`] takes the blocks freed longest ago (Duyck, "KVM: Guest
 //!   Free Page Hinting" v9, 2019: hint cold pages, not the ones `alloc` reuses next) and
 //!   [`Buddy::put_back_hot`] returns a failed block to the head, so the unreported blocks form

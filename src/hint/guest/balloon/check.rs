@@ -39,7 +39,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
                 let f = self.base + wi as u64 * 64 + u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
                 let pfn = Pfn::from_raw(f);
-                let order = self.order_at(f - self.base);
+                let Some(order) = self.order_at(f - self.base) else {
+                    return fail("ballooned head has no recorded order", f);
+                };
                 let Some(info) = buddy.block_info(pfn).filter(|i| {
                     i.pfn == pfn && i.order == order && i.state == BlockState::Allocated
                 }) else {

@@ -35,11 +35,15 @@
 //! minimal for what was free then.
 //!
 //! The balloon's blocks are ordinary allocated blocks in the buddy's view; the balloon
-//! remembers which ones are its own in a bitmap of block heads (one bit per frame) and how
-//! many frames it holds in each host page. Deflating returns fully ballooned host pages
-//! first (the host refaults each as a fresh huge page), then pieces of broken ones, never
-//! more than asked. The blocks of each call go to the embedder, which sends them as PFN
-//! arrays ([`crate::hint::wire::block_pfns`]).
+//! remembers exactly which blocks are its own — a bitmap of their heads and one of their last
+//! frames (one bit per frame each), so every held block's order is the balloon's record, not
+//! the buddy's — and how many frames it holds in each host page. It frees only a block the
+//! buddy still has allocated with that head and that order: a block the embedder freed behind
+//! its back, even one the guest has since allocated again as part of a larger block, is refused
+//! with [`DeflateError::NotHeld`], and nothing changes. Deflating returns fully ballooned host
+//! pages first (the host refaults each as a fresh huge page), then pieces of broken ones, never
+//! more than asked. The blocks of each call go to the embedder, which sends them as PFN arrays
+//! ([`crate::hint::wire::block_pfns`]).
 //!
 //! Host pages are aligned in guest frame numbers: the embedder maps guest RAM at host
 //! addresses aligned to the host page size (as QEMU and Firecracker do for THP).
@@ -587,7 +591,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
                         break;
                     }
                     let pfn = Pfn::from_raw(self.base + i);
-                    let order = self.order_at(i);
+                    let Some(order) = self.order_at(i) else {
+                        return Err(DeflateError::NotHeld { pfn });
+                    };
                     if order.frames() <= frames - res.frames {
                         Self::free_held(buddy, pfn, order)?;
                         self.forget(pfn, order);
@@ -631,7 +637,7 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
 
     /// The order of the held block whose head is window frame `i`: its last frame is the
     /// first end bit at or after `i` (held blocks are disjoint). O(block frames / 64).
-    fn order_at(&self, i: u64) -> PageOrder {
+    fn order_at(&self, i: u64) -> Option<PageOrder> {
         let ends = &self.words[self.bitmap_words..self.hp_base()];
         let mut w = (i / 64) as usize;
         let mut word = ends[w] >> (i % 64) << (i % 64);
@@ -639,10 +645,15 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
             w += 1;
             word = ends[w];
         }
-        let last = w as u64 * 64 + u64::from(word.trailing_zeros());
-        // `record` wrote a power of two of frames; a missing end bit can't happen, and
-        // would read as the largest order.
-        PageOrder::from_raw((last - i + 1).ilog2().min(u32::from(u8::MAX)) as u8)
+        if word == 0 {
+            return None;
+        }
+        let frames = w as u64 * 64 + u64::from(word.trailing_zeros()) - i + 1;
+        // `record` wrote a power of two of frames: anything else is not a block of ours.
+        let order = u8::try_from(frames.trailing_zeros()).ok()?;
+        PageOrder::new(order)
+            .ok()
+            .filter(|_| frames.is_power_of_two())
     }
 
     /// Drops the block `(pfn, order)` from the books.
