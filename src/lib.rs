@@ -12,7 +12,7 @@ pub mod hint;
 pub mod spt;
 mod sync;
 
-#[cfg(any(test, fuzzing))]
+#[cfg(any(test, fuzzing, feature = "testing"))]
 #[doc(hidden)]
 pub mod testing;
 

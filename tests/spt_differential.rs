@@ -21,6 +21,7 @@ use hvmem::spt::{
     CountingFlush, MapError, MapSize, PageTable, ProtectError, SplitTo, TableArena, TableFrame,
     TableMapping, TableSlot, UnmapError, WalkFlags, X86_64, X86Flags,
 };
+use hvmem::testing::Rng;
 use hvmem::{Hpa, Level, Va};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::{MappedFrame, MappedPageTable, TranslateResult};
@@ -119,21 +120,6 @@ impl Model {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A random range aligned to a random unit.
 fn range(rng: &mut Rng) -> (u64, u64) {
     let unit = [PAGE, PAGE, MIB2, MIB2, GIB1][rng.below(5) as usize];
@@ -182,7 +168,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
     let root = pt.root();
     let mut model = Model::default();
     let mut tlb = CountingFlush::default();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut applied = [0usize; 5];
     let mut checks = 0;
     for step in 0..steps {
