@@ -109,8 +109,9 @@ fn unmap_many_ranges_flushes_all() {
     // Unmap every other page: more separate ranges than the gather holds.
     let mut pending = PendingFlush::new();
     for i in 0..(GATHER_RANGES as u64 + 1) {
-        let p = pt.unmap(&mut mem, va(2 * i * KIB4), KIB4).unwrap();
-        pending.merge(p).unwrap();
+        let mut p = pt.unmap(&mut mem, va(2 * i * KIB4), KIB4).unwrap();
+        assert!(pending.merge(&mut p));
+        assert!(p.is_empty());
     }
     let mut tlb = CountingFlush::default();
     pending.flush(&mut tlb, &mut mem).unwrap();
