@@ -138,6 +138,12 @@ pub enum DeflateError {
     },
     /// The buddy refused to free a ballooned block.
     Free(FreeError),
+    /// [`Balloon::release_lost`] was asked to drop a block the buddy still holds for the
+    /// balloon (same head, same order, allocated): deflate it instead.
+    StillHeld {
+        /// Head of the block.
+        pfn: Pfn,
+    },
 }
 
 impl core::fmt::Display for DeflateError {
@@ -149,6 +155,11 @@ impl core::fmt::Display for DeflateError {
                 pfn.get()
             ),
             Self::Free(e) => write!(f, "buddy refused a ballooned block: {e}"),
+            Self::StillHeld { pfn } => write!(
+                f,
+                "ballooned block at pfn {:#x} is still allocated: deflate it",
+                pfn.get()
+            ),
         }
     }
 }
@@ -610,6 +621,35 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
             }
         }
         Ok(res)
+    }
+
+    /// Drops from the books a block that [`deflate`](Self::deflate) refused with
+    /// [`DeflateError::NotHeld`] — the embedder freed it behind the balloon's back — so
+    /// later deflations go past it. The buddy is not touched. Refused, changing nothing,
+    /// when the balloon has no block at `pfn` (`NotHeld`) or the buddy still holds it
+    /// exactly as recorded (`StillHeld`). Returns the order of the dropped block.
+    pub fn release_lost<B, const M: usize>(
+        &mut self,
+        buddy: &LockedBuddy<B, M>,
+        pfn: Pfn,
+    ) -> Result<PageOrder, DeflateError>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        if !self.holds(pfn) {
+            return Err(DeflateError::NotHeld { pfn });
+        }
+        let order = self
+            .order_at(pfn.get() - self.base)
+            .ok_or(DeflateError::NotHeld { pfn })?;
+        let still = buddy.lock().block_info(pfn).is_some_and(|info| {
+            info.pfn == pfn && info.order == order && info.state == BlockState::Allocated
+        });
+        if still {
+            return Err(DeflateError::StillHeld { pfn });
+        }
+        self.forget(pfn, order);
+        Ok(order)
     }
 
     /// Frees the held block `(pfn, order)` in the buddy if, under one lock, the buddy still

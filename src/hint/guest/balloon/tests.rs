@@ -359,6 +359,36 @@ fn deflate_refuses_a_block_the_guest_reallocated_at_another_order() {
     assert_eq!((b.frames(), b.blocks()), (1, 1));
     assert!(b.holds(x.pfn));
     assert_eq!(g.lock().free_frames(), 0);
+    // The embedder tells the balloon the block is lost; deflation goes on past it. A block
+    // the buddy still holds for the balloon, or no block at all, is refused.
+    assert_eq!(
+        b.release_lost(&g, pfn(x.pfn.get() + 1)),
+        Err(DeflateError::NotHeld {
+            pfn: pfn(x.pfn.get() + 1)
+        })
+    );
+    assert_eq!(b.release_lost(&g, x.pfn), Ok(ord(0)));
+    assert_eq!((b.frames(), b.blocks()), (0, 0));
+    assert_eq!(
+        b.release_lost(&g, x.pfn),
+        Err(DeflateError::NotHeld { pfn: x.pfn })
+    );
+    let info = g.lock().block_info(victim.pfn).unwrap();
+    assert_eq!(info.state, BlockState::Allocated);
+}
+
+#[test]
+fn release_lost_refuses_a_block_still_held() {
+    let g = guest(1024);
+    let mut b = balloon(1024, 0, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut b, &g, 4);
+    let x = blocks[0];
+    assert_eq!(
+        b.release_lost(&g, x.pfn),
+        Err(DeflateError::StillHeld { pfn: x.pfn })
+    );
+    assert!(b.holds(x.pfn));
+    assert_eq!(b.frames(), 4);
 }
 
 #[test]
