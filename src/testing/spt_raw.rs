@@ -33,6 +33,10 @@ const VA_SPACE: u64 = 4 << 30;
 /// Physical addresses mapped: 64 GiB.
 const PA_SPACE: u64 = 64 << 30;
 const PAGE: u64 = 4096;
+/// Raw entry writes after which the whole-space count walk is skipped: a whole-space walk
+/// visits every path through the tables, and `k` root entries pointing back at the root
+/// make `k^levels` of them (512 of them on 4-level x86 take 1.3e8 visits).
+const COUNTED_WRITES: usize = 8;
 /// Rounds of `unmap`/`collapse` to finish an incomplete token. A clean tree needs at most
 /// one per `DEFER_TABLES` tables, far fewer than this.
 const MAX_ROUNDS: usize = FRAMES + 2;
@@ -193,6 +197,8 @@ struct Epoch<'a, F: PteFormat> {
     tlb: CountingFlush,
     /// Something raw was written since the tree was (re)built.
     dirty: bool,
+    /// Raw entry writes since then (writes, `split_entry`, rebuilt contexts).
+    writes: usize,
 }
 
 /// Whether the arena must be rebuilt after an op.
@@ -209,6 +215,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
             pt,
             tlb: CountingFlush::default(),
             dirty: false,
+            writes: 0,
         })
     }
 
@@ -232,6 +239,9 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
             ));
         }
         if matches!(next, Next::Rebuild) {
+            return Ok(next);
+        }
+        if self.writes > COUNTED_WRITES {
             return Ok(next);
         }
         // Every walk ends, even over a cycle: the whole-space count is one.
@@ -418,6 +428,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
                 link,
             } => {
                 self.dirty = true;
+                self.writes += 1;
                 let root = self.pt.root();
                 let wrote = self.at_entry(u64::from(at) << 12, level(l), |ctx, tables| {
                     let lv = ctx.level();
@@ -480,6 +491,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
                 pick,
             } => {
                 self.dirty = true;
+                self.writes += 1;
                 let mut bad = None;
                 self.at_entry(u64::from(at) << 12, level(l), |ctx, tables| {
                     let below = ctx.level().lower().unwrap_or(Level::L1);
@@ -520,6 +532,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
                 value,
             } => {
                 self.dirty = true;
+                self.writes += 1;
                 let lv = Level::new(l % 6).unwrap_or(Level::L1);
                 let fresh = if what % 4 == 1 {
                     self.mem
@@ -696,6 +709,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
             Err(_) => return Ok(Next::Rebuild),
         }
         self.dirty = false;
+        self.writes = 0;
         Ok(Next::Go)
     }
 }
