@@ -33,7 +33,7 @@ const VA_SPACE: u64 = 4 << 30;
 /// Physical addresses mapped: 64 GiB.
 const PA_SPACE: u64 = 64 << 30;
 const PAGE: u64 = 4096;
-/// Raw entry writes after which the whole-space count walk is skipped: a whole-space walk
+/// Raw entry writes after which a reset skips its whole-space count walk: a whole-space walk
 /// visits every path through the tables, and `k` root entries pointing back at the root
 /// make `k^levels` of them (512 of them on 4-level x86 take 1.3e8 visits).
 const COUNTED_WRITES: usize = 8;
@@ -241,14 +241,12 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
         if matches!(next, Next::Rebuild) {
             return Ok(next);
         }
-        if self.writes > COUNTED_WRITES {
-            return Ok(next);
-        }
-        // Every walk ends, even over a cycle: the whole-space count is one.
-        let count = self.pt.table_count(&self.mem);
         if clean && !self.dirty {
             stats.clean_ops += 1;
-            let count = count.map_err(|e| format!("table_count on a clean tree: {e:?}"))?;
+            let count = self
+                .pt
+                .table_count(&self.mem)
+                .map_err(|e| format!("table_count on a clean tree: {e:?}"))?;
             if count != self.mem.allocated() {
                 return Err(format!(
                     "clean tree: {count} tables reachable, {} allocated",
@@ -689,6 +687,11 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
     /// Destroys the tree and starts a new one over the same arena if that left nothing;
     /// otherwise asks for a new arena.
     fn reset(&mut self, stats: &mut RawStats) -> Result<Next, String> {
+        if self.dirty && self.writes <= COUNTED_WRITES {
+            // A whole-space walk over whatever was written ends (its count is anything).
+            let count = self.pt.table_count(&self.mem);
+            stats.errors += is_err(&count);
+        }
         let pt = core::mem::replace(&mut self.pt, PageTable::from_root(Hpa::ZERO));
         let r = pt.destroy(&mut self.mem);
         stats.destroy_errors += is_err(&r);
