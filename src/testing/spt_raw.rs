@@ -943,6 +943,11 @@ mod tests {
             },
         ];
         let stats = run::<X86_64>(&frames, &mut slots, &ops);
-        assert!(stats.is_ok(), "{stats:?}");
+        assert!(
+            stats
+                .as_ref()
+                .is_ok_and(|s| s.writes == 1 && s.clean_ops >= 2),
+            "{stats:?}"
+        );
     }
 }
