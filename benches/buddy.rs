@@ -8,7 +8,8 @@
 //! - `mixed_churn`: orders 0..=9 from a fixed seed, ~70 % of 1 GiB held, one free + one alloc
 //!   per iteration.
 //! - `fragmented`: a 2 GiB arena whose first 1 GiB has every other 4 KiB page allocated (the
-//!   `usemem --punch-holes` pattern of seed 001); one iteration allocates order-9 blocks until
+//!   `usemem --punch-holes` pattern of Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to
+//!   handle THP spilt issue", 2020); one iteration allocates order-9 blocks until
 //!   none is left and frees them again.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -16,6 +17,7 @@
 use buddy_system_allocator::FrameAllocator;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use hvmem::buddy::{Buddy, FrameMeta};
+use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
 
 /// Frames in 1 GiB.
@@ -49,18 +51,6 @@ fn peer(frames: u64) -> Peer {
 
 fn order(o: u32) -> PageOrder {
     PageOrder::new(o as u8).unwrap()
-}
-
-/// xorshift64*, the same sequence for both allocators.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }
 
 /// The operations both allocators offer, in frame numbers and orders. The impls are
@@ -100,10 +90,10 @@ impl Frames for Peer {
 /// random order-0..=3 blocks, then a random half of them freed again. The free lists then hold
 /// small blocks scattered over the whole gigabyte, next to live ones.
 fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut held = Vec::new();
     loop {
-        let o = (rng.next() % 4) as u32;
+        let o = (rng.next_u64() % 4) as u32;
         match a.alloc(o) {
             Some(f) => held.push((f, o)),
             None if o == 0 => break,
@@ -111,7 +101,7 @@ fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
         }
     }
     for i in (1..held.len()).rev() {
-        held.swap(i, rng.next() as usize % (i + 1));
+        held.swap(i, rng.next_u64() as usize % (i + 1));
     }
     for (f, o) in held.split_off(held.len() / 2) {
         a.free(f, o);
@@ -167,11 +157,11 @@ fn mixed_churn(c: &mut Criterion) {
         name: &str,
         mut a: A,
     ) {
-        let mut rng = Rng(0x5eed);
+        let mut rng = Rng::new(0x5eed);
         let mut held = Vec::new();
         let mut frames = 0u64;
         while frames < GIB * 7 / 10 {
-            let o = (rng.next() % 10) as u32;
+            let o = (rng.next_u64() % 10) as u32;
             if let Some(f) = a.alloc(o) {
                 held.push((f, o));
                 frames += 1 << o;
@@ -179,7 +169,7 @@ fn mixed_churn(c: &mut Criterion) {
         }
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
-                let r = rng.next();
+                let r = rng.next_u64();
                 // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
                 // costs more than our free + alloc and would hide both allocators' speed.
                 let i = (((r >> 32) * held.len() as u64) >> 32) as usize;

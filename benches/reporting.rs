@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::{BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter};
+use hvmem::hint::guest::{
+    BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter,
+};
+use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
 
 /// Frames in 1 GiB.
@@ -179,25 +182,13 @@ fn report_pass(c: &mut Criterion) {
     g.finish();
 }
 
-/// xorshift64*, the sequence of `benches/buddy.rs`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// The warm arena of `benches/buddy.rs`: every page handed out in random order-0..=3
 /// blocks, a random half freed again.
 fn warm(b: &mut Buddy<Vec<FrameMeta>, MAX_ORDER>) -> Vec<Block> {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut held = Vec::new();
     loop {
-        let o = (rng.next() % 4) as u8;
+        let o = (rng.next_u64() % 4) as u8;
         match b.alloc(order(o)) {
             Ok(x) => held.push(x),
             Err(_) if o == 0 => break,
@@ -205,7 +196,7 @@ fn warm(b: &mut Buddy<Vec<FrameMeta>, MAX_ORDER>) -> Vec<Block> {
         }
     }
     for i in (1..held.len()).rev() {
-        held.swap(i, rng.next() as usize % (i + 1));
+        held.swap(i, rng.next_u64() as usize % (i + 1));
     }
     for x in held.split_off(held.len() / 2) {
         b.free(x.pfn, x.order).unwrap();

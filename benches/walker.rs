@@ -19,6 +19,7 @@ use criterion::{criterion_group, criterion_main};
 use hvmem::spt::{
     MapSize, PageTable, SplitTo, TableArena, TableFrame, TableSlot, WalkFlags, X86_64, X86Flags,
 };
+use hvmem::testing::Rng;
 use hvmem::{Hpa, Level, Va};
 use x86_64::structures::paging::mapper::{MappedPageTable, PageTableFrameMapping};
 use x86_64::structures::paging::{
@@ -183,15 +184,8 @@ fn translate_1m(c: &mut Criterion) {
     const N: u64 = 1 << 20;
     let mut g = c.benchmark_group("translate_1m");
     g.throughput(Throughput::Elements(N));
-    let mut seed = 0x1234_5678_9abc_def1u64;
-    let addrs: Vec<u64> = (0..N)
-        .map(|_| {
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            VA_AT + seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % GIB1
-        })
-        .collect();
+    let mut rng = Rng::new(0x1234_5678_9abc_def1);
+    let addrs: Vec<u64> = (0..N).map(|_| VA_AT + rng.below(GIB1)).collect();
 
     let frames = ours_pool();
     let mut slots = ours_slots();

@@ -1,4 +1,5 @@
-//! The guest side of seed 001 in the buddy allocator: a 1 GiB guest runs
+//! The guest side of (Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to handle THP spilt issue",
+//! 2020) in the buddy allocator: a 1 GiB guest runs
 //! `usemem --punch-holes -s -1 800m` (allocate 800 MiB in 4 KiB pages, free every other one),
 //! then reports its free 2 MiB blocks to the host and allocates again.
 //!

@@ -275,9 +275,16 @@ impl Level {
         1 << self.shift()
     }
 
-    /// The buddy order of a page mapped at this level (0, 9, 18, ...).
-    pub const fn order(self) -> PageOrder {
-        PageOrder(9 * (self.0 - 1))
+    /// The buddy order of a page mapped at this level: 0, 9 and 18 for levels 1 to 3, and
+    /// `None` for the top levels, whose entries never map a page (a 512 GiB block is beyond
+    /// [`PageOrder::LIMIT`]).
+    pub const fn order(self) -> Option<PageOrder> {
+        let order = 9 * (self.0 - 1);
+        if order <= PageOrder::LIMIT {
+            Some(PageOrder(order))
+        } else {
+            None
+        }
     }
 
     /// The level below, or `None` at level 1.
@@ -459,9 +466,21 @@ mod tests {
         assert_eq!(Level::L2.page_size(), 2 << 20);
         assert_eq!(Level::L3.shift(), 30);
         assert_eq!(Level::L5.shift(), 48);
-        assert_eq!(Level::L2.order(), o9);
+        assert_eq!(Level::L2.order(), Some(o9));
         assert_eq!(Level::L1.lower(), None);
         assert_eq!(Level::L5.upper(), None);
         assert_eq!(Level::L4.lower(), Some(Level::L3));
+    }
+
+    #[test]
+    fn level_order_is_a_valid_order_or_none() {
+        let orders = [Level::L1, Level::L2, Level::L3, Level::L4, Level::L5].map(Level::order);
+        let valid = |o| PageOrder::new(o).ok();
+        assert_eq!(orders, [valid(0), valid(9), valid(18), None, None]);
+        for l in [Level::L1, Level::L2, Level::L3] {
+            let o = l.order().unwrap();
+            assert!(o.get() <= PageOrder::LIMIT);
+            assert_eq!(o.bytes(), l.page_size(), "{l}");
+        }
     }
 }

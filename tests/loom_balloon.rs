@@ -10,7 +10,7 @@
 
 use arrayvec::ArrayVec;
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::{Balloon, BalloonConfig, FallbackPolicy};
+use hvmem::hint::guest::{Balloon, BalloonConfig, FallbackPolicy};
 use hvmem::{PageOrder, Pfn};
 use loom::sync::Arc;
 use loom::thread;
@@ -53,7 +53,7 @@ fn balloon_races_a_workload() {
             policy: FallbackPolicy::PreferBroken,
         };
         let base = Pfn::new(16).unwrap();
-        let words = Balloon::<Vec<u64>>::storage_words(base, 16, cfg.host_order);
+        let words = Balloon::<Vec<u64>>::storage_words(base, 16, cfg.host_order).unwrap();
         let mut balloon = Balloon::new(vec![0u64; words], base, 16, cfg).unwrap();
 
         let other = buddy.clone();

@@ -14,7 +14,9 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use hvmem::buddy::{Block, BlockState, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::{BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter};
+use hvmem::hint::guest::{
+    BatchId, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport, Reporter,
+};
 use hvmem::{PageOrder, Pfn};
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicU64, Ordering};

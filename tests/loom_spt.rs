@@ -8,9 +8,10 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use hvmem::spt::{
-    CountingFlush, LockedArena, MapSize, PageTable, SplitTo, TableArena, TableFrame, TableSlot,
-    WalkFlags, X86_64, X86Flags,
+    LockedArena, MapSize, PageTable, SplitTo, TableArena, TableFrame, TableSlot, WalkFlags, X86_64,
+    X86Flags,
 };
+use hvmem::testing::spt::CountingFlush;
 use hvmem::{Hpa, Level, Va};
 use loom::sync::Arc;
 use loom::thread;

@@ -15,12 +15,13 @@
     clippy::panic
 )]
 
-use std::collections::BTreeMap;
-
 use hvmem::spt::{
-    CountingFlush, MapError, MapSize, PageTable, ProtectError, SplitTo, TableArena, TableFrame,
-    TableMapping, TableSlot, UnmapError, WalkFlags, X86_64, X86Flags,
+    MapError, MapSize, PageTable, ProtectError, SplitTo, TableArena, TableFrame, TableMapping,
+    TableSlot, UnmapError, WalkFlags, X86_64, X86Flags,
 };
+use hvmem::testing::Rng;
+use hvmem::testing::spt::CountingFlush;
+use hvmem::testing::spt::Model;
 use hvmem::{Hpa, Level, Va};
 use x86_64::VirtAddr;
 use x86_64::structures::paging::mapper::{MappedFrame, MappedPageTable, TranslateResult};
@@ -75,65 +76,6 @@ fn peer_translate(arena: &TableArena<'_>, root: Hpa, va: u64) -> Option<(u64, u6
     }
 }
 
-/// The model: `start -> (end, pa, flags)`, non-overlapping.
-#[derive(Default)]
-struct Model(BTreeMap<u64, (u64, u64, u64)>);
-
-impl Model {
-    fn get(&self, va: u64) -> Option<(u64, u64)> {
-        let (&s, &(e, pa, flags)) = self.0.range(..=va).next_back()?;
-        (va < e).then_some((pa + va - s, flags))
-    }
-
-    fn overlaps(&self, start: u64, end: u64) -> bool {
-        self.0
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &(e, _, _))| e > start)
-    }
-
-    fn cut(&mut self, at: u64) {
-        if let Some((&s, &(e, pa, f))) = self.0.range(..at).next_back() {
-            if e > at {
-                self.0.insert(s, (at, pa, f));
-                self.0.insert(at, (e, pa + at - s, f));
-            }
-        }
-    }
-
-    fn remove(&mut self, start: u64, end: u64) {
-        self.cut(start);
-        self.cut(end);
-        let keys: Vec<u64> = self.0.range(start..end).map(|(&k, _)| k).collect();
-        for k in keys {
-            self.0.remove(&k);
-        }
-    }
-
-    fn protect(&mut self, start: u64, end: u64, set: u64, clear: u64) {
-        self.cut(start);
-        self.cut(end);
-        for (_, v) in self.0.range_mut(start..end) {
-            v.2 = (v.2 & !clear) | set;
-        }
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A random range aligned to a random unit.
 fn range(rng: &mut Rng) -> (u64, u64) {
     let unit = [PAGE, PAGE, MIB2, MIB2, GIB1][rng.below(5) as usize];
@@ -182,7 +124,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
     let root = pt.root();
     let mut model = Model::default();
     let mut tlb = CountingFlush::default();
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut applied = [0usize; 5];
     let mut checks = 0;
     for step in 0..steps {
@@ -208,7 +150,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                     assert_eq!(r, Err(MapError::AlreadyMapped), "step {step}");
                 } else {
                     r.unwrap();
-                    model.0.insert(start, (end, pa, flags));
+                    model.map(start, end, pa, flags);
                     applied[0] += 1;
                 }
             }
@@ -218,7 +160,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                     Ok(p) => {
                         assert!(!straddles, "step {step}");
                         p.flush(&mut tlb, &mut arena).unwrap();
-                        model.remove(start, end);
+                        model.unmap(start, end);
                         applied[1] += 1;
                     }
                     Err(e) => assert!(straddles && e == UnmapError::SplitsHugePage, "{e:?}"),
@@ -275,13 +217,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
             start.wrapping_sub(PAGE),
             start + len / 2,
         ];
-        samples.extend(
-            model
-                .0
-                .iter()
-                .take(24)
-                .flat_map(|(&s, &(e, _, _))| [s, e - 1, e]),
-        );
+        samples.extend(model.extents().take(24).flat_map(|(s, e)| [s, e - 1, e]));
         samples.extend((0..48).map(|_| rng.below(SPACE)));
         for a in samples.into_iter().filter(|&a| a < SPACE) {
             let ours = pt
@@ -289,7 +225,7 @@ fn run(seed: u64, steps: usize) -> (usize, [usize; 5]) {
                 .ok()
                 .map(|t| (t.pa.get(), t.flags.bits()));
             let peer = peer_translate(&arena, root, a).map(|(pa, _, f)| (pa, f));
-            let want = model.get(a);
+            let want = model.translate(a);
             assert_eq!(
                 ours, want,
                 "seed {seed} step {step} va {a:#x}: ours vs model"

@@ -42,11 +42,12 @@ use std::process::ExitCode;
 
 use arrayvec::ArrayVec;
 use hvmem::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use hvmem::hint::wire::{self, DescError, Direction, ScatterEntry};
-use hvmem::hint::{
-    Balloon, BalloonConfig, Discard, FallbackPolicy, RamLayout, RamRegion, ReportPolicy,
-    ReportReceiver, ReportTransport, Reporter,
+use hvmem::hint::guest::{
+    Balloon, BalloonConfig, FallbackPolicy, ReportPolicy, ReportTransport, Reporter,
 };
+use hvmem::hint::host::{Discard, RamLayout, RamRegion, ReportReceiver};
+use hvmem::hint::wire::{self, DescError, Direction, ScatterEntry};
+use hvmem::testing::Rng;
 use hvmem::{Gpa, PageOrder, Pfn};
 
 const KIB: u64 = 1 << 10;
@@ -96,18 +97,6 @@ fn receiver(ram: &GuestRam, bytes: u64, backing: PageOrder) -> Receiver<'_> {
     )
 }
 
-/// A deterministic generator for the random hole order.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn pattern(pfn: u64) -> u64 {
     pfn.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
 }
@@ -142,7 +131,7 @@ fn usemem(ram: &mut GuestRam, ram_bytes: u64, use_bytes: u64, random: bool) -> G
         }
     }
     if random {
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut rng = Rng::new(0x2545_f491_4f6c_dd1d);
         for i in (1..holes.len()).rev() {
             holes.swap(i, rng.below(i as u64 + 1) as usize);
         }
@@ -190,7 +179,7 @@ fn balloon(
 ) -> u64 {
     let frames = ram_bytes / PAGE;
     let base = Pfn::new(0).unwrap();
-    let words = Balloon::<Vec<u64>>::storage_words(base, frames, cfg.host_order);
+    let words = Balloon::<Vec<u64>>::storage_words(base, frames, cfg.host_order).unwrap();
     let mut b = Balloon::new(vec![0u64; words], base, frames, cfg).unwrap();
     let want = target / PAGE;
     while b.frames() < want {
@@ -280,7 +269,7 @@ impl Way {
 
     /// AnonHugePages before -> after in the THP_ORDER thread (Zhu's figures in Hildenbrand,
     /// 2020-03-12), for the rows it measured (usemem in address order).
-    fn thread(self) -> Option<(u64, u64)> {
+    fn thread_figures(self) -> Option<(u64, u64)> {
         match self {
             Way::BalloonOrder0 => Some((976_896, 153_600)),
             Way::BalloonThp => Some((976_896, 583_680)),
@@ -469,7 +458,7 @@ fn main() -> ExitCode {
         "way", "holes", "back MiB", "before", "after", "before", "after", "MiB", "2M pgs", "broke",
     );
     for r in &rows {
-        let thread = match (r.way.thread(), r.random) {
+        let measured = match (r.way.thread_figures(), r.random) {
             (Some((b, a)), false) => format!("{b} -> {a}"),
             _ => String::new(),
         };
@@ -490,7 +479,7 @@ fn main() -> ExitCode {
             } else {
                 r.broken.to_string()
             },
-            thread
+            measured
         );
     }
     println!(

@@ -1,12 +1,13 @@
 //! A buddy page allocator whose free blocks know whether the host took them back.
 //!
 //! # The idea
-//! A guest that reports free memory to its host (virtio PAGE_REPORTING, seeds 000, 002 and
-//! 003) must remember, per free block, whether the host has already discarded it: reporting a
-//! block twice wastes a hypercall, and handing out a discarded block costs the host a fault
-//! and a zero-fill that a still-backed block would not. Linux keeps this as `PageReported` on
-//! the head page of a free block (`mm/page_reporting.c`); this allocator does the same with
-//! its own out-of-band metadata.
+//! A guest that reports free memory to its host (virtio PAGE_REPORTING; Tsirkin,
+//! "kvm: Add guest side support for free memory hints", 2019, and Duyck's "KVM: Guest Free Page
+//! Hinting" v9 and "aerating memory via hinting", 2019) must remember, per free block, whether
+//! the host has already discarded it: reporting a block twice wastes a hypercall, and handing
+//! out a discarded block costs the host a fault and a zero-fill that a still-backed block would
+//! not. Linux keeps this as `PageReported` on the head page of a free block
+//! (`mm/page_reporting.c`); this allocator does the same with its own out-of-band metadata.
 //!
 //! - **Metadata is out of band**: one 12-byte [`FrameMeta`] per 4 KiB frame of a window
 //!   `[base, base + meta.len())`, in a slice the embedder provides (or the `alloc` feature
@@ -30,16 +31,17 @@
 //!   the parent's reported flag; a merged block is reported only if both halves were. An
 //!   isolated block never merges; it merges when it is put back.
 //! - **Reporting API** for the hint batcher: [`Buddy::isolate`] takes up to N unreported free
-//!   blocks of an order from the list head (Linux `page_reporting_cycle` + `__isolate_free_page`),
-//!   [`Buddy::put_back`] returns one, reported (to the tail) or not (to the end of the
-//!   unreported blocks, so a failed report is retried last) (Linux `__putback_isolated_page`).
-//!   [`Buddy::reset_reported`] forgets every reported flag, as needed after live migration.
-//!   The hint batcher (`crate::hint`) uses the cold-end pair instead: [`Buddy::isolate_cold`]
-//!   takes the blocks freed longest ago (seed 002: hint cold pages, not the ones `alloc`
-//!   reuses next) and [`Buddy::put_back_hot`] returns a failed block to the head, so the
-//!   unreported blocks form a ring the reporter walks from its cold end, each pass starting
-//!   where the previous one stopped. [`Buddy::free_merged`] says which order a freed block
-//!   merged into, for the reporter's `on_free` threshold.
+//!   blocks of an order from the list head (Linux `page_reporting_cycle` +
+//!   `__isolate_free_page`), [`Buddy::put_back`] returns one, reported (to the tail) or not (to
+//!   the end of the unreported blocks, so a failed report is retried last) (Linux
+//!   `__putback_isolated_page`). [`Buddy::reset_reported`] forgets every reported flag, as
+//!   needed after live migration. The hint batcher (`crate::hint::guest`) uses the cold-end pair
+//!   instead: [`Buddy::isolate_cold`] takes the blocks freed longest ago (Duyck, "KVM: Guest
+//!   Free Page Hinting" v9, 2019: hint cold pages, not the ones `alloc` reuses next) and
+//!   [`Buddy::put_back_hot`] returns a failed block to the head, so the unreported blocks form
+//!   a ring the reporter walks from its cold end, each pass starting where the previous one
+//!   stopped. [`Buddy::free_merged`] says which order a freed block merged into, for the
+//!   reporter's `on_free` threshold.
 //! - **Range API** for the THP-order balloon: [`Buddy::free_frames_within`] counts the free
 //!   frames of one naturally aligned range (a host huge page) and [`Buddy::alloc_within`]
 //!   allocates inside it, so a balloon can take small blocks from a host page it already
@@ -49,9 +51,10 @@
 //! unchanged; nothing panics on embedder or guest input.
 //!
 //! # Concurrency
-//! [`Buddy`] is a plain `&mut self` structure. [`LockedBuddy`] wraps it in a spin lock (the
-//! one from the crate's `sync` shim, which loom model-checks) for allocators shared between CPUs; the
-//! reporter holds the lock only to isolate and to put back, never while the host works.
+//! [`Buddy`] is a plain `&mut self` structure. [`LockedBuddy`] wraps it in a spin
+//! lock (the one from the crate's `sync` shim, which loom model-checks) for allocators shared
+//! between CPUs; the reporter holds the lock only to isolate and to put back, never while the
+//! host works.
 
 mod check;
 mod error;
@@ -152,16 +155,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
                 "MAX_ORDER above PageOrder::LIMIT"
             )
         };
-        let len = meta.len() as u64;
-        if len == 0 {
-            return Err(NewError::Empty);
-        }
-        if len >= u64::from(NIL) {
-            return Err(NewError::TooManyFrames);
-        }
-        if base.checked_add(len - 1).is_none() {
-            return Err(NewError::OutOfRange);
-        }
+        Self::check_window(base, meta.len() as u64)?;
         meta.fill(FrameMeta::HOLE);
         Ok(Self {
             meta,
@@ -169,6 +163,20 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             area: FreeArea::EMPTY,
             managed_frames: 0,
         })
+    }
+
+    /// Whether a window of `frames` frames from `base` is one [`new`](Self::new) accepts.
+    fn check_window(base: Pfn, frames: u64) -> Result<(), NewError> {
+        if frames == 0 {
+            return Err(NewError::Empty);
+        }
+        if frames >= u64::from(NIL) {
+            return Err(NewError::TooManyFrames);
+        }
+        if base.checked_add(frames - 1).is_none() {
+            return Err(NewError::OutOfRange);
+        }
+        Ok(())
     }
 
     /// Hands the frames `[start, start + frames)` to the allocator as free, unreported memory.
@@ -292,7 +300,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     }
 
     /// Whether two allocators are in exactly the same state (for "an error changes nothing").
-    #[cfg(any(test, fuzzing))]
+    #[cfg(any(test, fuzzing, feature = "testing"))]
     pub(crate) fn same_state(&self, other: &Self) -> bool {
         *self.meta == *other.meta
             && self.base == other.base
@@ -305,8 +313,10 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
 impl<const MAX_ORDER: usize> Buddy<alloc::boxed::Box<[FrameMeta]>, MAX_ORDER> {
     /// An allocator whose metadata for the window `[base, base + frames)` is allocated on the
     /// heap, 12 bytes per frame. Fails with [`WithWindowError::NoMemory`] when the heap is
-    /// short, or as [`Buddy::new`] does.
+    /// short, or as [`Buddy::new`] does; a window `new` would refuse is refused before the
+    /// heap is asked for anything.
     pub fn with_window(base: Pfn, frames: u64) -> Result<Self, WithWindowError> {
+        Self::check_window(base, frames).map_err(WithWindowError::New)?;
         let len =
             usize::try_from(frames).map_err(|_| WithWindowError::New(NewError::TooManyFrames))?;
         let mut meta = alloc::vec::Vec::new();

@@ -115,15 +115,14 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         self.isolate_from(order, max, out, false)
     }
 
-    /// Like [`isolate`](Self::isolate), but takes the *coldest* unreported blocks: from the
-    /// end of the unreported segment backwards, the blocks freed longest ago (freed blocks
-    /// enter at the head and drift towards the reported tail). Seed 002 (Duyck): hint the
-    /// pages least likely to be reallocated soon, not the ones just freed, which `alloc`
-    /// takes next. The hint batcher uses this with [`put_back`](Self::put_back) (reported,
-    /// to the tail) and [`put_back_hot`](Self::put_back_hot) (failed, to the head), so the
-    /// list works as a ring: each pass continues at the cold end with blocks no pass has
-    /// tried yet, the rotation Linux's `page_reporting_cycle` gets from
-    /// `list_rotate_to_front`.
+    /// Like [`isolate`](Self::isolate), but takes the *coldest* unreported blocks: from the end
+    /// of the unreported segment backwards, the blocks freed longest ago (freed blocks enter at
+    /// the head and drift towards the reported tail). Duyck, "KVM: Guest Free Page Hinting" v9,
+    /// 2019: hint the pages least likely to be reallocated soon, not the ones just freed, which
+    /// `alloc` takes next. The hint batcher uses this with [`put_back`](Self::put_back)
+    /// (reported, to the tail) and [`put_back_hot`](Self::put_back_hot) (failed, to the head),
+    /// so the list works as a ring: each pass continues at the cold end with blocks no pass has
+    /// tried yet, the rotation Linux's `page_reporting_cycle` gets from `list_rotate_to_front`.
     pub fn isolate_cold<const N: usize>(
         &mut self,
         order: PageOrder,
@@ -217,8 +216,9 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         Ok(())
     }
 
-    /// Forgets that any free block was reported (after live migration the destination host
-    /// has backed every page again, seed 003). O(reported blocks).
+    /// Forgets that any free block was reported (after live migration the destination host has
+    /// backed every page again; Duyck, "aerating memory via hinting", 2019). O(reported
+    /// blocks).
     pub fn reset_reported(&mut self) {
         let meta = &mut *self.meta;
         for list in self.area.lists.iter_mut().take(MAX_ORDER + 1) {

@@ -144,7 +144,7 @@ error_enum!(
 /// Maps a walk error whose visitor error is already the operation's error.
 pub(crate) fn flatten<E>(e: WalkError<E>, out_of_range: E, bad_table: E) -> E {
     match e {
-        WalkError::OutOfRange | WalkError::SharedNotAllowed => out_of_range,
+        WalkError::OutOfRange => out_of_range,
         WalkError::BadTable(_) => bad_table,
         WalkError::Visitor(e) => e,
     }

@@ -70,31 +70,6 @@ pub trait TlbFlush {
     fn flush_all(&mut self);
 }
 
-/// A [`TlbFlush`] that only counts, for tests and for page tables no hardware uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CountingFlush {
-    /// `flush_range` calls.
-    pub ranges: u64,
-    /// Bytes passed to `flush_range`.
-    pub bytes: u64,
-    /// Page invalidations those ranges ask for.
-    pub pages: u64,
-    /// `flush_all` calls.
-    pub all: u64,
-}
-
-impl TlbFlush for CountingFlush {
-    fn flush_range(&mut self, range: FlushRange) {
-        self.ranges += 1;
-        self.bytes += range.len;
-        self.pages += range.pages();
-    }
-
-    fn flush_all(&mut self) {
-        self.all += 1;
-    }
-}
-
 /// Up to `N` address ranges waiting for a TLB flush, deduplicated, each with its page
 /// size; past `N` ranges or [`FLUSH_ALL_PAGES`] invalidations it turns into "flush
 /// everything" (asterinas `TlbFlusher`'s `FLUSH_ALL_RANGE_THRESHOLD`).
@@ -315,15 +290,17 @@ impl PendingFlush {
         result
     }
 
-    /// Adds another operation's pending work to this one, so one flush covers both; gives
-    /// `other` back unchanged if its tables do not fit.
-    pub fn merge(&mut self, other: PendingFlush) -> Result<(), PendingFlush> {
+    /// Moves another operation's pending work into this one, so one flush covers both,
+    /// and leaves `other` empty. Returns `false`, changing neither, if `other`'s tables do
+    /// not fit.
+    pub fn merge(&mut self, other: &mut PendingFlush) -> bool {
         if self.tables.remaining_capacity() < other.tables.len() {
-            return Err(other);
+            return false;
         }
         self.gather.merge(&other.gather);
-        self.tables.extend(other.tables.iter().copied());
+        self.tables.extend(other.tables.drain(..));
         self.incomplete |= other.incomplete;
-        Ok(())
+        *other = PendingFlush::new();
+        true
     }
 }

@@ -114,8 +114,7 @@ pub use error::{
     UnmapError,
 };
 pub use flush::{
-    CountingFlush, DEFER_TABLES, FLUSH_ALL_PAGES, FlushGather, FlushRange, GATHER_RANGES,
-    PendingFlush, TlbFlush,
+    DEFER_TABLES, FLUSH_ALL_PAGES, FlushGather, FlushRange, GATHER_RANGES, PendingFlush, TlbFlush,
 };
 pub use format::{ADDR_MASK, Ept, EptFlags, PteFormat, X86_64, X86_64La57, X86Flags};
 pub use memory::{

@@ -46,7 +46,8 @@ bitflags::bitflags! {
         const TABLE_POST = 1 << 2;
         /// Shared mode: the caller holds the MMU lock for read and other walkers may
         /// change the tree at once, so [`VisitCtx::set`] is a compare-exchange (arm64
-        /// `KVM_PGTABLE_WALK_SHARED`). Operations that free tables refuse it.
+        /// `KVM_PGTABLE_WALK_SHARED`). Operations that free tables (`unmap`, `collapse`,
+        /// `destroy`) take no mode: they are exclusive.
         const SHARED = 1 << 3;
     }
 }
@@ -82,8 +83,6 @@ pub enum WalkError<E> {
     OutOfRange,
     /// A table entry points to an address the table memory does not hold.
     BadTable(Hpa),
-    /// An operation that frees tables was asked to walk in shared mode.
-    SharedNotAllowed,
     /// The visitor's own error.
     Visitor(E),
 }
@@ -93,7 +92,6 @@ impl<E: fmt::Display> fmt::Display for WalkError<E> {
         match self {
             Self::OutOfRange => f.write_str("range beyond the format's input address space"),
             Self::BadTable(pa) => write!(f, "table entry points outside table memory ({pa})"),
-            Self::SharedNotAllowed => f.write_str("operation cannot run in shared mode"),
             Self::Visitor(e) => e.fmt(f),
         }
     }

@@ -18,7 +18,7 @@ use arrayvec::ArrayVec;
 use super::Rng;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use crate::hint::{Balloon, BalloonConfig, FallbackPolicy};
+use crate::hint::guest::{Balloon, BalloonConfig, FallbackPolicy};
 
 /// The buddy's largest order.
 pub const MAX_ORDER: usize = 10;
@@ -91,7 +91,8 @@ impl BalloonHarness {
                 FallbackPolicy::PreferBroken
             },
         };
-        let words = Balloon::<Vec<u64>>::storage_words(base, WINDOW_FRAMES, cfg.host_order);
+        let words =
+            Balloon::<Vec<u64>>::storage_words(base, WINDOW_FRAMES, cfg.host_order).unwrap_or(0);
         let balloon = match Balloon::new(vec![0u64; words], base, WINDOW_FRAMES, cfg) {
             Ok(b) => b,
             Err(e) => unreachable!("balloon refused: {e}"),

@@ -1,7 +1,10 @@
-//! Reference models and op enums shared by unit tests and the cargo-fuzz targets.
+//! Reference models, op enums and the one deterministic [`Rng`] shared by the unit tests,
+//! `tests/`, `benches/`, `examples/` and the cargo-fuzz targets.
 //!
-//! Compiled only for `cfg(test)` and `cfg(fuzzing)` (cargo-fuzz passes `--cfg fuzzing`), so
-//! it is not part of the public API. Each harness applies one op to the real structure and to
+//! Compiled for `cfg(test)`, `cfg(fuzzing)` (cargo-fuzz passes `--cfg fuzzing`) and the
+//! non-default `testing` feature, which the crate's own dev-dependency on itself turns on for
+//! tests, benches and examples and the fuzz crate turns on too. Hidden from the docs and not
+//! part of the public API: it changes whenever the tests need it to. Each harness applies one op to the real structure and to
 //! a deliberately simple model, compares the two, and audits the invariants of DESIGN.md
 //! after every op. Harness failures are returned as `Err(String)`; the fuzz targets turn them
 //! into crashes, the tests into assertion failures.

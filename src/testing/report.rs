@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use super::Rng;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, BlockState, Buddy, FrameMeta, LockedBuddy};
-use crate::hint::{
+use crate::hint::guest::{
     BatchId, CompleteError, PassError, Pipeline, PipelinedTransport, ReportPolicy, ReportTransport,
     Reporter, RequestState,
 };

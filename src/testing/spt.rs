@@ -12,10 +12,35 @@ use alloc::vec::Vec;
 
 use crate::addr::{Address, Hpa, Level};
 use crate::spt::{
-    Action, CollapseError, CountingFlush, MapError, MapSize, PageTable, PendingFlush, ProtectError,
-    PteFormat, SplitTo, TableArena, TableFrame, TableSlot, Tables, TranslateError, UnmapError,
-    VisitCtx, VisitKind, WalkFlags,
+    Action, CollapseError, FlushRange, MapError, MapSize, PageTable, PendingFlush, ProtectError,
+    PteFormat, SplitTo, TableArena, TableFrame, TableSlot, Tables, TlbFlush, TranslateError,
+    UnmapError, VisitCtx, VisitKind, WalkFlags,
 };
+
+/// A [`TlbFlush`] that only counts, for tests and for page tables no hardware uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountingFlush {
+    /// `flush_range` calls.
+    pub ranges: u64,
+    /// Bytes passed to `flush_range`.
+    pub bytes: u64,
+    /// Page invalidations those ranges ask for.
+    pub pages: u64,
+    /// `flush_all` calls.
+    pub all: u64,
+}
+
+impl TlbFlush for CountingFlush {
+    fn flush_range(&mut self, range: FlushRange) {
+        self.ranges += 1;
+        self.bytes += range.len;
+        self.pages += range.pages();
+    }
+
+    fn flush_all(&mut self) {
+        self.all += 1;
+    }
+}
 
 /// The input addresses the ops touch: 4 GiB, so 1 GiB leaves occur.
 pub const VA_SPACE: u64 = 4 << 30;
@@ -120,7 +145,13 @@ impl Model {
         (va < e.end).then(|| (e.pa + (va - start), e.flags))
     }
 
-    fn overlaps(&self, start: u64, end: u64) -> bool {
+    /// The mapped extents as `(start, end)`, in address order.
+    pub fn extents(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.extents.iter().map(|(&s, e)| (s, e.end))
+    }
+
+    /// Whether anything in `[start, end)` is mapped.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
         if let Some((_, e)) = self.extents.range(..start).next_back() {
             if e.end > start {
                 return true;
@@ -144,11 +175,13 @@ impl Model {
         }
     }
 
-    fn map(&mut self, start: u64, end: u64, pa: u64, flags: u64) {
+    /// Maps `[start, end)` (not mapped before) to `pa` with `flags`.
+    pub fn map(&mut self, start: u64, end: u64, pa: u64, flags: u64) {
         self.extents.insert(start, Extent { end, pa, flags });
     }
 
-    fn unmap(&mut self, start: u64, end: u64) {
+    /// Unmaps `[start, end)`.
+    pub fn unmap(&mut self, start: u64, end: u64) {
         self.cut(start);
         self.cut(end);
         let keys: Vec<u64> = self.extents.range(start..end).map(|(&k, _)| k).collect();
@@ -157,7 +190,8 @@ impl Model {
         }
     }
 
-    fn protect(&mut self, start: u64, end: u64, set: u64, clear: u64) {
+    /// Sets `set` and clears `clear` in the flags of `[start, end)`.
+    pub fn protect(&mut self, start: u64, end: u64, set: u64, clear: u64) {
         self.cut(start);
         self.cut(end);
         for (_, e) in self.extents.range_mut(start..end) {

@@ -78,15 +78,15 @@ impl GuestRam {
             .cast::<TableFrame>();
         let frames = ((end - start) / PAGE) as usize;
         let base = Hpa::new(start).map_err(|e| e.to_string())?;
+        // The arena's out-of-band slots live as long as the test process (leaked, once per
+        // arena: a test builds one).
+        let slots: &'static mut [TableSlot] =
+            Box::leak((0..frames).map(|_| TableSlot::default()).collect());
         // SAFETY: `[start, end)` lies inside the mapping, which stays mapped for as long as
         // `self` is borrowed, i.e. for the arena's lifetime; `start` is 4 KiB aligned and
         // mmap memory is page aligned, so `first` is aligned for `TableFrame`. Every host
         // access to guest RAM goes through the atomics of `words`, KVM's page walker only
         // does atomic accesses to entries, and the guest never touches the table region.
-        // The arena's out-of-band slots live as long as the test process (leaked, once per
-        // arena: a test builds one).
-        let slots: &'static mut [TableSlot] =
-            Box::leak((0..frames).map(|_| TableSlot::default()).collect());
         unsafe { TableArena::from_raw_parts(first, frames, slots, base) }.map_err(|e| e.to_string())
     }
 

@@ -1,4 +1,4 @@
-//! Seed 003's `pa | order` hints.
+//! The `pa | order` hints of (Duyck, "aerating memory via hinting", 2019).
 
 use static_assertions::const_assert;
 
@@ -11,7 +11,7 @@ pub const HINT_ORDER_MASK: u64 = (1 << VIRTIO_BALLOON_PFN_SHIFT) - 1;
 /// The largest order a `pa | order` hint can name: a block of `4096 << 51` bytes is the
 /// largest power of two a `u64` length holds.
 pub const HINT_MAX_ORDER: u8 = (64 - VIRTIO_BALLOON_PFN_SHIFT - 1) as u8;
-// The seed's `BUILD_BUG_ON((64 - VIRTIO_BALLOON_PFN_SHIFT) >= (1 << VIRTIO_BALLOON_PFN_SHIFT))`:
+// The patch's `BUILD_BUG_ON((64 - VIRTIO_BALLOON_PFN_SHIFT) >= (1 << VIRTIO_BALLOON_PFN_SHIFT))`:
 // every order that fits in 64 bits fits in the bits below the frame number.
 const_assert!((64 - VIRTIO_BALLOON_PFN_SHIFT) < (1 << VIRTIO_BALLOON_PFN_SHIFT));
 const_assert!((HINT_MAX_ORDER as u64) <= HINT_ORDER_MASK);
@@ -37,7 +37,7 @@ hint_error_display!(HintError {
     TrailingBytes => "hint buffer is not a whole number of 8-byte hints",
 });
 
-/// A naturally aligned block named by its address and order, as seed 003's
+/// A naturally aligned block named by its address and order, as the aerator's
 /// `page_to_hints_pa_order` sends it: `pa | order`, order in 4 KiB units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PaOrderHint {

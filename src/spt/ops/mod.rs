@@ -92,14 +92,8 @@ impl<F: PteFormat> PageTable<F> {
         M: TableMemory + ?Sized,
         V: super::walk::Visitor<F, M>,
     {
-        walk::<F, M, V>(
-            Subtree::root::<F>(self.root()),
-            &mut Tables::read_only(mem),
-            start,
-            end,
-            flags & !WalkFlags::SHARED,
-            visitor,
-        )
+        let flags = flags & !WalkFlags::SHARED;
+        self.walk_in(&mut Tables::read_only(mem), start, end, flags, visitor)
     }
 
     /// Walks `[start, end)` (raw) with full access.
@@ -116,13 +110,22 @@ impl<F: PteFormat> PageTable<F> {
         M: TableMemory + ?Sized,
         V: super::walk::Visitor<F, M>,
     {
-        walk::<F, M, V>(
-            Subtree::root::<F>(self.root()),
-            &mut Tables::new(mem),
-            start,
-            end,
-            flags,
-            visitor,
-        )
+        self.walk_in(&mut Tables::new(mem), start, end, flags, visitor)
+    }
+
+    #[inline(always)]
+    fn walk_in<M, V>(
+        &self,
+        tables: &mut Tables<'_, M>,
+        start: u64,
+        end: u64,
+        flags: WalkFlags,
+        visitor: &mut V,
+    ) -> Result<(), WalkError<V::Error>>
+    where
+        M: TableMemory + ?Sized,
+        V: super::walk::Visitor<F, M>,
+    {
+        walk::<F, M, V>(Subtree::root::<F>(self.root()), tables, start, end, flags, visitor)
     }
 }

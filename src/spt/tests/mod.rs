@@ -13,6 +13,7 @@ use alloc::vec::Vec;
 
 use super::*;
 use crate::addr::{Address, Level};
+pub(super) use crate::testing::spt::CountingFlush;
 
 pub(super) const KIB4: u64 = 4 << 10;
 pub(super) const MIB2: u64 = 2 << 20;

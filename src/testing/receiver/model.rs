@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 
 use super::TOP;
 use crate::addr::{Gfn, Gpa, PAGE_SIZE};
-use crate::hint::{ByteTotals, DirtyBitmap, Discard, RamRegion, RangeError};
+use crate::hint::host::{ByteTotals, DirtyBitmap, Discard, RamRegion, RangeError};
 
 /// An address below 2^52 (masked).
 pub(super) fn gpa(a: u64) -> Gpa {

@@ -29,7 +29,7 @@ fn balloon(frames: u64, order: u8, policy: FallbackPolicy) -> Balloon<Vec<u64>> 
         host_order: ord(9),
         policy,
     };
-    let words = Balloon::<Vec<u64>>::storage_words(pfn(0), frames, cfg.host_order);
+    let words = Balloon::<Vec<u64>>::storage_words(pfn(0), frames, cfg.host_order).unwrap();
     Balloon::new(vec![0; words], pfn(0), frames, cfg).unwrap()
 }
 
@@ -233,9 +233,12 @@ fn deflate_notices_a_block_freed_behind_its_back() {
     let mut out = ArrayVec::<Block, 4>::new();
     assert_eq!(
         b.deflate(&g, 512, &mut out),
-        Err(DeflateError::NotAllocated)
+        Err(DeflateError::NotHeld { pfn: blocks[0].pfn })
     );
-    assert!(!b.holds(blocks[0].pfn));
+    // Refused, not forgotten: the balloon's books are as they were.
+    assert!(b.holds(blocks[0].pfn));
+    assert_eq!((b.frames(), b.blocks()), (512, 1));
+    assert_eq!(g.lock().free_frames(), 1024);
 }
 
 #[test]
@@ -247,7 +250,7 @@ fn a_buddy_larger_than_the_window_is_refused() {
         policy: FallbackPolicy::PreferBroken,
     };
     // The balloon only knows the upper half; the buddy hands out the lower half first.
-    let words = Balloon::<Vec<u64>>::storage_words(pfn(1024), 1024, cfg.host_order);
+    let words = Balloon::<Vec<u64>>::storage_words(pfn(1024), 1024, cfg.host_order).unwrap();
     let mut b = Balloon::new(vec![0; words], pfn(1024), 1024, cfg).unwrap();
     let mut out = ArrayVec::<Block, 4>::new();
     assert_eq!(
@@ -265,13 +268,13 @@ fn storage_and_window_errors() {
         host_order: ord(9),
         policy: FallbackPolicy::Naive,
     };
-    // 1000 frames from 100: bitmap 16 words, host pages [0, 1100 >> 9] = 3.
+    // 1000 frames from 100: two bitmaps of 16 words, host pages [0, 1100 >> 9] = 3.
     assert_eq!(
         Balloon::<Vec<u64>>::storage_words(pfn(100), 1000, ord(9)),
-        16 + 3
+        Some(2 * 16 + 3)
     );
     assert_eq!(
-        Balloon::new(vec![0; 18], pfn(100), 1000, cfg).unwrap_err(),
+        Balloon::new(vec![0; 34], pfn(100), 1000, cfg).unwrap_err(),
         BalloonNewError::StorageTooSmall
     );
     assert_eq!(
@@ -283,7 +286,7 @@ fn storage_and_window_errors() {
         Balloon::new(vec![0; 64], pfn(top), 20, cfg).unwrap_err(),
         BalloonNewError::OutOfRange
     );
-    let b = Balloon::new(vec![7; 19], pfn(100), 1000, cfg).unwrap();
+    let b = Balloon::new(vec![7; 35], pfn(100), 1000, cfg).unwrap();
     assert_eq!((b.frames(), b.blocks()), (0, 0));
     assert!(!b.holds(pfn(100)), "the storage was cleared");
 }
@@ -298,7 +301,7 @@ fn host_pages_above_max_order_still_prefer_broken_ones() {
         host_order: ord(18),
         policy: FallbackPolicy::PreferBroken,
     };
-    let words = Balloon::<Vec<u64>>::storage_words(pfn(0), 1 << 19, cfg.host_order);
+    let words = Balloon::<Vec<u64>>::storage_words(pfn(0), 1 << 19, cfg.host_order).unwrap();
     let mut b = Balloon::new(vec![0; words], pfn(0), 1 << 19, cfg).unwrap();
     let mut out = ArrayVec::<Block, 1024>::new();
     let r = b.inflate(&g, 1 << 17, &mut out).unwrap();
@@ -329,5 +332,93 @@ fn randomized_ops_keep_every_invariant() {
     assert!(
         broke > 0,
         "no run ever broke a host page: the property was never tested"
+    );
+}
+
+#[test]
+fn deflate_refuses_a_block_the_guest_reallocated_at_another_order() {
+    // The embedder frees a ballooned 4 KiB page behind the balloon's back, and the guest
+    // allocates that frame again as the head of a 2 MiB block. Deflate must not free the
+    // guest's 2 MiB block on the strength of the balloon's head bit.
+    let g = guest(1024);
+    let mut b = balloon(1024, 0, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut b, &g, 1);
+    let x = blocks[0];
+    assert_eq!(x.order, ord(0));
+    g.free(x.pfn, x.order).unwrap();
+    let big: Vec<Block> = (0..2).map(|_| g.alloc(ord(9)).unwrap()).collect();
+    let victim = *big.iter().find(|blk| blk.pfn == x.pfn).unwrap();
+    let mut out = ArrayVec::<Block, 4>::new();
+    let r = b.deflate(&g, u64::MAX, &mut out);
+    assert_eq!(r, Err(DeflateError::NotHeld { pfn: x.pfn }));
+    assert!(out.is_empty());
+    // Nothing changed: the guest still owns its block, the balloon its books.
+    let info = g.lock().block_info(victim.pfn).unwrap();
+    assert_eq!((info.pfn, info.order), (victim.pfn, ord(9)));
+    assert_eq!(info.state, BlockState::Allocated);
+    assert_eq!((b.frames(), b.blocks()), (1, 1));
+    assert!(b.holds(x.pfn));
+    assert_eq!(g.lock().free_frames(), 0);
+    // The embedder tells the balloon the block is lost; deflation goes on past it. A block
+    // the buddy still holds for the balloon, or no block at all, is refused.
+    assert_eq!(
+        b.release_lost(&g, pfn(x.pfn.get() + 1)),
+        Err(DeflateError::NotHeld {
+            pfn: pfn(x.pfn.get() + 1)
+        })
+    );
+    assert_eq!(b.release_lost(&g, x.pfn), Ok(ord(0)));
+    assert_eq!((b.frames(), b.blocks()), (0, 0));
+    assert_eq!(
+        b.release_lost(&g, x.pfn),
+        Err(DeflateError::NotHeld { pfn: x.pfn })
+    );
+    let info = g.lock().block_info(victim.pfn).unwrap();
+    assert_eq!(info.state, BlockState::Allocated);
+}
+
+#[test]
+fn release_lost_refuses_a_block_still_held() {
+    let g = guest(1024);
+    let mut b = balloon(1024, 0, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut b, &g, 4);
+    let x = blocks[0];
+    assert_eq!(
+        b.release_lost(&g, x.pfn),
+        Err(DeflateError::StillHeld { pfn: x.pfn })
+    );
+    assert!(b.holds(x.pfn));
+    assert_eq!(b.frames(), 4);
+}
+
+#[test]
+fn storage_words_is_total() {
+    let limit = crate::addr::FRAME_LIMIT;
+    let top = pfn(limit - 1);
+    for (base, frames) in [
+        (top, u64::MAX),
+        (pfn(0), u64::MAX),
+        (top, 2),
+        (pfn(0), limit + 1),
+    ] {
+        assert_eq!(
+            Balloon::<Vec<u64>>::storage_words(base, frames, ord(0)),
+            None,
+            "{base:?} + {frames}"
+        );
+    }
+    assert_eq!(Balloon::<Vec<u64>>::storage_words(top, 0, ord(9)), None);
+    // The whole physical address space: two bitmaps of 2^34 words, one host page per frame.
+    let all = Balloon::<Vec<u64>>::storage_words(pfn(0), limit, ord(0));
+    assert_eq!(all.map(|w| w as u64), Some(2 * (limit / 64) + limit));
+    assert_eq!(Balloon::<Vec<u64>>::storage_words(top, 1, ord(9)), Some(3));
+    let cfg = BalloonConfig {
+        order: ord(9),
+        host_order: ord(9),
+        policy: FallbackPolicy::Naive,
+    };
+    assert_eq!(
+        Balloon::new(vec![0; 64], top, u64::MAX, cfg).unwrap_err(),
+        BalloonNewError::OutOfRange
     );
 }

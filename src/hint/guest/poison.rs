@@ -3,7 +3,8 @@
 //! A guest that poisons free pages (Linux `page_poison=1`) or zeroes them on free
 //! (`init_on_free=1`) expects a free page to still hold that pattern when it allocates it
 //! again. A host that discards a reported page hands back zeroes (or whatever its discard
-//! leaves), which breaks the pattern: the guest would see corruption (seed 000). virtio
+//! leaves), which breaks the pattern: the guest would see corruption
+//! (Tsirkin, "kvm: Add guest side support for free memory hints", 2019). virtio
 //! solves it with `VIRTIO_BALLOON_F_PAGE_POISON`: the guest writes the pattern to the
 //! `poison_val` config field and the device promises to preserve it (QEMU skips the discard
 //! then, and acks the report anyway). Without that feature the guest must not report at all
@@ -72,7 +73,7 @@ impl core::error::Error for ReportingDisabled {}
 /// `virtballoon_probe`).
 ///
 /// ```
-/// use hvmem::hint::poison::{
+/// use hvmem::hint::guest::poison::{
 ///     negotiate, FreePageContent, ReportingDisabled, VIRTIO_BALLOON_F_REPORTING,
 /// };
 ///

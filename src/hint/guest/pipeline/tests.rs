@@ -3,9 +3,10 @@
 
 use std::vec::Vec;
 
-use super::reporter_tests::{HostBusy, Locked, checkerboard, policy, stats};
 use super::*;
 use crate::buddy::{Block, BlockState};
+use crate::hint::guest::reporter::tests::{HostBusy, Locked, checkerboard, policy, stats};
+use crate::hint::guest::*;
 
 /// A pipelined transport that records submissions; the test completes them.
 #[derive(Default)]
@@ -28,7 +29,8 @@ impl PipelinedTransport for Queue {
 
 #[test]
 fn send_32_refill_as_16_come_back() {
-    // Seed 003's scheme with order-2 blocks: Pipeline<16, 2> keeps 32 blocks out.
+    // The "send 32, refill 16" scheme of (Duyck, "aerating memory via hinting", 2019), with
+    // order-2 blocks: Pipeline<16, 2> keeps 32 blocks out.
     let (buddy, _held) = checkerboard::<10>(100, 2);
     let r = Reporter::<16>::new(policy(2, 1, 0)).unwrap();
     let mut p = Pipeline::<16, 2>::new();

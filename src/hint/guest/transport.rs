@@ -24,15 +24,15 @@ pub trait ReportTransport {
     fn report(&mut self, batch: &[Block]) -> Result<(), Self::Error>;
 }
 
-/// A pipelined report queue (virtio's used-buffer semantics; seed 003's "send 32 pages, once
+/// A pipelined report queue (virtio's used-buffer semantics; the "send 32 pages, once
 /// you get 16 of these back send 16 more"): [`Pipeline`](super::Pipeline) submits up to
 /// `WINDOW` batches without waiting, and the embedder tells it when the host is done with each
 /// through [`Pipeline::complete`](super::Pipeline::complete), in any order.
 ///
-/// The pipeline calls `submit` without the allocator lock held. A submitted batch's blocks
-/// stay isolated until **its own** completion arrives: the host may discard them at any time
-/// before that, so the guest must not touch them (seed 003: returning a page before its hint
-/// is processed corrupts memory).
+/// The pipeline calls `submit` without the allocator lock held. A submitted batch's blocks stay
+/// isolated until **its own** completion arrives: the host may discard them at any time before
+/// that, so the guest must not touch them (Duyck, "aerating memory via hinting", 2019:
+/// returning a page before its hint is processed corrupts memory).
 pub trait PipelinedTransport {
     /// The embedder's reason for a failed submission.
     type Error;

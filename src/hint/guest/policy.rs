@@ -10,7 +10,7 @@ use crate::addr::PageOrder;
 /// generic of [`Reporter`](super::Reporter) (Linux `PAGE_REPORTING_CAPACITY`, 32).
 ///
 /// ```
-/// use hvmem::hint::ReportPolicy;
+/// use hvmem::hint::guest::ReportPolicy;
 /// use hvmem::PageOrder;
 ///
 /// let policy = ReportPolicy {
@@ -21,9 +21,9 @@ use crate::addr::PageOrder;
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReportPolicy {
-    /// The smallest block order reported. Default 9: one 2 MiB host huge page per block, so
-    /// a report never costs the host a huge-page split (seed 000: Linux's
-    /// `pageblock_order`). Smaller orders stay unreported.
+    /// The smallest block order reported. Default 9: one 2 MiB host huge page per block, so a
+    /// report never costs the host a huge-page split (Tsirkin, "kvm: Add guest side support for
+    /// free memory hints", 2019: Linux's `pageblock_order`). Smaller orders stay unreported.
     pub min_order: PageOrder,
     /// Free frames the guest keeps for itself (Linux `low_wmark_pages(zone)`). A pass only
     /// isolates a block while, after taking it, at least `low_watermark + (CAP << min_order)`

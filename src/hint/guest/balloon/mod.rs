@@ -1,10 +1,12 @@
-//! A THP-order memory balloon that breaks as few host huge pages as it can (seed 001).
+//! A THP-order memory balloon that breaks as few host huge pages as it can
+//! (Hildenbrand, "Re: [RFC for Linux] virtio_balloon: Add VIRTIO_BALLOON_F_THP_ORDER to handle
+//! THP spilt issue", 2020-03-12).
 //!
 //! # The problem
 //! A classic balloon (Linux `fill_balloon`) takes 4 KiB pages from the guest allocator and
 //! the host discards each one. When the guest's free memory is fragmented, those pages are
 //! spread over many 2 MiB host pages, and every one of them loses its transparent huge page:
-//! in seed 001 ballooning 400 MiB out of a guest that ran `usemem --punch-holes` dropped the
+//! in that thread ballooning 400 MiB out of a guest that ran `usemem --punch-holes` dropped the
 //! host's AnonHugePages from 976896 kB to 153600 kB. Hui Zhu's fix allocates at the THP
 //! order instead; David Hildenbrand answered that (1) the balloon must fall back to smaller
 //! allocations when large ones run out, and (5) the order must come from the host.
@@ -33,11 +35,15 @@
 //! minimal for what was free then.
 //!
 //! The balloon's blocks are ordinary allocated blocks in the buddy's view; the balloon
-//! remembers which ones are its own in a bitmap of block heads (one bit per frame) and how
-//! many frames it holds in each host page. Deflating returns fully ballooned host pages
-//! first (the host refaults each as a fresh huge page), then pieces of broken ones, never
-//! more than asked. The blocks of each call go to the embedder, which sends them as PFN
-//! arrays ([`super::wire::block_pfns`]).
+//! remembers exactly which blocks are its own — a bitmap of their heads and one of their last
+//! frames (one bit per frame each), so every held block's order is the balloon's record, not
+//! the buddy's — and how many frames it holds in each host page. It frees only a block the
+//! buddy still has allocated with that head and that order: a block the embedder freed behind
+//! its back, even one the guest has since allocated again as part of a larger block, is refused
+//! with [`DeflateError::NotHeld`], and nothing changes. Deflating returns fully ballooned host
+//! pages first (the host refaults each as a fresh huge page), then pieces of broken ones, never
+//! more than asked. The blocks of each call go to the embedder, which sends them as PFN arrays
+//! ([`crate::hint::wire::block_pfns`]).
 //!
 //! Host pages are aligned in guest frame numbers: the embedder maps guest RAM at host
 //! addresses aligned to the host page size (as QEMU and Firecracker do for THP).
@@ -52,9 +58,9 @@ use core::ops::DerefMut;
 
 use arrayvec::ArrayVec;
 
-use super::wire::hint_error_display;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, BlockState, FrameMeta, FreeError, LockedBuddy};
+use crate::hint::wire::hint_error_display;
 
 /// How the balloon falls back below the host page order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -92,12 +98,16 @@ pub enum BalloonNewError {
     OutOfRange,
     /// The storage has fewer words than [`Balloon::storage_words`] asks for.
     StorageTooSmall,
+    /// The books of the window do not fit in the address space (only on targets whose
+    /// `usize` is narrower than the window's bitmaps): [`Balloon::storage_words`] says `None`.
+    TooLarge,
 }
 
 hint_error_display!(BalloonNewError {
     EmptyWindow => "balloon window is empty",
     OutOfRange => "balloon window beyond the physical address space",
     StorageTooSmall => "balloon storage smaller than storage_words()",
+    TooLarge => "balloon books do not fit in the address space",
 });
 
 /// Why an inflation stopped early.
@@ -117,18 +127,39 @@ hint_error_display!(InflateError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeflateError {
-    /// The buddy no longer holds a ballooned block as allocated: someone freed it behind
-    /// the balloon's back. The balloon forgot the block.
-    NotAllocated,
+    /// The buddy no longer holds the block the balloon recorded at `pfn` (same head, same
+    /// order, allocated): someone freed it behind the balloon's back, and perhaps the guest
+    /// allocated the frames again, alone or as part of a larger block. The balloon refuses
+    /// to free what it does not own; the block stays in its books and the buddy is
+    /// untouched.
+    NotHeld {
+        /// Head of the block the balloon recorded.
+        pfn: Pfn,
+    },
     /// The buddy refused to free a ballooned block.
     Free(FreeError),
+    /// [`Balloon::release_lost`] was asked to drop a block the buddy still holds for the
+    /// balloon (same head, same order, allocated): deflate it instead.
+    StillHeld {
+        /// Head of the block.
+        pfn: Pfn,
+    },
 }
 
 impl core::fmt::Display for DeflateError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::NotAllocated => f.write_str("ballooned block no longer allocated in the buddy"),
+            Self::NotHeld { pfn } => write!(
+                f,
+                "ballooned block at pfn {:#x} is no longer the buddy's allocated block",
+                pfn.get()
+            ),
             Self::Free(e) => write!(f, "buddy refused a ballooned block: {e}"),
+            Self::StillHeld { pfn } => write!(
+                f,
+                "ballooned block at pfn {:#x} is still allocated: deflate it",
+                pfn.get()
+            ),
         }
     }
 }
@@ -187,8 +218,10 @@ const STAMP: u64 = 1 << 63;
 
 /// The balloon; see the module docs.
 ///
-/// `S` is its storage, [`storage_words`](Self::storage_words) `u64`s: one bit per frame of
-/// the window, then one word per host page (frames held, free-frame estimate, a stamp).
+/// `S` is its storage, [`storage_words`](Self::storage_words) `u64`s: two bits per frame of
+/// the window — a bitmap of the heads of the blocks it holds, then a bitmap of their last
+/// frames, so each held block's order is its own record, not the buddy's — then one word per
+/// host page (frames held, free-frame estimate, a stamp).
 #[derive(Clone, Debug)]
 pub struct Balloon<S> {
     words: S,
@@ -208,14 +241,24 @@ pub struct Balloon<S> {
 }
 
 impl<S: DerefMut<Target = [u64]>> Balloon<S> {
-    /// The `u64`s of storage a balloon over `frames` frames from `base` needs.
-    pub const fn storage_words(base: Pfn, frames: u64, host_order: PageOrder) -> usize {
+    /// The `u64`s of storage a balloon over `frames` frames from `base` needs, or `None`
+    /// when the window is empty, reaches past the physical address space, or its books do not
+    /// fit in a `usize`.
+    pub const fn storage_words(base: Pfn, frames: u64, host_order: PageOrder) -> Option<usize> {
         if frames == 0 {
-            return 0;
+            return None;
         }
+        let Some(last) = base.checked_add(frames - 1) else {
+            return None;
+        };
         let h = host_order.get();
-        let host_pages = ((base.get() + frames - 1) >> h) - (base.get() >> h) + 1;
-        (frames.div_ceil(64) + host_pages) as usize
+        // Below FRAME_LIMIT (2^40) nothing here overflows a u64.
+        let host_pages = (last.get() >> h) - (base.get() >> h) + 1;
+        let words = 2 * frames.div_ceil(64) + host_pages;
+        if words > usize::MAX as u64 {
+            return None;
+        }
+        Some(words as usize)
     }
 
     /// A balloon for the buddy window of `frames` frames from `base`, holding nothing.
@@ -232,11 +275,14 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         if base.checked_add(frames - 1).is_none() {
             return Err(BalloonNewError::OutOfRange);
         }
-        let need = Self::storage_words(base, frames, cfg.host_order);
+        let Some(need) = Self::storage_words(base, frames, cfg.host_order) else {
+            return Err(BalloonNewError::TooLarge);
+        };
         if storage.len() < need {
             return Err(BalloonNewError::StorageTooSmall);
         }
         storage.fill(0);
+        // `need` fits in a usize, so the bitmaps do.
         let bitmap_words = frames.div_ceil(64) as usize;
         Ok(Self {
             words: storage,
@@ -244,7 +290,7 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
             window: frames,
             bitmap_words,
             first_hp: base.get() >> cfg.host_order.get(),
-            host_pages: need - bitmap_words,
+            host_pages: need - 2 * bitmap_words,
             cfg,
             held: 0,
             blocks: 0,
@@ -311,16 +357,22 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         end.min(self.base + self.window) - start.max(self.base)
     }
 
+    /// Index of the first host page word: after the head and end bitmaps.
+    fn hp_base(&self) -> usize {
+        2 * self.bitmap_words
+    }
+
     fn count(&self, p: usize) -> u64 {
-        self.words[self.bitmap_words + p] & COUNT
+        self.words[self.hp_base() + p] & COUNT
     }
 
     fn est(&self, p: usize) -> u64 {
-        (self.words[self.bitmap_words + p] & !STAMP) >> EST_SHIFT
+        (self.words[self.hp_base() + p] & !STAMP) >> EST_SHIFT
     }
 
     fn set_est(&mut self, p: usize, est: u64) {
-        let w = &mut self.words[self.bitmap_words + p];
+        let at = self.hp_base() + p;
+        let w = &mut self.words[at];
         *w = (*w & (COUNT | STAMP)) | (est.min(COUNT) << EST_SHIFT);
     }
 
@@ -335,7 +387,8 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         let (ap, af) = class(after);
         self.partial = self.partial + u64::from(ap) - u64::from(bp);
         self.full_pages = self.full_pages + u64::from(af) - u64::from(bf);
-        let w = &mut self.words[self.bitmap_words + p];
+        let at = self.hp_base() + p;
+        let w = &mut self.words[at];
         *w = (*w & !COUNT) | after;
     }
 
@@ -347,12 +400,15 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         }
         let i = first - self.base;
         self.words[(i / 64) as usize] |= 1 << (i % 64);
+        let e = i + n - 1;
+        self.words[self.bitmap_words + (e / 64) as usize] |= 1 << (e % 64);
         let mut f = first;
         while f < first + n {
             let p = self.hp_of(f);
             let chunk = (((f >> self.h()) + 1) << self.h()).min(first + n) - f;
             if self.count(p) == 0 && chunk < self.hp_frames(p) {
-                self.words[self.bitmap_words + p] |= STAMP;
+                let at = self.hp_base() + p;
+                self.words[at] |= STAMP;
                 self.stamped = true;
             }
             self.adjust(p, chunk, 0);
@@ -373,11 +429,12 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         }
         let mut broke = 0;
         for p in 0..self.host_pages {
-            let w = self.words[self.bitmap_words + p];
+            let w = self.words[self.hp_base() + p];
             if w & STAMP != 0 {
                 let c = w & COUNT;
                 broke += u32::from(c > 0 && c < self.hp_frames(p));
-                self.words[self.bitmap_words + p] = w & !STAMP;
+                let at = self.hp_base() + p;
+                self.words[at] = w & !STAMP;
             }
         }
         broke
@@ -506,6 +563,11 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     /// Deflates by up to `frames` frames, never more: fully ballooned host pages first,
     /// then pieces of broken ones; blocks larger than what is left are kept. Pushes each
     /// freed block to `out` until it is full.
+    ///
+    /// A block is freed only if the buddy still has exactly the block the balloon recorded
+    /// (head and order) allocated; otherwise the call stops with [`DeflateError::NotHeld`],
+    /// leaving that block and the rest in the balloon (the blocks freed before it are in
+    /// `out`).
     pub fn deflate<B, const M: usize, const N: usize>(
         &mut self,
         buddy: &LockedBuddy<B, M>,
@@ -540,18 +602,12 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
                         break;
                     }
                     let pfn = Pfn::from_raw(self.base + i);
-                    let order = match buddy.lock().block_info(pfn) {
-                        Some(info) if info.pfn == pfn && info.state == BlockState::Allocated => {
-                            info.order
-                        }
-                        _ => {
-                            self.forget(pfn, None);
-                            return Err(DeflateError::NotAllocated);
-                        }
+                    let Some(order) = self.order_at(i) else {
+                        return Err(DeflateError::NotHeld { pfn });
                     };
                     if order.frames() <= frames - res.frames {
-                        buddy.free(pfn, order).map_err(DeflateError::Free)?;
-                        self.forget(pfn, Some(order));
+                        Self::free_held(buddy, pfn, order)?;
+                        self.forget(pfn, order);
                         res.frames += order.frames();
                         res.blocks += 1;
                         let _ = out.try_push(Block {
@@ -567,14 +623,87 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         Ok(res)
     }
 
-    /// Drops the block at `pfn` from the books (its order unknown when the buddy lost it:
-    /// then only the head bit goes, and [`check`](Self::check) will say the counts are off).
-    fn forget(&mut self, pfn: Pfn, order: Option<PageOrder>) {
+    /// Drops from the books a block that [`deflate`](Self::deflate) refused with
+    /// [`DeflateError::NotHeld`] — the embedder freed it behind the balloon's back — so
+    /// later deflations go past it. The buddy is not touched. Refused, changing nothing,
+    /// when the balloon has no block at `pfn` (`NotHeld`) or the buddy still holds it
+    /// exactly as recorded (`StillHeld`). Returns the order of the dropped block.
+    pub fn release_lost<B, const M: usize>(
+        &mut self,
+        buddy: &LockedBuddy<B, M>,
+        pfn: Pfn,
+    ) -> Result<PageOrder, DeflateError>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        if !self.holds(pfn) {
+            return Err(DeflateError::NotHeld { pfn });
+        }
+        let order = self
+            .order_at(pfn.get() - self.base)
+            .ok_or(DeflateError::NotHeld { pfn })?;
+        let still = buddy.lock().block_info(pfn).is_some_and(|info| {
+            info.pfn == pfn && info.order == order && info.state == BlockState::Allocated
+        });
+        if still {
+            return Err(DeflateError::StillHeld { pfn });
+        }
+        self.forget(pfn, order);
+        Ok(order)
+    }
+
+    /// Frees the held block `(pfn, order)` in the buddy if, under one lock, the buddy still
+    /// has exactly that block allocated; otherwise changes nothing.
+    fn free_held<B, const M: usize>(
+        buddy: &LockedBuddy<B, M>,
+        pfn: Pfn,
+        order: PageOrder,
+    ) -> Result<(), DeflateError>
+    where
+        B: DerefMut<Target = [FrameMeta]>,
+    {
+        let mut guard = buddy.lock();
+        match guard.block_info(pfn) {
+            Some(info)
+                if info.pfn == pfn
+                    && info.order == order
+                    && info.state == BlockState::Allocated =>
+            {
+                guard.free(pfn, order).map_err(DeflateError::Free)
+            }
+            _ => Err(DeflateError::NotHeld { pfn }),
+        }
+    }
+
+    /// The order of the held block whose head is window frame `i`: its last frame is the
+    /// first end bit at or after `i` (held blocks are disjoint). O(block frames / 64).
+    fn order_at(&self, i: u64) -> Option<PageOrder> {
+        let ends = &self.words[self.bitmap_words..self.hp_base()];
+        let mut w = (i / 64) as usize;
+        let mut word = ends[w] >> (i % 64) << (i % 64);
+        while word == 0 && w + 1 < ends.len() {
+            w += 1;
+            word = ends[w];
+        }
+        if word == 0 {
+            return None;
+        }
+        let frames = w as u64 * 64 + u64::from(word.trailing_zeros()) - i + 1;
+        // `record` wrote a power of two of frames: anything else is not a block of ours.
+        let order = u8::try_from(frames.trailing_zeros()).ok()?;
+        PageOrder::new(order)
+            .ok()
+            .filter(|_| frames.is_power_of_two())
+    }
+
+    /// Drops the block `(pfn, order)` from the books.
+    fn forget(&mut self, pfn: Pfn, order: PageOrder) {
         let i = pfn.get() - self.base;
-        self.words[(i / 64) as usize] &= !(1 << (i % 64));
-        self.blocks -= 1;
-        let Some(order) = order else { return };
         let (first, n) = (pfn.get(), order.frames());
+        let e = i + n - 1;
+        self.words[(i / 64) as usize] &= !(1 << (i % 64));
+        self.words[self.bitmap_words + (e / 64) as usize] &= !(1 << (e % 64));
+        self.blocks -= 1;
         let mut f = first;
         while f < first + n {
             let p = self.hp_of(f);

@@ -1,7 +1,7 @@
 //! The host's end of free-page reporting and ballooning: untrusted guest ranges in, discards of
 //! whole host backing pages out.
 //!
-//! A guest reports free blocks (virtio PAGE_REPORTING scatter lists, seed 003's `pa | order`
+//! A guest reports free blocks (virtio PAGE_REPORTING scatter lists, the `pa | order`
 //! hints) or inflates its balloon (PFN arrays). Each claimed range goes through the same
 //! steps (QEMU `virtio_balloon_handle_report`, Cloud Hypervisor `release_memory_range`,
 //! Firecracker `remove_range`):
@@ -10,10 +10,11 @@
 //!    beyond the 52-bit physical address space. Nothing of it is touched.
 //! 2. **Clamp** to guest RAM: the parts outside every region of the [`GuestRamLayout`] are
 //!    dropped (Cloud Hypervisor's "Clamping reported range").
-//! 3. **Align** each part inward to whole host backing pages of its region, so a discard
-//!    never splits a hugetlb page, nor a transparent huge page when the region says 2 MiB
-//!    (seed 001: discarding 4 KiB pieces of THP-backed RAM broke 800 MiB of huge pages to
-//!    return 400 MiB). The cut-off edges are dropped too.
+//! 3. **Align** each part inward to whole host backing pages of its region, so a discard never
+//!    splits a hugetlb page, nor a transparent huge page when the region says 2 MiB
+//!    (Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to handle THP spilt issue", 2020: discarding
+//!    4 KiB pieces of THP-backed RAM broke 800 MiB of huge pages to return 400 MiB). The cut-off
+//!    edges are dropped too.
 //! 4. **Discard** what remains through the embedder's [`Discard`] (`madvise(MADV_DONTNEED)`,
 //!    `fallocate(PUNCH_HOLE)`), or, in [`DiscardMode::Skip`], count it and do nothing:
 //!    discarding is impossible while a device is assigned (pinned memory), during postcopy
@@ -30,8 +31,8 @@
 //! `&mut self`: one receiver per queue, run by the thread that pops the queue.
 
 use super::layout::{GuestRamLayout, RamRegion, for_each_piece};
-use super::wire::{ChainWalk, decode_hints, hint_error_display, pfn_runs};
 use crate::addr::{Gpa, PAGE_SIZE, PHYS_ADDR_BITS};
+use crate::hint::wire::{ChainWalk, decode_hints, hint_error_display, pfn_runs};
 
 /// How the embedder gives guest memory back to the host (QEMU `ram_block_discard_range`).
 pub trait Discard {
@@ -327,7 +328,7 @@ impl<L: GuestRamLayout, D: Discard> ReportReceiver<L, D> {
         self.batch(chain.map(|e| e.map(|s| (s.addr, u64::from(s.len)))))
     }
 
-    /// Takes a buffer of seed 003's `le64` `pa | order` hints; a hint that does not decode
+    /// Takes a buffer of `le64` `pa | order` hints; a hint that does not decode
     /// is counted as malformed and the others are processed.
     pub fn receive_hints(&mut self, bytes: &[u8]) -> BatchOutcome {
         self.batch(decode_hints(bytes).map(|h| h.map(|h| (h.addr(), h.len()))))

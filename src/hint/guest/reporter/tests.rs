@@ -1,22 +1,22 @@
 //! Tests of every rule of the guest-side reporter: policy, budget, watermark, rotation,
 //! failure, lock release, request state machine, reset, poison negotiation, and the
-//! randomized model run. The pipeline's tests are in `pipeline_tests.rs`.
+//! randomized model run. The pipeline's tests are in `pipeline/tests.rs`.
 
 use std::boxed::Box;
 use std::vec;
 use std::vec::Vec;
 
-use super::poison::{
+use crate::addr::{PageOrder, Pfn};
+use crate::buddy::{Block, BlockState, Buddy, FrameMeta, LockedBuddy};
+use crate::hint::guest::poison::{
     FreePageContent, ReportingDisabled, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
     negotiate,
 };
-use super::*;
-use crate::addr::{PageOrder, Pfn};
-use crate::buddy::{Block, BlockState, Buddy, FrameMeta, LockedBuddy};
+use crate::hint::guest::*;
 
-pub(super) type Locked<const M: usize = 10> = LockedBuddy<Vec<FrameMeta>, M>;
+pub(in crate::hint::guest) type Locked<const M: usize = 10> = LockedBuddy<Vec<FrameMeta>, M>;
 
-pub(super) fn ord(o: u8) -> PageOrder {
+pub(in crate::hint::guest) fn ord(o: u8) -> PageOrder {
     PageOrder::new(o).unwrap()
 }
 
@@ -29,7 +29,10 @@ const BASE: u64 = 0x10_0000;
 /// `2 * blocks` blocks of `order`, every other one allocated: `blocks` free blocks of
 /// `order` that can't merge, freed in ascending order (so the lowest is the coldest).
 /// Returns the allocator and the held blocks.
-pub(super) fn checkerboard<const M: usize>(blocks: u64, order: u8) -> (Locked<M>, Vec<Block>) {
+pub(in crate::hint::guest) fn checkerboard<const M: usize>(
+    blocks: u64,
+    order: u8,
+) -> (Locked<M>, Vec<Block>) {
     let frames = (2 * blocks) << order;
     let mut b = Buddy::new(vec![FrameMeta::HOLE; frames as usize], pfn(BASE)).unwrap();
     b.add_range(pfn(BASE), frames).unwrap();
@@ -50,7 +53,11 @@ pub(super) fn checkerboard<const M: usize>(blocks: u64, order: u8) -> (Locked<M>
     (LockedBuddy::new(b), held)
 }
 
-pub(super) fn policy(min_order: u8, budget_divisor: u32, low_watermark: u64) -> ReportPolicy {
+pub(in crate::hint::guest) fn policy(
+    min_order: u8,
+    budget_divisor: u32,
+    low_watermark: u64,
+) -> ReportPolicy {
     ReportPolicy {
         min_order: ord(min_order),
         low_watermark,
@@ -91,7 +98,7 @@ impl<'a, const M: usize> Recorder<'a, M> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct HostBusy;
+pub(in crate::hint::guest) struct HostBusy;
 
 impl core::fmt::Display for HostBusy {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -127,7 +134,7 @@ impl<const M: usize> ReportTransport for Recorder<'_, M> {
     }
 }
 
-pub(super) fn stats<const M: usize>(b: &Locked<M>, o: u8) -> (u64, u64, u64) {
+pub(in crate::hint::guest) fn stats<const M: usize>(b: &Locked<M>, o: u8) -> (u64, u64, u64) {
     let s = b.lock().order_stats(ord(o));
     (s.free, s.reported, s.isolated)
 }

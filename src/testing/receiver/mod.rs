@@ -20,12 +20,12 @@ use alloc::vec::Vec;
 
 use super::Rng;
 use crate::addr::{Gpa, PAGE_SIZE, PageOrder};
-use crate::hint::wire::{
-    CmdId, Direction, PaOrderHint, VIRTQ_DESC_SIZE, VirtqDesc, decode_hints, pfn_runs, walk_chain,
-};
-use crate::hint::{
+use crate::hint::host::{
     ByteTotals, CmdIdOutcome, DiscardMode, FreePageHintSession, HintState, RamLayout, RamRegion,
     ReportReceiver, SkipReason,
+};
+use crate::hint::wire::{
+    CmdId, Direction, PaOrderHint, VIRTQ_DESC_SIZE, VirtqDesc, decode_hints, pfn_runs, walk_chain,
 };
 
 mod model;

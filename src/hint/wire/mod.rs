@@ -12,11 +12,12 @@
 //!   le16 next`. [`walk_chain`] follows a chain through an untrusted descriptor table (QEMU
 //!   `virtqueue_pop`, vm-virtio `DescriptorChain`): indices are bounds-checked, loops end
 //!   with an error, indirect descriptors and unknown flags are refused.
-//! - **`pa | order` hints** (seed 003's aerator, `page_to_hints_pa_order`): one `u64` per
+//! - **`pa | order` hints** (the aerator's `page_to_hints_pa_order` in Duyck, "aerating
+//!   memory via hinting", 2019): one `u64` per
 //!   block, the block's physical address with the order (in 4 KiB units) in the low
 //!   [`VIRTIO_BALLOON_PFN_SHIFT`] bits, which the address's alignment leaves free. The order
 //!   of any block that fits in 64 bits is below `64 - 12 = 52 < 4096`, which is the
-//!   `BUILD_BUG_ON` of the seed, a [`const_assert!`] here.
+//!   `BUILD_BUG_ON` of that patch, a [`const_assert!`] here.
 //! - **Balloon PFN arrays** (inflate and deflate queues): `le32` frame numbers in 4 KiB units
 //!   (`VIRTIO_BALLOON_PFN_SHIFT`), whatever the guest's page size. A block of order `k` is
 //!   `2^k` consecutive entries. [`PfnRuns`] gives the host maximal runs of consecutive frames

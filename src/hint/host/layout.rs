@@ -10,16 +10,16 @@
 //! A region's *backing order* is the granularity at which the host gives memory back: the
 //! hugetlb page size for hugetlb-backed RAM (it cannot discard less), and a choice for
 //! THP-backed anonymous RAM: order 0 discards any 4 KiB page and splits the transparent huge
-//! page around it (what QEMU does, `qemu_ram_pagesize()` is 4 KiB there, and what seed 001
-//! measures), order 9 discards only whole 2 MiB pages and never splits one. Backing pages
-//! are aligned relative to the region's start (QEMU checks `ram_offset` against
+//! page around it (what QEMU does, `qemu_ram_pagesize()` is 4 KiB there, and what Hildenbrand's
+//! thread measures), order 9 discards only whole 2 MiB pages and never splits one. Backing
+//! pages are aligned relative to the region's start (QEMU checks `ram_offset` against
 //! `qemu_ram_pagesize(rb)`), so the embedder maps a region at a host address aligned to its
 //! backing page.
 
 use arrayvec::ArrayVec;
 
-use super::wire::hint_error_display;
 use crate::addr::{Gpa, PAGE_SIZE, PHYS_ADDR_BITS, PageOrder};
+use crate::hint::wire::hint_error_display;
 
 /// One region of guest RAM: `[start, start + size)`, backed by host pages of
 /// `4096 << backing` bytes (QEMU `RAMBlock`, vm-memory `GuestRegionMmap`).

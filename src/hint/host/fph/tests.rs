@@ -1,12 +1,12 @@
 //! The free-page-hint state machine, and a small live migration in which the guest reuses
-//! hinted pages: seed 003's race, replayed.
+//! hinted pages: the race argued about in (Duyck, "aerating memory via hinting", 2019), replayed.
 
 use std::vec;
 use std::vec::Vec;
 
 use super::*;
 use crate::addr::{Gpa, PageOrder};
-use crate::hint::layout::{RamLayout, RamRegion};
+use crate::hint::host::{RamLayout, RamRegion};
 use crate::hint::wire::{Direction, ScatterEntry, encode_chain, walk_chain};
 use crate::testing::Rng;
 

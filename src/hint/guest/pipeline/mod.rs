@@ -1,5 +1,5 @@
 //! `Pipeline`: a reporting pass with several batches in flight, each returned only on its own
-//! completion (seed 003's "send 32, refill as 16 come back").
+//! completion ("send 32, refill as 16 come back", (Duyck, "aerating memory via hinting", 2019)).
 
 use core::fmt;
 use core::ops::DerefMut;
@@ -11,7 +11,7 @@ use super::transport::{BatchId, PipelinedTransport};
 use crate::buddy::{Block, FrameMeta, LockedBuddy, PutBackError};
 
 /// A pipelined reporting pass over a [`Reporter`]: up to `WINDOW` batches of up to `CAP`
-/// blocks in flight at once. `Pipeline<16, 2>` is seed 003's scheme: 32 pages sent, and 16
+/// blocks in flight at once. `Pipeline<16, 2>` is the scheme of that thread: 32 pages sent, and 16
 /// more as soon as a batch of 16 comes back.
 ///
 /// The embedder drives it:
@@ -324,3 +324,6 @@ impl<const CAP: usize, const WINDOW: usize> fmt::Debug for Pipeline<CAP, WINDOW>
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -31,7 +31,8 @@ pub enum RequestState {
     Active,
 }
 
-/// The guest's free-page reporter (Linux `mm/page_reporting.c`, seed 003's "aerator"):
+/// The guest's free-page reporter (Linux `mm/page_reporting.c`; the
+/// "aerator" of (Duyck, "aerating memory via hinting", 2019)):
 /// policy, the request state shared with the free path, and the synchronous pass.
 ///
 /// `CAP` is the batch capacity (Linux `PAGE_REPORTING_CAPACITY`, 32), a power of two. The
@@ -209,10 +210,10 @@ impl<const CAP: usize> Reporter<CAP> {
         self.state.swap(REQUESTED, Ordering::SeqCst) == IDLE
     }
 
-    /// Forgets every reported flag in `buddy` (after live migration the destination host
-    /// backs every page again, seed 003) and asks for a pass; `true` means "schedule one".
-    /// Batches in flight at the time come back unreported even if their report succeeds:
-    /// they went to the previous host.
+    /// Forgets every reported flag in `buddy` (after live migration the destination host backs
+    /// every page again; Duyck, "aerating memory via hinting", 2019) and asks for a pass;
+    /// `true` means "schedule one". Batches in flight at the time come back unreported even if
+    /// their report succeeds: they went to the previous host.
     pub fn reset_reported<S, const M: usize>(&self, buddy: &LockedBuddy<S, M>) -> bool
     where
         S: DerefMut<Target = [FrameMeta]>,
@@ -457,3 +458,6 @@ impl Cursor {
         }
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests;

@@ -1,6 +1,7 @@
-//! Queries and allocation inside one naturally aligned range: what a THP-order balloon needs
-//! to take small blocks from a host huge page it has already broken rather than break a new
-//! one (seed 001). Linux has no counterpart; `alloc_contig_range` is the nearest relative.
+//! Queries and allocation inside one naturally aligned range: what a THP-order balloon needs to
+//! take small blocks from a host huge page it has already broken rather than break a new one
+//! (Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to handle THP spilt issue", 2020). Linux has no
+//! counterpart; `alloc_contig_range` is the nearest relative.
 //!
 //! Both walk the blocks of the range through the out-of-band metadata, head to head, so they
 //! cost O(blocks in the range) (at most 512 steps for a 2 MiB range), hold no state between

@@ -7,7 +7,8 @@ use crate::addr::Pfn;
 use crate::buddy::{BlockState, Buddy, FrameMeta};
 
 impl<S: DerefMut<Target = [u64]>> Balloon<S> {
-    /// Audits the balloon against the buddy: every head bit starts an allocated block, the
+    /// Audits the balloon against the buddy: every head bit starts an allocated block of the
+    /// order the balloon recorded for it, there are as many end bits as head bits, the
     /// per-host-page counts and the totals match those blocks, and the counters of broken and
     /// full host pages match the counts. O(window / 64 + blocks + host pages); for tests and
     /// debugging.
@@ -38,11 +39,13 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
                 let f = self.base + wi as u64 * 64 + u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
                 let pfn = Pfn::from_raw(f);
-                let Some(info) = buddy
-                    .block_info(pfn)
-                    .filter(|i| i.pfn == pfn && i.state == BlockState::Allocated)
-                else {
-                    return fail("ballooned head is not an allocated block", f);
+                let Some(order) = self.order_at(f - self.base) else {
+                    return fail("ballooned head has no recorded order", f);
+                };
+                let Some(info) = buddy.block_info(pfn).filter(|i| {
+                    i.pfn == pfn && i.order == order && i.state == BlockState::Allocated
+                }) else {
+                    return fail("ballooned head is not the allocated block recorded", f);
                 };
                 let end = f + info.order.frames();
                 if end > self.base + self.window {
@@ -64,6 +67,13 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         }
         if let Err(at) = settle(self.host_pages, &mut page, &mut acc) {
             return fail("host page count differs from its blocks", at);
+        }
+        let ends: u64 = self.words[self.bitmap_words..self.hp_base()]
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum();
+        if ends != blocks {
+            return fail("end bits differ from head bits", self.base);
         }
         if held != self.held || blocks != self.blocks {
             return fail("totals differ from the blocks", self.base);

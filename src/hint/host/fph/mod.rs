@@ -1,7 +1,11 @@
 //! The host's side of virtio `VIRTIO_BALLOON_F_FREE_PAGE_HINT`: during live migration the
 //! guest names pages that are free, and the host skips sending them.
 //!
-//! # The protocol (seed 003, Michael Tsirkin's write-up; QEMU `virtio-balloon.c`)
+//! # The protocol (QEMU `virtio-balloon.c`)
+//! As Michael Tsirkin wrote it up in the thread of (Duyck, "[v1,6/6] virtio-balloon: Add
+//! support for aerating memory via hinting", 2019-06-19,
+//! <20190619223338.1231.52537.stgit@localhost.localdomain>):
+//!
 //! 1. The host **syncs** its migration dirty bitmap: KVM's write log is folded into it and
 //!    cleared, and guest memory is write-protected again (QEMU `migration_bitmap_sync`).
 //! 2. The host starts a **round**: a new command id (2 and up; [`CmdId::next_run`]) in the
@@ -14,7 +18,7 @@
 //! 5. Before the next sync the host **stops** the round ([`FreePageHintSession::stop`]);
 //!    after migration it says [`CmdId::DONE`] and the guest frees what it held.
 //!
-//! # Why a reused page stays dirty (seed 003's race)
+//! # Why a reused page stays dirty (the race of the same thread)
 //! Alexander Duyck feared that a page hinted, then reallocated and written *before the host
 //! processed the hint*, would have its dirty bit cleared after the write and be lost. It is
 //! not, because there are two structures: KVM's write log, which records every write since
@@ -40,8 +44,8 @@
 
 use super::layout::{GuestRamLayout, for_each_piece};
 use super::receiver::RangeError;
-use super::wire::{ChainWalk, CmdId, CmdIdError};
 use crate::addr::{Gfn, PAGE_SHIFT, PAGE_SIZE, PHYS_ADDR_BITS};
+use crate::hint::wire::{ChainWalk, CmdId, CmdIdError};
 
 /// The migration dirty bitmap of the embedder (QEMU `RAMBlock::bmap`).
 pub trait DirtyBitmap {

@@ -3,7 +3,7 @@ use std::vec::Vec;
 
 use super::*;
 use crate::addr::PageOrder;
-use crate::hint::layout::{LayoutError, RamLayout, RegionError};
+use crate::hint::host::{LayoutError, RamLayout, RegionError};
 use crate::hint::wire::{Direction, PaOrderHint, ScatterEntry, encode_chain, walk_chain};
 
 const MIB: u64 = 1 << 20;
