@@ -17,11 +17,12 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::spt::CountingFlush;
 use crate::addr::{Address, Hpa, Level};
 use crate::spt::{
-    Action, CountingFlush, EntryRef, MapError, MapSize, PageTable, PendingFlush, PteFormat,
-    SplitChild, SplitTo, TableAlloc, TableArena, TableFrame, TableLinks, TableSlot, Tables,
-    VisitCtx, VisitKind, WalkFlags, split_entry,
+    Action, EntryRef, MapError, MapSize, PageTable, PendingFlush, PteFormat, SplitChild, SplitTo,
+    TableAlloc, TableArena, TableFrame, TableLinks, TableSlot, Tables, VisitCtx, VisitKind,
+    WalkFlags, split_entry,
 };
 
 /// Frames of the arena: a few hundred, so running out of tables is common too.
