@@ -126,13 +126,6 @@ impl<F: PteFormat> PageTable<F> {
         M: TableMemory + ?Sized,
         V: super::walk::Visitor<F, M>,
     {
-        walk::<F, M, V>(
-            Subtree::root::<F>(self.root()),
-            tables,
-            start,
-            end,
-            flags,
-            visitor,
-        )
+        walk::<F, M, V>(Subtree::root::<F>(self.root()), tables, start, end, flags, visitor)
     }
 }
