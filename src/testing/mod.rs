@@ -12,6 +12,7 @@
 pub mod buddy;
 pub mod report;
 pub mod spt;
+pub mod spt_raw;
 
 /// A small deterministic generator (xorshift64*), so randomized tests replay exactly.
 #[derive(Clone, Debug)]
