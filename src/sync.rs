@@ -125,6 +125,6 @@ impl<T> DerefMut for MutexGuard<'_, T> {
 /// every access: the hint batcher's request state and reset epoch (`usize`) and page-table
 /// entries (`u64`, loads, stores and compare-exchanges).
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};

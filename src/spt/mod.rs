@@ -255,7 +255,8 @@ impl<F: PteFormat> PageTable<F> {
     /// Frees every table of the tree, the root last (KVM `kvm_pgtable_stage2_destroy`).
     /// A table another parent still links is unlinked from this tree and kept whole. Only
     /// for a page table no hardware walks any more and whose translations no TLB holds.
-    /// On `BadTable` the tables reachable so far are freed and the rest leak.
+    /// On `BadTable` (an entry pointing outside table memory, or at a table of the wrong
+    /// level such as an ancestor) the tables reachable so far are freed and the rest leak.
     pub fn destroy<M: TableMemory + ?Sized>(self, mem: &mut M) -> Result<(), Hpa> {
         let mut visitor =
             |kind: VisitKind, ctx: &mut VisitCtx<'_, F>, tables: &mut Tables<'_, M>| {

@@ -542,7 +542,7 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
     /// Walks the subtree from `self.addr` to `self.end`.
     #[inline(always)]
     fn run(&mut self, subtree: Subtree) -> Result<(), WalkError<V::Error>> {
-        let Some(entries) = self.tables.table(subtree.table) else {
+        let Some(entries) = self.tables.table_at(subtree.table, subtree.level) else {
             return Err(WalkError::BadTable(subtree.table));
         };
         let table = subtree.table;
@@ -609,7 +609,10 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
             }
             if is_table && D::LEVEL.get() > 1 {
                 let child = F::table_addr(ctx.old);
-                let Some(child_entries) = self.tables.table(child) else {
+                // A table of the wrong level (its own table, an ancestor, a freed frame) is
+                // a corrupt entry, not a subtree: it would make the walk revisit tables.
+                let Some(child_entries) = self.tables.table_at(child, <D::Below as Depth>::LEVEL)
+                else {
                     return Err(WalkError::BadTable(child));
                 };
                 if self.table::<D::Below>(child, child_entries)? {

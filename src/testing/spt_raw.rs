@@ -462,7 +462,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
                     };
                     let _ = ctx.set(raw);
                     if let (true, Some(t)) = (link, target) {
-                        tables.link(t);
+                        tables.link(t, ctx.level().lower().unwrap_or(Level::L1));
                     }
                 })?;
                 stats.writes += usize::from(wrote);
@@ -595,7 +595,9 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
                     if unlink {
                         let _ = self.mem.unlink(t);
                     } else {
-                        self.mem.link(t);
+                        // Any level: a link at the wrong one makes walks refuse the table.
+                        let level = Level::new(1 + times % 5).unwrap_or(Level::L1);
+                        self.mem.link(t, level);
                     }
                 }
             }

@@ -7,7 +7,7 @@ use core::ptr::NonNull;
 
 use super::{FreeError, Table, TableAlloc, TableFrame, TableLinks, TableMapping, Unlinked};
 use crate::addr::{Hpa, Level, PAGE_SHIFT, PAGE_SIZE, PHYS_ADDR_BITS};
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::{AtomicU8, AtomicU32, Ordering};
 
 /// Why a [`TableArena`] could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +48,8 @@ pub struct TableSlot<H = ()> {
     /// Index + 1 of the next free slot, 0 at the end of the list.
     next_free: u32,
     state: u8,
-    level: u8,
+    /// The level the table serves at: set when it is allocated and when it is linked.
+    level: AtomicU8,
     header: H,
 }
 
@@ -61,7 +62,7 @@ impl<H> TableSlot<H> {
             links: AtomicU32::new(0),
             next_free: 0,
             state: FREE,
-            level: 0,
+            level: AtomicU8::new(0),
             header,
         }
     }
@@ -73,7 +74,7 @@ impl<H> TableSlot<H> {
             links: AtomicU32::new(0),
             next_free: 0,
             state: FREE,
-            level: 0,
+            level: AtomicU8::new(0),
             header,
         }
     }
@@ -89,7 +90,7 @@ impl<H> fmt::Debug for TableSlot<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TableSlot")
             .field("state", &self.state)
-            .field("level", &self.level)
+            .field("level", &self.level.load(Ordering::Relaxed))
             .field("links", &self.links.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -223,7 +224,7 @@ impl<'a, H> TableArena<'a, H> {
     /// The level an allocated table was allocated for.
     pub fn level(&self, table: Hpa) -> Option<Level> {
         let index = self.allocated_index(table)?;
-        Level::new(self.slots[index].level).ok()
+        Level::new(self.slots[index].level.load(Ordering::Relaxed)).ok()
     }
 
     #[inline]
@@ -297,7 +298,7 @@ impl<H> TableAlloc for TableArena<'_, H> {
         };
         let slot = &mut self.slots[index];
         slot.state = ALLOCATED;
-        slot.level = level.get();
+        slot.level.store(level.get(), Ordering::Relaxed);
         slot.next_free = 0;
         slot.links.store(0, Ordering::Relaxed);
         self.allocated += 1;
@@ -335,9 +336,11 @@ unsafe impl<H> TableMapping for TableArena<'_, H> {
 
 impl<H> TableLinks for TableArena<'_, H> {
     #[inline]
-    fn link(&self, table: Hpa) {
+    fn link(&self, table: Hpa, level: Level) {
         if let Some(index) = self.allocated_index(table) {
-            self.slots[index].links.fetch_add(1, Ordering::AcqRel);
+            let slot = &self.slots[index];
+            slot.level.store(level.get(), Ordering::Release);
+            slot.links.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -357,6 +360,12 @@ impl<H> TableLinks for TableArena<'_, H> {
     fn links(&self, table: Hpa) -> u32 {
         self.allocated_index(table)
             .map_or(0, |index| self.slots[index].links.load(Ordering::Acquire))
+    }
+
+    #[inline]
+    fn is_table_at(&self, table: Hpa, level: Level) -> bool {
+        self.allocated_index(table)
+            .is_some_and(|index| self.slots[index].level.load(Ordering::Acquire) == level.get())
     }
 }
 
@@ -434,8 +443,8 @@ unsafe impl<H> TableMapping for &LockedArena<'_, H> {
 }
 
 impl<H> TableLinks for &LockedArena<'_, H> {
-    fn link(&self, table: Hpa) {
-        self.inner.lock().link(table);
+    fn link(&self, table: Hpa, level: Level) {
+        self.inner.lock().link(table, level);
     }
 
     fn unlink(&self, table: Hpa) -> Unlinked {
@@ -444,5 +453,9 @@ impl<H> TableLinks for &LockedArena<'_, H> {
 
     fn links(&self, table: Hpa) -> u32 {
         self.inner.lock().links(table)
+    }
+
+    fn is_table_at(&self, table: Hpa, level: Level) -> bool {
+        self.inner.lock().is_table_at(table, level)
     }
 }

@@ -160,14 +160,23 @@ pub enum Unlinked {
 }
 
 /// The ownership hook: how many parent entries link each table (KVM's `parent_ptes` of a
-/// shadow page). The defaults describe a tree, where every table has exactly one parent.
+/// shadow page), and at which level each table serves. The defaults describe a tree, where
+/// every table has exactly one parent, and know no levels.
+///
 /// Operations call [`link`](Self::link) when they install a table entry and
 /// [`unlink`](Self::unlink) when they clear one; a visitor or an embedder that links a
 /// table from a second parent (a shadow page shared by two parents) calls `link` itself.
+/// The walker asks [`is_table_at`](Self::is_table_at) before it descends into a table, so
+/// a memory that keeps levels (as [`TableArena`] does) turns an entry pointing at a table
+/// of the wrong level — its own table, an ancestor, a freed frame: a cycle written by a
+/// visitor or by a guest that owns the memory — into [`WalkError::BadTable`] instead of a
+/// walk that revisits the same tables exponentially often.
+///
+/// [`WalkError::BadTable`]: crate::spt::WalkError::BadTable
 pub trait TableLinks {
-    /// A parent entry now points to `table`.
-    fn link(&self, table: Hpa) {
-        let _ = table;
+    /// A parent entry at level `level + 1` now points to `table`, which serves at `level`.
+    fn link(&self, table: Hpa, level: Level) {
+        let _ = (table, level);
     }
 
     /// A parent entry no longer points to `table`: is it free now?
@@ -180,6 +189,12 @@ pub trait TableLinks {
     fn links(&self, table: Hpa) -> u32 {
         let _ = table;
         1
+    }
+
+    /// Whether `table` is a live table serving at `level` (`true` when unknown).
+    fn is_table_at(&self, table: Hpa, level: Level) -> bool {
+        let _ = (table, level);
+        true
     }
 }
 
@@ -233,8 +248,8 @@ unsafe impl<M: TableMapping + ?Sized, A: ?Sized> TableMapping for WithAlloc<'_, 
 
 impl<M: TableLinks + ?Sized, A: ?Sized> TableLinks for WithAlloc<'_, M, A> {
     #[inline]
-    fn link(&self, table: Hpa) {
-        self.mapping.link(table);
+    fn link(&self, table: Hpa, level: Level) {
+        self.mapping.link(table, level);
     }
 
     #[inline]
@@ -245,6 +260,11 @@ impl<M: TableLinks + ?Sized, A: ?Sized> TableLinks for WithAlloc<'_, M, A> {
     #[inline]
     fn links(&self, table: Hpa) -> u32 {
         self.mapping.links(table)
+    }
+
+    #[inline]
+    fn is_table_at(&self, table: Hpa, level: Level) -> bool {
+        self.mapping.is_table_at(table, level)
     }
 }
 
@@ -333,6 +353,16 @@ impl<'m, M: TableMemory + ?Sized> Tables<'m, M> {
         }
     }
 
+    /// The table at `table` if the memory holds it and (where it keeps levels) it serves at
+    /// `level`: what the walker descends into.
+    #[inline]
+    pub fn table_at(&self, table: Hpa, level: Level) -> Option<&'m Table> {
+        if !self.memory().is_table_at(table, level) {
+            return None;
+        }
+        self.table(table)
+    }
+
     /// The table at `table`, or `None` if the memory does not hold that address.
     #[inline]
     pub fn table(&self, table: Hpa) -> Option<&'m Table> {
@@ -344,11 +374,11 @@ impl<'m, M: TableMemory + ?Sized> Tables<'m, M> {
         Some(unsafe { ptr.as_ref() })
     }
 
-    /// Records that an entry now links `table` (see [`TableLinks`]).
+    /// Records that an entry now links `table`, serving at `level` (see [`TableLinks`]).
     #[inline]
-    pub fn link(&self, table: Hpa) {
+    pub fn link(&self, table: Hpa, level: Level) {
         if self.writable {
-            self.memory().link(table);
+            self.memory().link(table, level);
         }
     }
 

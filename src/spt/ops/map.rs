@@ -78,7 +78,7 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for MapVisitor {
         let child = super::child_level(level);
         let table = tables.alloc(child).ok_or(MapError::OutOfTables)?;
         if ctx.set(F::table_entry(table)) {
-            tables.link(table);
+            tables.link(table, child);
             // The walker reads the entry again and descends into the new table.
             return Ok(Action::Continue);
         }

@@ -145,7 +145,7 @@ where
     if !at.set(F::table_entry(table)) {
         return Err(SplitEntryError::NotHuge);
     }
-    mem.link(table);
+    mem.link(table, below);
     let base = at.raw_addr();
     let mut value = first;
     for i in 0..ENTRIES {

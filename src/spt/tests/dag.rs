@@ -252,7 +252,7 @@ pub(super) fn existing_child_with_table_asks_for_flush<F: PteFormat>() {
         .ctx::<F, _>(&mem, va(3 * MIB2), Level::L2, excl)
         .unwrap();
     assert!(c3.set(F::table_entry(grandchild)));
-    mem.link(grandchild);
+    mem.link(grandchild, Level::L1);
     let mut ctx = h.ctx::<F, _>(&mem, va(0), Level::L3, excl).unwrap();
     let mut reported = Vec::new();
     let done = split_entry(

@@ -243,7 +243,7 @@ fn arena_free_list_is_out_of_band() {
     assert_eq!(mem.free_table(c), Err(FreeError::NotAllocated));
     assert_eq!(mem.free_table(pa(TABLES_AT + 8)), Err(FreeError::NotATable));
     assert_eq!(mem.free_table(pa(0)), Err(FreeError::NotATable));
-    mem.link(d);
+    mem.link(d, Level::L1);
     assert_eq!(mem.free_table(d), Err(FreeError::StillLinked));
     assert_eq!(mem.unlink(d), Unlinked::Free);
     mem.free_table(d).unwrap();
@@ -422,4 +422,60 @@ fn threads_in_shared_mode_ept() {
     for _ in 0..if cfg!(miri) { 1 } else { 20 } {
         threads_in_shared_mode::<Ept>();
     }
+}
+
+/// A root whose 512 entries all point back at the root (written by a visitor, or by a guest
+/// that owns the table memory) once made a whole-space walk visit 512^3 tables (42 s for
+/// `table_count` in a release build); every walk now refuses a table of the wrong level.
+fn cycles_are_bad_tables<F: PteFormat>() {
+    let mut f = frames(8);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    let root = pt.root();
+    let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'_>>| {
+        assert!(ctx.set(F::table_entry(root)));
+        Ok::<_, ()>(Action::SkipSubtree)
+    };
+    let space = 1u64 << F::INPUT_BITS;
+    pt.walk(&mut mem, va(0), space, WalkFlags::LEAF, &mut v)
+        .unwrap();
+    assert_eq!(pt.table_count(&mem), Err(WalkError::BadTable(root)));
+    assert_eq!(
+        pt.translate(&mem, va(0x1234)),
+        Err(TranslateError::BadTable)
+    );
+    assert_eq!(
+        pt.map(
+            &mut mem,
+            va(0),
+            pa(0),
+            KIB4,
+            rw::<F>(),
+            MapSize::Largest,
+            WalkFlags::empty()
+        ),
+        Err(MapError::BadTable)
+    );
+    // A freed table is no table either.
+    let t = mem.alloc_table(Level::L3).unwrap();
+    mem.free_table(t).unwrap();
+    let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'_>>| {
+        assert!(ctx.set(F::table_entry(t)));
+        Ok::<_, ()>(Action::SkipSubtree)
+    };
+    pt.walk(
+        &mut mem,
+        va(0),
+        KIB4,
+        WalkFlags::LEAF | WalkFlags::TABLE_PRE,
+        &mut v,
+    )
+    .unwrap();
+    assert_eq!(pt.translate(&mem, va(0)), Err(TranslateError::BadTable));
+}
+
+#[test]
+fn cycles_are_bad_tables_all_formats() {
+    cycles_are_bad_tables::<X86_64>();
+    cycles_are_bad_tables::<X86_64La57>();
+    cycles_are_bad_tables::<Ept>();
 }
