@@ -469,13 +469,15 @@ struct Walker<'w, 'm, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> {
     /// The next address to visit.
     addr: u64,
     shared: bool,
+    /// Whether to check the level of each table before descending (see `table`).
+    check_levels: bool,
     _format: PhantomData<F>,
 }
 
 /// Walks `[start, end)` of `subtree` (KVM `kvm_pgtable_walk`). The range must lie inside
 /// the subtree and the format's input addresses. Always inlined, so a walk from a root
 /// (whose level is the format's constant) keeps only the loop nest of that level.
-#[inline(always)]
+#[inline]
 pub(crate) fn walk<F, M, V>(
     subtree: Subtree,
     tables: &mut Tables<'_, M>,
@@ -504,6 +506,9 @@ where
         end,
         addr: start,
         shared: flags.contains(WalkFlags::SHARED),
+        // A walk of at most one page follows one path of at most five tables: a cycle
+        // cannot make it revisit anything, so it skips the checks (translate's hot path).
+        check_levels: end - start > PAGE_SIZE,
         _format: PhantomData,
     };
     walker.run(subtree)
@@ -540,14 +545,42 @@ depth! {
 
 impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm, F, M, V> {
     /// Walks the subtree from `self.addr` to `self.end`.
-    #[inline(always)]
+    #[inline]
     fn run(&mut self, subtree: Subtree) -> Result<(), WalkError<V::Error>> {
-        let Some(entries) = self.tables.table_at(subtree.table, subtree.level) else {
+        let entries = if self.check_levels {
+            self.tables.table_at(subtree.table, subtree.level)
+        } else {
+            self.tables.table(subtree.table)
+        };
+        let Some(entries) = entries else {
             return Err(WalkError::BadTable(subtree.table));
         };
         let table = subtree.table;
-        let stopped = match subtree.level.get() {
-            5 => self.table::<D5>(table, entries),
+        if subtree.level == F::ROOT_LEVEL {
+            // Dispatched on the format's constant: one loop nest, with the visitor inlined
+            // into every level of it.
+            let stopped = match F::ROOT_LEVEL.get() {
+                5 => self.table::<D5>(table, entries),
+                4 => self.table::<D4>(table, entries),
+                3 => self.table::<D3>(table, entries),
+                2 => self.table::<D2>(table, entries),
+                _ => self.table::<D1>(table, entries),
+            };
+            return stopped.map(|_| ());
+        }
+        self.run_below_root(table, subtree.level, entries)
+    }
+
+    /// A walk from a table below the root: the nests of every lower level, out of line so
+    /// they do not crowd the root walk's.
+    #[inline(never)]
+    fn run_below_root(
+        &mut self,
+        table: Hpa,
+        level: Level,
+        entries: &'m Table,
+    ) -> Result<(), WalkError<V::Error>> {
+        let stopped = match level.get() {
             4 => self.table::<D4>(table, entries),
             3 => self.table::<D3>(table, entries),
             2 => self.table::<D2>(table, entries),
@@ -611,8 +644,16 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
                 let child = F::table_addr(ctx.old);
                 // A table of the wrong level (its own table, an ancestor, a freed frame) is
                 // a corrupt entry, not a subtree: it would make the walk revisit tables.
-                let Some(child_entries) = self.tables.table_at(child, <D::Below as Depth>::LEVEL)
-                else {
+                // Only tables that hold tables can: a wrong table read as level 1 yields at
+                // most 512 wrong leaves, so that (cold, per-leaf-table) check is skipped, as
+                // are the checks of a walk that follows one path.
+                let below = <D::Below as Depth>::LEVEL;
+                let child_entries = if below.get() > 1 && self.check_levels {
+                    self.tables.table_at(child, below)
+                } else {
+                    self.tables.table(child)
+                };
+                let Some(child_entries) = child_entries else {
                     return Err(WalkError::BadTable(child));
                 };
                 if self.table::<D::Below>(child, child_entries)? {

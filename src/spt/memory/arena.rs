@@ -48,7 +48,8 @@ pub struct TableSlot<H = ()> {
     /// Index + 1 of the next free slot, 0 at the end of the list.
     next_free: u32,
     state: u8,
-    /// The level the table serves at: set when it is allocated and when it is linked.
+    /// The level the table serves at: set when it is allocated and when it is linked, 0
+    /// while the frame is free (so one load tells a live table of a level).
     level: AtomicU8,
     header: H,
 }
@@ -315,6 +316,7 @@ impl<H> TableAlloc for TableArena<'_, H> {
             return Err(FreeError::StillLinked);
         }
         slot.state = FREE;
+        slot.level.store(0, Ordering::Relaxed);
         slot.next_free = self.free_head;
         // `index < frames < u32::MAX` (checked in `new`).
         self.free_head = index as u32 + 1;
@@ -364,8 +366,11 @@ impl<H> TableLinks for TableArena<'_, H> {
 
     #[inline]
     fn is_table_at(&self, table: Hpa, level: Level) -> bool {
-        self.allocated_index(table)
-            .is_some_and(|index| self.slots[index].level.load(Ordering::Acquire) == level.get())
+        // Level 0 marks a free frame, and frames past `next` were never handed out.
+        self.index(table)
+            .filter(|&index| index < self.next)
+            .and_then(|index| self.slots.get(index))
+            .is_some_and(|slot| slot.level.load(Ordering::Acquire) == level.get())
     }
 }
 

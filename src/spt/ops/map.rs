@@ -75,17 +75,27 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for MapVisitor {
             // Validation makes this unreachable: the range is aligned to the smallest size.
             return Err(MapError::Unaligned);
         }
-        let child = super::child_level(level);
-        let table = tables.alloc(child).ok_or(MapError::OutOfTables)?;
-        if ctx.set(F::table_entry(table)) {
-            tables.link(table, child);
-            // The walker reads the entry again and descends into the new table.
-            return Ok(Action::Continue);
-        }
-        // Never visible to anyone: give it back at once.
-        let _ = tables.free(table);
-        raced::<F>(ctx)
+        install_table(ctx, tables)
     }
+}
+
+/// Installs a new table where a leaf cannot go. Once per table, not per leaf: kept out of
+/// line so the per-leaf path of the visitor stays small enough to inline into the walk.
+#[inline(never)]
+fn install_table<F: PteFormat, M: TableMemory + ?Sized>(
+    ctx: &mut VisitCtx<'_, F>,
+    tables: &mut Tables<'_, M>,
+) -> Result<Action, MapError> {
+    let child = super::child_level(ctx.level());
+    let table = tables.alloc(child).ok_or(MapError::OutOfTables)?;
+    if ctx.set(F::table_entry(table)) {
+        tables.link(table, child);
+        // The walker reads the entry again and descends into the new table.
+        return Ok(Action::Continue);
+    }
+    // Never visible to anyone: give it back at once.
+    let _ = tables.free(table);
+    raced::<F>(ctx)
 }
 
 /// A shared-mode update lost its race: descend if the winner installed a table.

@@ -113,7 +113,7 @@ impl<F: PteFormat> PageTable<F> {
         self.walk_in(&mut Tables::new(mem), start, end, flags, visitor)
     }
 
-    #[inline(always)]
+    #[inline]
     fn walk_in<M, V>(
         &self,
         tables: &mut Tables<'_, M>,

@@ -426,7 +426,8 @@ fn threads_in_shared_mode_ept() {
 
 /// A root whose 512 entries all point back at the root (written by a visitor, or by a guest
 /// that owns the table memory) once made a whole-space walk visit 512^3 tables (42 s for
-/// `table_count` in a release build); every walk now refuses a table of the wrong level.
+/// `table_count` in a release build); every walk that can branch now refuses a table of the
+/// wrong level.
 fn cycles_are_bad_tables<F: PteFormat>() {
     let mut f = frames(8);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
@@ -439,16 +440,15 @@ fn cycles_are_bad_tables<F: PteFormat>() {
     pt.walk(&mut mem, va(0), space, WalkFlags::LEAF, &mut v)
         .unwrap();
     assert_eq!(pt.table_count(&mem), Err(WalkError::BadTable(root)));
-    assert_eq!(
-        pt.translate(&mem, va(0x1234)),
-        Err(TranslateError::BadTable)
-    );
+    // One translation follows one path and cannot loop; what it finds in a corrupt tree is
+    // not a translation to rely on, but it ends.
+    let _ = pt.translate(&mem, va(0x1234));
     assert_eq!(
         pt.map(
             &mut mem,
             va(0),
             pa(0),
-            KIB4,
+            2 * KIB4,
             rw::<F>(),
             MapSize::Largest,
             WalkFlags::empty()
@@ -470,7 +470,7 @@ fn cycles_are_bad_tables<F: PteFormat>() {
         &mut v,
     )
     .unwrap();
-    assert_eq!(pt.translate(&mem, va(0)), Err(TranslateError::BadTable));
+    assert_eq!(pt.table_count(&mem), Err(WalkError::BadTable(t)));
 }
 
 #[test]
