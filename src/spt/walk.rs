@@ -103,7 +103,12 @@ impl<E: fmt::Debug + fmt::Display> core::error::Error for WalkError<E> {}
 /// `struct kvm_pgtable_visit_ctx`).
 pub struct VisitCtx<'t, F: PteFormat> {
     slot: &'t AtomicU64,
-    entry: EntryRef,
+    /// The table holding the entry; the index comes from the slot's address (tables are
+    /// 4 KiB aligned where they are mapped, entries 8 bytes), so the walk carries no more
+    /// than this. Loom's atomics are larger: under loom the index is kept.
+    table: Hpa,
+    #[cfg(loom)]
+    index: usize,
     old: u64,
     addr: u64,
     level: Level,
@@ -129,7 +134,11 @@ impl<'t, F: PteFormat> VisitCtx<'t, F> {
     /// The handle of the entry: its table and index (what an rmap stores).
     #[inline]
     pub fn entry(&self) -> EntryRef {
-        self.entry
+        #[cfg(not(loom))]
+        let index = (core::ptr::from_ref(self.slot).addr() / 8) % ENTRIES;
+        #[cfg(loom)]
+        let index = self.index;
+        EntryRef(self.table.get() | index as u64)
     }
 
     /// The level of the table holding the entry.
@@ -235,7 +244,7 @@ impl<'t, F: PteFormat> VisitCtx<'t, F> {
 impl<F: PteFormat> fmt::Debug for VisitCtx<'_, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VisitCtx")
-            .field("entry", &self.entry)
+            .field("entry", &self.entry())
             .field("addr", &format_args!("{:#x}", self.addr))
             .field("level", &self.level.get())
             .field("old", &format_args!("{:#x}", self.old))
@@ -367,7 +376,9 @@ impl EntryRef {
         let slot = &table[self.index()];
         Ok(VisitCtx {
             slot,
-            entry: self,
+            table: self.table(),
+            #[cfg(loom)]
+            index: self.index(),
             old: slot.load(Ordering::Acquire),
             addr: raw,
             level,
@@ -606,7 +617,9 @@ impl<'m, F: PteFormat, M: TableMemory + ?Sized, V: Visitor<F, M>> Walker<'_, 'm,
             let addr = self.addr & !(size - 1);
             let mut ctx = VisitCtx::<F> {
                 slot,
-                entry: EntryRef(table.get() | index as u64),
+                table,
+                #[cfg(loom)]
+                index,
                 old: slot.load(Ordering::Acquire),
                 addr,
                 level,
