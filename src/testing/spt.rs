@@ -576,16 +576,7 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
     /// Everything the tree maps equals the model; sampled translations agree; no table
     /// leaked.
     pub fn check(&self, samples: &[u64]) -> Result<(), String> {
-        let reachable = self
-            .pt
-            .table_count(&self.mem)
-            .map_err(|e| format!("{e:?}"))?;
-        if reachable != self.mem.allocated() {
-            return Err(format!(
-                "{} tables allocated, {reachable} reachable",
-                self.mem.allocated()
-            ));
-        }
+        no_leak(&self.pt, &self.mem)?;
         let ours = self.runs()?;
         let model = self.model.runs();
         if ours != model {
@@ -632,6 +623,20 @@ impl<'a, F: PteFormat> PtHarness<'a, F> {
         }
         Ok(())
     }
+}
+
+/// Tables allocated = tables reachable from the root: no leak, and no table linked twice.
+pub fn no_leak<F: PteFormat>(pt: &PageTable<F>, mem: &TableArena<'_>) -> Result<(), String> {
+    let reachable = pt
+        .table_count(mem)
+        .map_err(|e| format!("table_count: {e:?}"))?;
+    if reachable != mem.allocated() {
+        return Err(format!(
+            "{} tables allocated, {reachable} reachable",
+            mem.allocated()
+        ));
+    }
+    Ok(())
 }
 
 /// A random op, for the randomized tests.

@@ -244,16 +244,7 @@ impl<'a, F: PteFormat> Epoch<'a, F> {
         }
         if clean && !self.dirty {
             stats.clean_ops += 1;
-            let count = self
-                .pt
-                .table_count(&self.mem)
-                .map_err(|e| format!("table_count on a clean tree: {e:?}"))?;
-            if count != self.mem.allocated() {
-                return Err(format!(
-                    "clean tree: {count} tables reachable, {} allocated",
-                    self.mem.allocated()
-                ));
-            }
+            super::spt::no_leak(&self.pt, &self.mem).map_err(|e| format!("clean tree: {e}"))?;
         }
         Ok(next)
     }
