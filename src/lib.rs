@@ -36,6 +36,7 @@ extern crate std;
 
 pub mod addr;
 pub mod buddy;
+pub mod cache;
 pub mod hint;
 pub mod spt;
 mod sync;
