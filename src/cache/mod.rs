@@ -22,7 +22,7 @@
 //!
 //! Objects come from an [`ObjectSource`], the embedder's fallible allocator (shadow-page
 //! headers and `PteListDesc`s will come from one); tables come from any
-//! [`TableAlloc`](crate::spt::TableAlloc), usually the [`TableArena`](crate::spt::TableArena).
+//! [`TableAlloc`], usually the [`TableArena`](crate::spt::TableArena).
 //!
 //! # Why top-up is outside the lock
 //!
