@@ -46,7 +46,8 @@
 //! # Why `alloc` answers `Option`
 //!
 //! KVM's `kvm_mmu_memory_cache_alloc` cannot fail: after a successful top-up an empty cache
-//! is a bug, and KVM `BUG_ON`s (or falls back to `GFP_ATOMIC`). We may not panic, so
+//! is a bug, so KVM `WARN_ON`s, tries a `GFP_ATOMIC` allocation and `BUG_ON`s if that
+//! fails. We may not panic, so
 //! [`alloc`](MemoryCache::alloc) answers `Option<T>` and the guarantee is made checkable
 //! instead: a successful `top_up(src, min)` returns a [`Reserved`] count, and
 //! `cache.len() >= min` holds until the caller takes objects; code under the lock compares
