@@ -25,8 +25,9 @@
 //! invariants every test and fuzz target checks, and cites the mailing-list threads the
 //! requirements come from; `BENCHMARKS.md` has the measured figures against peers.
 //!
-//! Planned, not here yet: shadow pages with reverse maps, MMU memory caches, dirty logging
-//! and the eager huge-page splitter that builds on [`spt`].
+//! [`cache`] holds the MMU memory caches (objects and tables taken outside the MMU lock) the
+//! shadow MMU will pop under it. Planned, not here yet: shadow pages with reverse maps,
+//! dirty logging and the eager huge-page splitter that builds on [`spt`] and [`cache`].
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
