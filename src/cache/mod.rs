@@ -417,7 +417,7 @@ impl<const CAP: usize> TableAlloc for TableCache<CAP> {
     }
 
     /// Keeps the table for reuse, or in the overflow when the cache is full. Refused with
-    /// [`FreeError::NotAllocated`] only when the overflow is full too (the caller still owns
+    /// [`FreeError::Full`] only when the overflow is full too (the caller still owns
     /// the table then): call [`release_overflow`](Self::release_overflow) first.
     fn free_table(&mut self, table: Hpa) -> Result<(), FreeError> {
         match self.tables.put(table) {
@@ -425,7 +425,7 @@ impl<const CAP: usize> TableAlloc for TableCache<CAP> {
             Err(table) => self
                 .overflow
                 .try_push(table)
-                .map_err(|_| FreeError::NotAllocated),
+                .map_err(|_| FreeError::Full),
         }
     }
 }

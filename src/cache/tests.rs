@@ -331,6 +331,6 @@ fn table_cache_full_overflow_refuses() {
     assert_eq!((cache.len(), cache.overflow()), (1, DEFER_TABLES));
     assert_eq!(
         cache.free_table(Hpa::new(0x1000_0000).unwrap()),
-        Err(FreeError::NotAllocated)
+        Err(FreeError::Full)
     );
 }

@@ -96,6 +96,9 @@ pub enum FreeError {
     NotAllocated,
     /// A parent entry still links the table (its link count is not zero).
     StillLinked,
+    /// The allocator has no room to take the table back (a full cache); the caller still
+    /// owns it.
+    Full,
 }
 
 impl fmt::Display for FreeError {
@@ -104,6 +107,7 @@ impl fmt::Display for FreeError {
             Self::NotATable => "address is not a table of this memory",
             Self::NotAllocated => "table is not allocated (double free?)",
             Self::StillLinked => "table is still linked from a parent entry",
+            Self::Full => "no room to take the table back",
         })
     }
 }
