@@ -422,10 +422,7 @@ impl<const CAP: usize> TableAlloc for TableCache<CAP> {
     fn free_table(&mut self, table: Hpa) -> Result<(), FreeError> {
         match self.tables.put(table) {
             Ok(()) => Ok(()),
-            Err(table) => self
-                .overflow
-                .try_push(table)
-                .map_err(|_| FreeError::Full),
+            Err(table) => self.overflow.try_push(table).map_err(|_| FreeError::Full),
         }
     }
 }
