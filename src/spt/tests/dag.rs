@@ -43,8 +43,7 @@ pub(super) fn two_parent_dag<F: PteFormat>() {
     let huge = MapSize::Exactly(Level::L2);
     let excl = WalkFlags::empty();
     for pt in [&pt1, &pt2] {
-        pt.map(&mut mem, va(0), pa(GIB1), MIB2, rw::<F>(), huge, excl)
-            .unwrap();
+        map_rw(pt, &mut mem, 0, GIB1, MIB2, huge);
     }
     assert_eq!(mem.allocated(), 2 * (F::ROOT_LEVEL.get() as usize - 1));
 
@@ -132,16 +131,7 @@ pub(super) fn destroy_keeps_shared_child<F: PteFormat>() {
     let pt2 = PageTable::<F>::new(&mut mem).unwrap();
     let excl = WalkFlags::empty();
     for pt in [&pt1, &pt2] {
-        pt.map(
-            &mut mem,
-            va(0),
-            pa(0),
-            MIB2,
-            rw::<F>(),
-            MapSize::Exactly(Level::L2),
-            excl,
-        )
-        .unwrap();
+        map_rw(pt, &mut mem, 0, 0, MIB2, MapSize::Exactly(Level::L2));
     }
     let child = mem.alloc_table_to_fill(Level::L1).unwrap();
     for pt in [&pt1, &pt2] {
@@ -167,16 +157,7 @@ pub(super) fn split_entry_refusals<F: PteFormat>() {
     let mut f = frames(16);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     let excl = WalkFlags::empty();
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(GIB1),
-        MIB2,
-        rw::<F>(),
-        MapSize::Exactly(Level::L2),
-        excl,
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, GIB1, MIB2, MapSize::Exactly(Level::L2));
     let h = handle_at(&pt, &mut mem, 0, Level::L2);
     let huge = h.load(&mem).unwrap();
     let child = mem.alloc_table(Level::L1).unwrap();
@@ -221,16 +202,7 @@ pub(super) fn existing_child_with_table_asks_for_flush<F: PteFormat>() {
     let mut f = frames(16);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     let excl = WalkFlags::empty();
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        GIB1,
-        rw::<F>(),
-        MapSize::Exactly(Level::L3),
-        excl,
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, GIB1, MapSize::Exactly(Level::L3));
     let h = handle_at(&pt, &mut mem, 0, Level::L3);
     let child = mem.alloc_table(Level::L2).unwrap();
     let grandchild = mem.alloc_table(Level::L1).unwrap();
@@ -296,16 +268,7 @@ pub(super) fn split_from_a_cache_resumes<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     let excl = WalkFlags::empty();
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        GIB1,
-        rw::<F>(),
-        MapSize::Exactly(Level::L2),
-        excl,
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, GIB1, MapSize::Exactly(Level::L2));
     let mut cache = Cache(Vec::new());
     let (mut at, end, mut rounds, mut split) = (0u64, GIB1, 0, 0);
     loop {
@@ -354,16 +317,14 @@ pub(super) fn subtree_walks_and_handles<F: PteFormat>() {
     let mut f = frames(16);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     let excl = WalkFlags::empty();
-    pt.map(
+    map_rw(
+        &pt,
         &mut mem,
-        va(GIB1),
-        pa(0),
+        GIB1,
+        0,
         2 * MIB2,
-        rw::<F>(),
         MapSize::Exactly(Level::L1),
-        excl,
-    )
-    .unwrap();
+    );
     let l1 = F::table_addr(
         handle_at(&pt, &mut mem, GIB1 + MIB2, Level::L2)
             .load(&mem)
@@ -451,16 +412,7 @@ pub(super) fn max_leaf_level_holds<F: PteFormat>() {
     let mut pt = pt.with_max_leaf(Level::L2);
     assert_eq!(pt.max_leaf(), Level::L2);
     let excl = WalkFlags::empty();
-    pt.map(
-        &mut mem,
-        va(GIB1),
-        pa(GIB1),
-        GIB1,
-        rw::<F>(),
-        MapSize::Largest,
-        excl,
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, GIB1, GIB1, GIB1, MapSize::Largest);
     assert_maps(&pt, &mem, GIB1 + 5, GIB1 + 5, Level::L2);
     assert_eq!(
         pt.map(
@@ -498,16 +450,7 @@ pub(super) fn unmap_refuses_before_changing_anything<F: PteFormat>() {
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     let excl = WalkFlags::empty();
     let l4 = Level::L4.page_size();
-    pt.map(
-        &mut mem,
-        va(l4 - KIB4),
-        pa(0),
-        KIB4,
-        rw::<F>(),
-        MapSize::Largest,
-        excl,
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, l4 - KIB4, 0, KIB4, MapSize::Largest);
     // A "512 GiB leaf" right after it, in the level-4 table.
     let mut raw = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, _: &mut Tables<'_, TableArena<'_>>| {
         if ctx.level() == Level::L4 {

@@ -73,16 +73,7 @@ fn unmap_gathers_each_range_once() {
     let mut f = frames(64);
     let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let size = MapSize::Exactly(Level::L1);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        16 * KIB4,
-        rw::<X86_64>(),
-        size,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, 16 * KIB4, size);
     let pending = pt.unmap(&mut mem, va(0), MIB2).unwrap();
     assert_eq!(pending.gather().ranges(), &[range(0, 16 * KIB4, Level::L1)]);
     assert_eq!(pending.tables_to_free(), 3);
@@ -96,16 +87,7 @@ fn unmap_many_ranges_flushes_all() {
     let mut f = frames(64);
     let (mut mem, mut pt) = setup::<X86_64>(&f.frames, &mut f.slots);
     let size = MapSize::Exactly(Level::L1);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        MIB2,
-        rw::<X86_64>(),
-        size,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, MIB2, size);
     // Unmap every other page: more separate ranges than the gather holds.
     let mut pending = PendingFlush::new();
     for i in 0..(GATHER_RANGES as u64 + 1) {
@@ -258,16 +240,7 @@ fn arena_free_list_is_out_of_band() {
 fn visitor_cannot_free_linked_table<F: PteFormat>() {
     let mut f = frames(16);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        KIB4,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, KIB4, MapSize::Largest);
     let before = mem.allocated();
     let mut refused = 0;
     let mut v = |_: VisitKind, ctx: &mut VisitCtx<'_, F>, t: &mut Tables<'_, TableArena<'_>>| {

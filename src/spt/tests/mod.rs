@@ -74,6 +74,19 @@ pub(super) fn assert_maps<F: PteFormat, M: TableMemory>(
     assert_eq!(t.level, level, "{} va {v:#x}", F::NAME);
 }
 
+/// Maps `[v, v + len)` to `p` read-write with the sizes `size` allows, exclusively; must work.
+pub(super) fn map_rw<F: PteFormat, M: TableMemory>(
+    pt: &PageTable<F>,
+    mem: &mut M,
+    v: u64,
+    p: u64,
+    len: u64,
+    size: MapSize,
+) {
+    pt.map(mem, va(v), pa(p), len, rw::<F>(), size, WalkFlags::empty())
+        .unwrap();
+}
+
 /// Splits a range and returns how many leaves were split; the memory must not run dry.
 pub(super) fn split_n<F: PteFormat, M: TableMemory>(
     pt: &PageTable<F>,

@@ -7,16 +7,7 @@ pub(super) fn map_largest<F: PteFormat>() {
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
     // 1 GiB + 2 MiB + 4 KiB starting at 1 GiB, physically at 5 GiB: one leaf of each size.
     let len = GIB1 + MIB2 + KIB4;
-    pt.map(
-        &mut mem,
-        va(GIB1),
-        pa(5 * GIB1),
-        len,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, GIB1, 5 * GIB1, len, MapSize::Largest);
     assert_maps(&pt, &mem, GIB1 + 0x1234, 5 * GIB1 + 0x1234, Level::L3);
     assert_maps(&pt, &mem, 2 * GIB1 + 0x5678, 6 * GIB1 + 0x5678, Level::L2);
     assert_maps(
@@ -38,28 +29,17 @@ pub(super) fn map_largest<F: PteFormat>() {
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 
     // Misaligned physical address: nothing larger than 4 KiB fits.
-    pt.map(
-        &mut mem,
-        va(8 * GIB1),
-        pa(KIB4),
-        MIB2,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 8 * GIB1, KIB4, MIB2, MapSize::Largest);
     assert_maps(&pt, &mem, 8 * GIB1, KIB4, Level::L1);
     // AtMost keeps 1 GiB-aligned memory in 2 MiB pages.
-    pt.map(
+    map_rw(
+        &pt,
         &mut mem,
-        va(16 * GIB1),
-        pa(16 * GIB1),
+        16 * GIB1,
+        16 * GIB1,
         GIB1,
-        rw::<F>(),
         MapSize::AtMost(Level::L2),
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    );
     assert_maps(
         &pt,
         &mem,
@@ -72,16 +52,7 @@ pub(super) fn map_largest<F: PteFormat>() {
 pub(super) fn map_exact_and_refusals<F: PteFormat>() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(GIB1),
-        MIB2,
-        rw::<F>(),
-        MapSize::Exactly(Level::L1),
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, GIB1, MIB2, MapSize::Exactly(Level::L1));
     for i in 0..512 {
         assert_maps(&pt, &mem, i * KIB4, GIB1 + i * KIB4, Level::L1);
     }
@@ -230,26 +201,22 @@ pub(super) fn map_out_of_tables<F: PteFormat>() {
 pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
     let mut f = frames(64);
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
+    map_rw(
+        &pt,
         &mut mem,
-        va(GIB1),
-        pa(0),
+        GIB1,
+        0,
         GIB1 + 4 * MIB2,
-        rw::<F>(),
         MapSize::Exactly(Level::L2),
-        WalkFlags::empty(),
-    )
-    .unwrap();
-    pt.map(
+    );
+    map_rw(
+        &pt,
         &mut mem,
-        va(4 * GIB1),
-        pa(0),
+        4 * GIB1,
+        0,
         MIB2,
-        rw::<F>(),
         MapSize::Exactly(Level::L1),
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    );
     let before = mem.allocated();
     // Part of a 2 MiB page: refused, nothing changes.
     assert_eq!(
@@ -310,32 +277,14 @@ pub(super) fn unmap_frees_after_flush<F: PteFormat>() {
         Err(TranslateError::NotMapped)
     );
     // Freed tables are reused.
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        KIB4,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, KIB4, MapSize::Largest);
     assert_eq!(mem.allocated(), F::ROOT_LEVEL.get() as usize);
 }
 
 pub(super) fn protect_leaves<F: PteFormat>() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        MIB2 + KIB4 * 2,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, MIB2 + KIB4 * 2, MapSize::Largest);
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
     let pending = pt
@@ -413,26 +362,15 @@ pub(super) fn protect_leaves<F: PteFormat>() {
 pub(super) fn split_keeps_translations<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
+    map_rw(&pt, &mut mem, GIB1, 3 * GIB1, GIB1, MapSize::Largest);
+    map_rw(
+        &pt,
         &mut mem,
-        va(GIB1),
-        pa(3 * GIB1),
-        GIB1,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
-    pt.map(
-        &mut mem,
-        va(4 * GIB1),
-        pa(2 * GIB1),
+        4 * GIB1,
+        2 * GIB1,
         2 * MIB2,
-        rw::<F>(),
         MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    );
     // One level: the 1 GiB leaf becomes 512 2 MiB leaves.
     assert_eq!(
         split_n(
@@ -508,16 +446,7 @@ pub(super) fn split_keeps_translations<F: PteFormat>() {
 pub(super) fn split_1g_to_4k<F: PteFormat>() {
     let mut f = frames(520);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(GIB1),
-        GIB1,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, GIB1, GIB1, MapSize::Largest);
     assert_eq!(
         split_n(
             &pt,
@@ -538,16 +467,7 @@ pub(super) fn split_1g_to_4k<F: PteFormat>() {
 pub(super) fn collapse_back<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(GIB1),
-        pa(2 * GIB1),
-        GIB1,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, GIB1, 2 * GIB1, GIB1, MapSize::Largest);
     pt.split(
         &mut mem,
         va(GIB1),
@@ -603,37 +523,10 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
     let exact = MapSize::Exactly(Level::L1);
     // Not contiguous: the second half maps elsewhere.
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        MIB2 / 2,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
-    pt.map(
-        &mut mem,
-        va(MIB2 / 2),
-        pa(GIB1),
-        MIB2 / 2,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, MIB2 / 2, exact);
+    map_rw(&pt, &mut mem, MIB2 / 2, GIB1, MIB2 / 2, exact);
     // Contiguous but one page read-only.
-    pt.map(
-        &mut mem,
-        va(MIB2),
-        pa(MIB2),
-        MIB2,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, MIB2, MIB2, MIB2, exact);
     let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
     let none = <F::Flags as bitflags::Flags>::empty();
     pt.protect(&mut mem, va(MIB2 + KIB4), KIB4, none, w, WalkFlags::empty())
@@ -641,27 +534,9 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
         .flush(&mut CountingFlush::default(), &mut mem)
         .unwrap();
     // Contiguous but not aligned physically.
-    pt.map(
-        &mut mem,
-        va(2 * MIB2),
-        pa(KIB4),
-        MIB2,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 2 * MIB2, KIB4, MIB2, exact);
     // Not full.
-    pt.map(
-        &mut mem,
-        va(3 * MIB2),
-        pa(3 * MIB2),
-        MIB2 - KIB4,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 3 * MIB2, 3 * MIB2, MIB2 - KIB4, exact);
     let mut tlb = CountingFlush::default();
     assert_eq!(
         collapse_all(&mut pt, &mut mem, &mut tlb, 0, GIB1, Level::L3),
@@ -669,16 +544,7 @@ pub(super) fn collapse_refuses_mismatch<F: PteFormat>() {
     );
     assert_eq!(tlb, CountingFlush::default());
     // Good, but the range covers only half of it.
-    pt.map(
-        &mut mem,
-        va(4 * MIB2),
-        pa(4 * MIB2),
-        MIB2,
-        rw::<F>(),
-        exact,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 4 * MIB2, 4 * MIB2, MIB2, exact);
     assert_eq!(
         collapse_all(&mut pt, &mut mem, &mut tlb, 4 * MIB2, MIB2 / 2, Level::L2),
         Ok(0)

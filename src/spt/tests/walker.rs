@@ -7,16 +7,7 @@ use crate::sync::Ordering;
 pub(super) fn walker_orders_and_rereads<F: PteFormat>() {
     let mut f = frames(64);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        2 * MIB2,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, 2 * MIB2, MapSize::Largest);
     // Visit log: (kind, level, addr).
     let mut log = Vec::new();
     let flags = WalkFlags::LEAF | WalkFlags::TABLE_PRE | WalkFlags::TABLE_POST;
@@ -165,16 +156,7 @@ pub(super) fn shared_mode_cas<F: PteFormat>() {
 pub(super) fn destroy_frees_all<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
-    pt.map(
-        &mut mem,
-        va(0),
-        pa(0),
-        GIB1,
-        rw::<F>(),
-        MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    map_rw(&pt, &mut mem, 0, 0, GIB1, MapSize::Largest);
     pt.split(
         &mut mem,
         va(0),
@@ -183,16 +165,14 @@ pub(super) fn destroy_frees_all<F: PteFormat>() {
         WalkFlags::empty(),
     )
     .unwrap();
-    pt.map(
+    map_rw(
+        &pt,
         &mut mem,
-        va(1 << (F::INPUT_BITS - 1)),
-        pa(0),
+        1 << (F::INPUT_BITS - 1),
+        0,
         KIB4,
-        rw::<F>(),
         MapSize::Largest,
-        WalkFlags::empty(),
-    )
-    .unwrap();
+    );
     assert!(mem.allocated() > 500);
     pt.destroy(&mut mem).unwrap();
     assert_eq!(mem.allocated(), 0);
