@@ -145,13 +145,22 @@ impl DescStore {
             .try_reserve_exact(capacity)
             .map_err(|_| CapacityError::OutOfMemory)?;
         descs.resize(capacity, PteListDesc::default());
-        let mut free = Vec::new();
-        free.try_reserve_exact(capacity)
+        let mut ids = Vec::new();
+        ids.try_reserve_exact(capacity)
             .map_err(|_| CapacityError::OutOfMemory)?;
         // Highest index first, so the first ids handed out are the lowest.
-        free.extend((0..capacity).rev().filter_map(DescId::from_index));
+        ids.extend((0..capacity).rev().filter_map(DescId::from_index));
+        let words = capacity.div_ceil(64);
+        let mut in_pool = Vec::new();
+        in_pool
+            .try_reserve_exact(words)
+            .map_err(|_| CapacityError::OutOfMemory)?;
+        in_pool.resize(words, u64::MAX);
         let pool = DescPool {
-            free: Mutex::new(free),
+            free: Mutex::new(FreeIds {
+                ids,
+                in_pool: in_pool.into_boxed_slice(),
+            }),
             capacity,
         };
         Ok((
@@ -211,15 +220,15 @@ impl core::error::Error for OutOfDescs {}
 pub enum PoolError {
     /// The id is outside the store the pool was created with.
     OutOfRange,
-    /// The pool already holds every id it can (the id is a double free).
-    Full,
+    /// The id is in the pool already (a double free).
+    DoubleFree,
 }
 
 impl fmt::Display for PoolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::OutOfRange => "descriptor id outside the store",
-            Self::Full => "descriptor pool already full",
+            Self::DoubleFree => "descriptor id freed twice",
         })
     }
 }
@@ -231,36 +240,60 @@ impl core::error::Error for PoolError {}
 /// [`ObjectSource<DescId>`], and a [`MemoryCache<DescId, N>`](crate::cache::MemoryCache)
 /// filled from it feeds [`RmapHead::add`](super::RmapHead::add) under the lock.
 pub struct DescPool {
-    free: Mutex<Vec<DescId>>,
+    free: Mutex<FreeIds>,
     capacity: usize,
+}
+
+/// The ids in the pool: a stack, and a bit per id saying whether it is on the stack (so a
+/// double free is refused instead of handing one descriptor to two chains later).
+struct FreeIds {
+    ids: Vec<DescId>,
+    in_pool: Box<[u64]>,
+}
+
+impl FreeIds {
+    /// The word and bit of `id` in `in_pool`.
+    fn bit(id: DescId) -> (usize, u64) {
+        (id.index() / 64, 1 << (id.index() % 64))
+    }
 }
 
 impl DescPool {
     /// Takes a free id.
     pub fn alloc(&self) -> Result<DescId, OutOfDescs> {
-        self.free.lock().pop().ok_or(OutOfDescs)
+        let mut free = self.free.lock();
+        let id = free.ids.pop().ok_or(OutOfDescs)?;
+        let (w, b) = FreeIds::bit(id);
+        if let Some(word) = free.in_pool.get_mut(w) {
+            *word &= !b;
+        }
+        Ok(id)
     }
 
-    /// Returns an id to the pool. Refused (and dropped from the pool's view) when it is
-    /// outside the store or the pool is already full; a double free of an id while others
-    /// are out is not detected here, which is why the store's descriptors say whether they
-    /// are in use ([`PteListDesc::is_free`]).
+    /// Returns an id to the pool. Refused when it is outside the store or already in the
+    /// pool (nothing changes then). The caller must return only ids of descriptors that are
+    /// in no chain (released by [`RmapHead::remove`](super::RmapHead::remove) or
+    /// [`RmapHead::drain`](super::RmapHead::drain), or never used).
     pub fn free(&self, id: DescId) -> Result<(), PoolError> {
         if id.index() >= self.capacity {
             return Err(PoolError::OutOfRange);
         }
         let mut free = self.free.lock();
-        if free.len() >= self.capacity {
-            return Err(PoolError::Full);
+        let (w, b) = FreeIds::bit(id);
+        let word = free.in_pool.get_mut(w).ok_or(PoolError::OutOfRange)?;
+        if *word & b != 0 {
+            return Err(PoolError::DoubleFree);
         }
-        // Never reallocates: the vector was reserved for `capacity` ids.
-        free.push(id);
+        *word |= b;
+        // Never reallocates: the vector was reserved for `capacity` ids, and each id is on
+        // it at most once.
+        free.ids.push(id);
         Ok(())
     }
 
     /// Free ids in the pool.
     pub fn len(&self) -> usize {
-        self.free.lock().len()
+        self.free.lock().ids.len()
     }
 
     /// Whether no id is free.

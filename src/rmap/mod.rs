@@ -140,6 +140,9 @@ enum Kind {
 /// would be a walk of the chain on every fault), so adding an entry twice stores it twice
 /// and it takes two removes to go. The order of entries is unspecified.
 ///
+/// Nothing here is specific to leaves: a shadow page's parent list (KVM `parent_ptes`) is an
+/// `RmapHead` of the upper-level entries that point at its table.
+///
 /// A head is `Copy` because it is one word; the copies share the chain. Use one copy only:
 /// changing a chain through two copies corrupts it (detected as
 /// [`RmapError::BadDescriptor`] where possible, never a panic or an endless loop).
@@ -307,6 +310,13 @@ impl RmapHead {
                 Ok(Some(head))
             }
         }
+    }
+
+    /// The first entry [`iter`](Self::iter) yields (KVM `rmap_get_first`): to take entries
+    /// out one at a time while changing the rmap, `while let Some(e) = head.first(&store)
+    /// { ...; head.remove(e, &mut store) }`.
+    pub fn first(self, store: &DescStore) -> Option<EntryRef> {
+        self.iter(store).next()
     }
 
     /// Whether `e` is in the rmap (a walk of the chain).

@@ -127,7 +127,16 @@ fn fills_a_descriptor_then_chains_a_new_head() {
     want.sort();
     assert_eq!(sorted(h, &store), want);
     // The head descriptor's entries come first (KVM's rmap iteration order).
-    assert_eq!(h.iter(&store).next(), Some(e(3, 0)));
+    assert_eq!(h.first(&store), Some(e(3, 0)));
+    // Taking entries out one at a time through `first` empties the chain.
+    let mut taken = 0;
+    while let Some(x) = h.first(&store) {
+        if let Some(id) = h.remove(x, &mut store).unwrap() {
+            cache.put(id).unwrap();
+        }
+        taken += 1;
+    }
+    assert_eq!((taken, cache.len(), store.in_use()), (15, 8, 0));
 }
 
 #[test]
@@ -352,7 +361,7 @@ fn pool_hands_out_every_id_once_and_refuses_bad_frees() {
     assert_eq!((pool.len(), pool.capacity()), (3, 3));
     assert_eq!(
         pool.free(DescId::from_index(0).unwrap()),
-        Err(PoolError::Full)
+        Err(PoolError::DoubleFree)
     );
     let mut ids: Vec<_> = (0..3).map(|_| pool.alloc().unwrap()).collect();
     assert_eq!(pool.alloc(), Err(OutOfDescs));
@@ -367,6 +376,8 @@ fn pool_hands_out_every_id_once_and_refuses_bad_frees() {
         Err(PoolError::OutOfRange)
     );
     pool.free(ids[1]).unwrap();
+    assert_eq!(pool.free(ids[1]), Err(PoolError::DoubleFree));
+    assert_eq!(pool.len(), 1);
     assert_eq!(pool.alloc(), Ok(ids[1]));
 
     // Through a memory cache: a top-up past the pool keeps what it got.
