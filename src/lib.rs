@@ -26,8 +26,10 @@
 //! requirements come from; `BENCHMARKS.md` has the measured figures against peers.
 //!
 //! [`cache`] holds the MMU memory caches (objects and tables taken outside the MMU lock) the
-//! shadow MMU will pop under it. Planned, not here yet: shadow pages with reverse maps,
-//! dirty logging and the eager huge-page splitter that builds on [`spt`] and [`cache`].
+//! shadow MMU will pop under it; `rmap` (feature `alloc`) the reverse maps from a guest
+//! frame, or a shadow page, back to the entries that map it. Planned, not here yet: shadow
+//! pages, dirty logging and the eager huge-page splitter that builds on [`spt`], [`cache`]
+//! and `rmap`.
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
@@ -39,6 +41,8 @@ pub mod addr;
 pub mod buddy;
 pub mod cache;
 pub mod hint;
+#[cfg(feature = "alloc")]
+pub mod rmap;
 pub mod spt;
 mod sync;
 

@@ -1,0 +1,164 @@
+//! The rmap arrays of one memslot, one per level (KVM `slot->arch.rmap[level]`).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+
+use arrayvec::ArrayVec;
+
+use super::{CapacityError, RmapHead};
+use crate::addr::{FRAME_LIMIT, Gfn, Level, PAGE_SHIFT};
+
+/// The rmap heads of one memslot, per level (KVM `kvm_arch_memory_slot.rmap`, allocated by
+/// `memslot_rmap_alloc`, indexed by `__gfn_to_rmap`): at level `l` the head of the
+/// `2^(9*(l-1))`-frame block holding `gfn` is
+/// `rmap[l][(gfn >> 9*(l-1)) - (base >> 9*(l-1))]` (KVM `gfn_to_index`), so a slot whose
+/// edges are not aligned to a huge page still has a head for the partial huge pages at its
+/// edges (the MMU never maps them huge, but the index stays a subtraction). 8 bytes per
+/// 4 KiB frame at level 1, 1/512 of that at level 2, and so on.
+pub struct SlotRmaps {
+    base: Gfn,
+    npages: u64,
+    /// `levels[l - 1]` holds the heads of level `l`.
+    levels: ArrayVec<Box<[RmapHead]>, 5>,
+}
+
+/// The shift from a frame number to the number of its level-`level` block.
+#[inline]
+fn shift(level: Level) -> u32 {
+    level.shift() - PAGE_SHIFT
+}
+
+impl SlotRmaps {
+    /// Empty rmaps for the `npages` frames from `base`, at levels 1 to `max_level`
+    /// (usually [`Level::L3`]: 4 KiB, 2 MiB and 1 GiB mappings), allocated fallibly.
+    /// [`CapacityError::TooLarge`] when the slot runs past the last frame number or an
+    /// array is longer than `usize`; [`CapacityError::OutOfMemory`] when the allocator
+    /// refuses. A slot of 0 pages has empty arrays.
+    pub fn new(base: Gfn, npages: u64, max_level: Level) -> Result<Self, CapacityError> {
+        let end = base
+            .get()
+            .checked_add(npages)
+            .ok_or(CapacityError::TooLarge)?;
+        if end > FRAME_LIMIT {
+            return Err(CapacityError::TooLarge);
+        }
+        let mut levels = ArrayVec::new();
+        for l in 1..=max_level.get() {
+            let level = Level::new(l).map_err(|_| CapacityError::TooLarge)?;
+            let s = shift(level);
+            let len = if npages == 0 {
+                0
+            } else {
+                ((end - 1) >> s) - (base.get() >> s) + 1
+            };
+            let len = usize::try_from(len).map_err(|_| CapacityError::TooLarge)?;
+            let mut heads = Vec::new();
+            heads
+                .try_reserve_exact(len)
+                .map_err(|_| CapacityError::OutOfMemory)?;
+            heads.resize(len, RmapHead::EMPTY);
+            levels
+                .try_push(heads.into_boxed_slice())
+                .map_err(|_| CapacityError::TooLarge)?;
+        }
+        Ok(Self {
+            base,
+            npages,
+            levels,
+        })
+    }
+
+    /// The slot's first frame.
+    #[inline]
+    pub fn base(&self) -> Gfn {
+        self.base
+    }
+
+    /// Frames in the slot.
+    #[inline]
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// The highest level with an array.
+    pub fn max_level(&self) -> Option<Level> {
+        u8::try_from(self.levels.len())
+            .ok()
+            .and_then(|l| Level::new(l).ok())
+    }
+
+    /// The index of `gfn`'s head at `level`, if `gfn` is in the slot and the level has an
+    /// array (KVM `gfn_to_index`).
+    pub fn index(&self, gfn: Gfn, level: Level) -> Option<usize> {
+        let g = gfn.get();
+        let base = self.base.get();
+        if g < base || g - base >= self.npages {
+            return None;
+        }
+        let s = shift(level);
+        let i = usize::try_from((g >> s) - (base >> s)).ok()?;
+        (i < self.level_len(level)).then_some(i)
+    }
+
+    /// The head of `gfn` at `level` (KVM `__gfn_to_rmap`), or `None` when `gfn` is outside
+    /// the slot or the level has no array.
+    #[inline]
+    pub fn head(&self, gfn: Gfn, level: Level) -> Option<&RmapHead> {
+        let i = self.index(gfn, level)?;
+        self.heads(level).get(i)
+    }
+
+    /// The head of `gfn` at `level`, to change it.
+    #[inline]
+    pub fn head_mut(&mut self, gfn: Gfn, level: Level) -> Option<&mut RmapHead> {
+        let i = self.index(gfn, level)?;
+        self.heads_mut(level).get_mut(i)
+    }
+
+    /// Heads at `level` (0 for a level without an array).
+    #[inline]
+    pub fn level_len(&self, level: Level) -> usize {
+        self.heads(level).len()
+    }
+
+    /// The heads at `level`, in frame order: head `i` covers the block of
+    /// [`gfn_at(level, i)`](Self::gfn_at). Empty for a level without an array.
+    #[inline]
+    pub fn heads(&self, level: Level) -> &[RmapHead] {
+        self.levels
+            .get(usize::from(level.get()) - 1)
+            .map_or(&[], |h| &h[..])
+    }
+
+    /// The heads at `level`, to change them.
+    #[inline]
+    pub fn heads_mut(&mut self, level: Level) -> &mut [RmapHead] {
+        match self.levels.get_mut(usize::from(level.get()) - 1) {
+            Some(h) => &mut h[..],
+            None => &mut [],
+        }
+    }
+
+    /// The first frame of the level-`level` block head `i` covers:
+    /// `((base >> 9*(level-1)) + i) << 9*(level-1)`. At an unaligned slot edge this frame
+    /// can lie below the slot's base. `None` when `i` is past the level's heads.
+    pub fn gfn_at(&self, level: Level, i: usize) -> Option<Gfn> {
+        if i >= self.level_len(level) {
+            return None;
+        }
+        let s = shift(level);
+        let block = (self.base.get() >> s).checked_add(u64::try_from(i).ok()?)?;
+        Gfn::new(block << s).ok()
+    }
+}
+
+impl fmt::Debug for SlotRmaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotRmaps")
+            .field("base", &self.base)
+            .field("npages", &self.npages)
+            .field("levels", &self.levels.len())
+            .finish()
+    }
+}
