@@ -37,8 +37,11 @@ use super::ram::{GuestRam, PAGE};
 /// whose output addresses are the KVM guest's physical memory).
 ///
 /// Every method that changes the tables gets a [`TlbFlush`] to ask for the flushes it
-/// needs; the harness counts them and, separately, reloads the memslot after every call
-/// (this host's KVM sees edits of guest tables only after a reload, flush or not).
+/// needs; the harness counts them and, separately, reloads the memslot after every call (a
+/// KVM that shadows guest tables sees host edits of them only after a reload, flush or not).
+///
+/// The methods take `&mut self` and answer `String` errors so that a thin adapter can wrap
+/// an MMU with its own slots, error types and `&self` methods.
 pub trait GuestMmu {
     /// CR3: the guest-physical address of the root table (in guest RAM).
     fn root(&self) -> u64;
