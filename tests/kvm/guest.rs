@@ -242,7 +242,7 @@ fn exception_stub(vector: u8) -> [u8; 8] {
 }
 
 /// A 64-bit interrupt gate (present, DPL 0, type 0xE) to `handler` through `CODE_SEL`.
-fn interrupt_gate(handler: u64) -> [u8; 16] {
+pub fn interrupt_gate(handler: u64) -> [u8; 16] {
     let mut g = [0u8; 16];
     g[0..2].copy_from_slice(&(handler as u16).to_le_bytes());
     g[2..4].copy_from_slice(&CODE_SEL.to_le_bytes());

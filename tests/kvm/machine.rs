@@ -235,6 +235,28 @@ impl Machine {
 
     /// Runs the guest from `regs` (the stack and flags are set here) until it reports.
     fn run_from(&mut self, regs: kvm_regs) -> Result<Exit, String> {
+        self.start(regs)?;
+        let (port, byte, r) = self.resume()?;
+        match port {
+            guest::PORT_DONE => Ok(Exit::Done { pages: r.r9 }),
+            guest::PORT_MISMATCH => Ok(Exit::Mismatch {
+                addr: r.rax,
+                found: r.rbx,
+                expected: r.rcx,
+            }),
+            guest::PORT_PAGE_FAULT => Ok(Exit::PageFault {
+                cr2: r.rax,
+                error: r.rbx,
+                rip: r.rcx,
+            }),
+            guest::PORT_EXCEPTION => Ok(Exit::Exception { vector: byte }),
+            p => Err(format!("write to unknown port {p:#x} at rip {:#x}", r.rip)),
+        }
+    }
+
+    /// Loads `regs` into the vCPU with the initial stack pointer and flags (interrupts off);
+    /// the next [`Machine::resume`] starts there.
+    pub fn start(&mut self, regs: kvm_regs) -> Result<(), String> {
         let regs = kvm_regs {
             rsp: guest::STACK_TOP,
             rflags: 0x2, // reserved bit 1; interrupts off
@@ -242,8 +264,14 @@ impl Machine {
         };
         self.vcpu
             .set_regs(&regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-        let port = loop {
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))
+    }
+
+    /// Runs the vCPU until the guest writes to an I/O port: returns the port, the byte
+    /// written and the registers at that point. The next call resumes the guest after its
+    /// `out` instruction, so a guest handler can exit to the host and be continued.
+    pub fn resume(&mut self) -> Result<(u16, u8, kvm_regs), String> {
+        let (port, byte) = loop {
             match self.vcpu.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     break (port, data.first().copied().unwrap_or(0));
@@ -266,21 +294,7 @@ impl Machine {
             .vcpu
             .get_regs()
             .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-        match port.0 {
-            guest::PORT_DONE => Ok(Exit::Done { pages: r.r9 }),
-            guest::PORT_MISMATCH => Ok(Exit::Mismatch {
-                addr: r.rax,
-                found: r.rbx,
-                expected: r.rcx,
-            }),
-            guest::PORT_PAGE_FAULT => Ok(Exit::PageFault {
-                cr2: r.rax,
-                error: r.rbx,
-                rip: r.rcx,
-            }),
-            guest::PORT_EXCEPTION => Ok(Exit::Exception { vector: port.1 }),
-            p => Err(format!("write to unknown port {p:#x} at rip {:#x}", r.rip)),
-        }
+        Ok((port, byte, r))
     }
 }
 
