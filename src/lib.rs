@@ -40,7 +40,7 @@ pub mod buddy;
 pub mod cache;
 pub mod hint;
 pub mod spt;
-mod sync;
+pub mod sync;
 
 #[cfg(any(test, fuzzing, feature = "testing"))]
 #[doc(hidden)]
