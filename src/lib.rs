@@ -26,8 +26,10 @@
 //! requirements come from; `BENCHMARKS.md` has the measured figures against peers.
 //!
 //! [`cache`] holds the MMU memory caches (objects and tables taken outside the MMU lock) the
-//! shadow MMU will pop under it. Planned, not here yet: shadow pages with reverse maps,
-//! dirty logging and the eager huge-page splitter that builds on [`spt`] and [`cache`].
+//! shadow MMU will pop under it, and [`sync::RwLock`] is that MMU lock: a reader-writer lock
+//! that knows whether anyone waits, so a long writer can drop it for a waiting vCPU.
+//! Planned, not here yet: shadow pages with reverse maps, dirty logging and the eager
+//! huge-page splitter that builds on [`spt`], [`cache`] and [`sync`].
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
