@@ -27,9 +27,10 @@
 //!
 //! [`cache`] holds the MMU memory caches (objects and tables taken outside the MMU lock) the
 //! shadow MMU will pop under it; `rmap` (feature `alloc`) the reverse maps from a guest
-//! frame, or a shadow page, back to the entries that map it. Planned, not here yet: shadow
-//! pages, dirty logging and the eager huge-page splitter that builds on [`spt`], [`cache`]
-//! and `rmap`.
+//! frame, or a shadow page, back to the entries that map it; and [`sync::RwLock`] is the
+//! MMU lock: a reader-writer lock that knows whether anyone waits, so a long writer can
+//! drop it for a waiting vCPU. Planned, not here yet: shadow pages, dirty logging and the
+//! eager huge-page splitter that builds on [`spt`], [`cache`], `rmap` and [`sync`].
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
@@ -44,7 +45,7 @@ pub mod hint;
 #[cfg(feature = "alloc")]
 pub mod rmap;
 pub mod spt;
-mod sync;
+pub mod sync;
 
 #[cfg(any(test, fuzzing, feature = "testing"))]
 #[doc(hidden)]

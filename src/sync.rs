@@ -1,10 +1,63 @@
-//! The one place that chooses between `core`/`spin` and `loom` primitives.
+//! Synchronisation: the MMU lock ([`RwLock`]), and the one place that chooses between
+//! `core`/`spin` and `loom` primitives.
 //!
 //! Everything in hvmem that shares state between threads goes through this module, so a
 //! `RUSTFLAGS="--cfg loom"` build swaps every lock and atomic for loom's model-checked
 //! versions at once (the pattern of maitake-sync). Under loom a waiting thread calls
 //! `loom::thread::yield_now()` instead of spinning, so the model checker schedules the lock
-//! holder and does not explore an endless spin.
+//! holder and does not explore an endless spin. Only [`RwLock`] and its guards are public;
+//! the crate's own mutex and atomics stay private.
+//!
+//! # The MMU lock
+//!
+//! [`RwLock`] is a reader-writer spin lock that can tell whether anyone is waiting for it
+//! ([`RwLock::is_contended`]), the `mmu_lock` of a shadow MMU. KVM's eager huge-page splitter
+//! holds `mmu_lock` for write across many huge pages and, between two of them, asks
+//! `rwlock_needbreak()` (on the qrwlock: is its wait queue's spinlock held, i.e. is someone
+//! queued) whether to drop and retake the lock so a faulting vCPU gets in (Matlack, "Extend
+//! Eager Page Splitting to the shadow MMU", 2022).
+//!
+//! **Admission** is decided on one `AtomicU64` state word:
+//!
+//! | bits   | field     | meaning                                              |
+//! |--------|-----------|------------------------------------------------------|
+//! | 0      | `WRITER`  | a writer holds the lock                              |
+//! | 1..4   | `GEN`     | read generation: bumped when a writer admits waiting readers |
+//! | 4..24  | `READERS` | readers holding the lock                             |
+//! | 24..44 | `RWAIT`   | readers registered as waiting                        |
+//! | 44..64 | `WWAIT`   | writers registered as waiting                        |
+//!
+//! - A reader enters (`READERS += 1`) when there is no writer and no waiting writer;
+//!   otherwise it registers (`RWAIT += 1`), remembers `GEN`, and spins until `GEN` changes.
+//! - A writer enters (`WRITER = 1`) when there is no writer and no reader; otherwise it
+//!   registers (`WWAIT += 1`) and spins until it can enter, unregistering in the same
+//!   compare-exchange that sets `WRITER`.
+//! - A writer's release hands the lock to every waiting reader in one compare-exchange:
+//!   `WRITER = 0`, `READERS = RWAIT`, `RWAIT = 0`, `GEN += 1`. The readers it admitted see
+//!   `GEN` change and proceed; they are already counted, so no writer (not even the one that
+//!   just released, coming back at once) can get in before them. `GEN` cannot change again
+//!   before they notice: that needs another writer, and none enters while they are counted.
+//! - A reader's release is `READERS -= 1`.
+//! - [`RwLock::is_contended`] is `RWAIT + WWAIT > 0`.
+//!
+//! **Fairness** is phase-fair, like the qrwlock's queue as far as the splitter cares: a
+//! waiting writer stops new readers (a stream of readers cannot starve it), and readers that
+//! waited behind a writer get in before any next writer (a splitter that drops the lock when
+//! [`is_contended`](RwLock::is_contended) and retakes it at once cannot starve a vCPU).
+//! Writers among themselves are not ordered. A count at its maximum (2^20 - 1) is never
+//! incremented: a thread that cannot register waits unregistered and retries from scratch,
+//! and `try_read` refuses; nothing overflows into the next field and nothing panics.
+//!
+//! **No unsafe.** The data does not live in an `UnsafeCell` of ours: it lives in a second
+//! lock that admission guarantees is free, a `spin::RwLock` (under loom, loom's `RwLock`),
+//! taken with `try_read`/`try_write` once the state word has admitted the thread. A guard
+//! drops that inner guard *before* it releases the state word (field drop order), so the
+//! next thread admitted finds the inner lock free; if a `try_*` ever failed it would be a bug
+//! in the protocol, and the thread spins and retries rather than panicking. The price is a
+//! second atomic operation on each acquire and release. Under loom the state word is loom's
+//! atomic and every wait calls `spin_wait` (a loom yield), so the model checker explores the
+//! failed attempts, the registrations and the hand-off; loom's own `RwLock::try_*` never
+//! explores a failing attempt, so a waiter count layered on it would never be exercised.
 
 use core::ops::{Deref, DerefMut};
 
@@ -128,3 +181,434 @@ impl<T> DerefMut for MutexGuard<'_, T> {
 pub(crate) use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// The fields of [`RwLock`]'s state word (see the module documentation).
+mod state {
+    /// A writer holds the lock.
+    pub(super) const WRITER: u64 = 1;
+    /// Read generation: bumped by a writer's release that admits waiting readers.
+    pub(super) const GEN_SHIFT: u32 = 1;
+    pub(super) const GEN_MASK: u64 = 0b111 << GEN_SHIFT;
+    /// Width of each of the three counts.
+    const COUNT_BITS: u32 = 20;
+    /// The largest value a count takes.
+    pub(super) const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+    /// Readers holding the lock.
+    pub(super) const READERS_SHIFT: u32 = 4;
+    /// Readers registered as waiting.
+    pub(super) const RWAIT_SHIFT: u32 = READERS_SHIFT + COUNT_BITS;
+    /// Writers registered as waiting.
+    pub(super) const WWAIT_SHIFT: u32 = RWAIT_SHIFT + COUNT_BITS;
+    static_assertions::const_assert_eq!(WWAIT_SHIFT + COUNT_BITS, 64);
+
+    /// One unit of the count at `shift`.
+    pub(super) const fn one(shift: u32) -> u64 {
+        1 << shift
+    }
+
+    /// The count at `shift` in `s`.
+    pub(super) const fn count(s: u64, shift: u32) -> u64 {
+        (s >> shift) & COUNT_MAX
+    }
+
+    /// Someone (reader or writer) is registered as waiting.
+    pub(super) const fn waiters(s: u64) -> bool {
+        count(s, RWAIT_SHIFT) != 0 || count(s, WWAIT_SHIFT) != 0
+    }
+
+    /// A new reader may enter.
+    pub(super) const fn reader_may_enter(s: u64) -> bool {
+        s & WRITER == 0 && count(s, WWAIT_SHIFT) == 0 && count(s, READERS_SHIFT) < COUNT_MAX
+    }
+
+    /// A writer may enter.
+    pub(super) const fn writer_may_enter(s: u64) -> bool {
+        s & WRITER == 0 && count(s, READERS_SHIFT) == 0
+    }
+
+    /// The state after a writer's release: the lock goes to every waiting reader.
+    pub(super) const fn after_write_release(s: u64) -> u64 {
+        let waiting = count(s, RWAIT_SHIFT);
+        let mut next = s & !WRITER;
+        if waiting != 0 {
+            // READERS is 0 while a writer holds the lock, so this cannot overflow it.
+            next &= !(COUNT_MAX << RWAIT_SHIFT);
+            next += waiting << READERS_SHIFT;
+            let generation = (next & GEN_MASK).wrapping_add(one(GEN_SHIFT)) & GEN_MASK;
+            next = (next & !GEN_MASK) | generation;
+        }
+        next
+    }
+}
+
+/// The inner lock that holds the data; free whenever the state word admits a thread.
+#[cfg(not(loom))]
+type Inner<T> = spin::rwlock::RwLock<T>;
+#[cfg(loom)]
+type Inner<T> = loom::sync::RwLock<T>;
+#[cfg(not(loom))]
+type InnerRead<'a, T> = spin::rwlock::RwLockReadGuard<'a, T>;
+#[cfg(loom)]
+type InnerRead<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
+#[cfg(not(loom))]
+type InnerWrite<'a, T> = spin::rwlock::RwLockWriteGuard<'a, T>;
+#[cfg(loom)]
+type InnerWrite<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+/// Failed `try_*` on the inner lock after admission, over the whole process: a loom test
+/// asserts it stays 0. Not a loom atomic on purpose: it counts across executions.
+#[cfg(loom)]
+static INNER_RETRIES: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// How often a thread the state word had admitted found the inner data lock busy (a protocol
+/// bug if ever non-zero). Only in loom builds, for the loom tests.
+#[cfg(loom)]
+#[doc(hidden)]
+pub fn inner_retries() -> usize {
+    INNER_RETRIES.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// A reader-writer spin lock that knows whether anyone waits for it: the MMU lock (KVM
+/// `mmu_lock`, a qrwlock).
+///
+/// Phase-fair: a waiting writer keeps new readers out, and the readers that waited behind a
+/// writer get in before the next writer. [`is_contended`](Self::is_contended) is KVM's
+/// `rwlock_needbreak`/`rwlock_is_contended`: a thread holding the lock for a long job (the
+/// eager splitter) drops and retakes it when it answers true. The protocol is in the
+/// [module documentation](self).
+///
+/// ```
+/// use hvmem::sync::RwLock;
+///
+/// let lock = RwLock::new(0u32);
+/// {
+///     let mut w = lock.write();
+///     *w += 1;
+///     assert!(lock.try_read().is_none());
+///     assert!(!lock.is_contended());
+/// }
+/// let (a, b) = (lock.read(), lock.read());
+/// assert_eq!((*a, *b), (1, 1));
+/// assert!(lock.try_write().is_none());
+/// ```
+pub struct RwLock<T> {
+    state: AtomicU64,
+    inner: Inner<T>,
+}
+
+/// Shared access to an [`RwLock`]'s data; the read lock is released when it is dropped.
+pub struct RwLockReadGuard<'a, T> {
+    // Declared first so it drops first: the inner lock is free before the state word says so.
+    inner: InnerRead<'a, T>,
+    _release: ReadRelease<'a>,
+}
+
+/// Exclusive access to an [`RwLock`]'s data; the write lock is released when it is dropped.
+pub struct RwLockWriteGuard<'a, T> {
+    // Declared first so it drops first: the inner lock is free before the state word says so.
+    inner: InnerWrite<'a, T>,
+    _release: WriteRelease<'a>,
+}
+
+/// Releases a read admission on the state word when dropped.
+struct ReadRelease<'a>(&'a AtomicU64);
+
+/// Releases a write admission on the state word when dropped.
+struct WriteRelease<'a>(&'a AtomicU64);
+
+impl Drop for ReadRelease<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        // READERS >= 1: it counts this reader, so the subtraction borrows from no other field.
+        self.0
+            .fetch_sub(state::one(state::READERS_SHIFT), Ordering::Release);
+    }
+}
+
+impl Drop for WriteRelease<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let mut s = self.0.load(Ordering::Relaxed);
+        loop {
+            match self.0.compare_exchange_weak(
+                s,
+                state::after_write_release(s),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => s = now,
+            }
+        }
+    }
+}
+
+impl<T> RwLock<T> {
+    /// A new, unlocked lock.
+    #[cfg(not(loom))]
+    pub const fn new(value: T) -> Self {
+        Self {
+            state: AtomicU64::new(0),
+            inner: Inner::new(value),
+        }
+    }
+
+    /// A new, unlocked lock.
+    #[cfg(loom)]
+    pub fn new(value: T) -> Self {
+        Self {
+            state: AtomicU64::new(0),
+            inner: Inner::new(value),
+        }
+    }
+
+    /// Takes the lock for reading if that needs no wait: no writer holds it or waits for it.
+    #[inline]
+    pub fn try_read(&self) -> Option<RwLockReadGuard<'_, T>> {
+        let mut s = self.state.load(Ordering::Relaxed);
+        while state::reader_may_enter(s) {
+            match self.state.compare_exchange_weak(
+                s,
+                s + state::one(state::READERS_SHIFT),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(self.read_admitted()),
+                Err(now) => s = now,
+            }
+        }
+        None
+    }
+
+    /// Takes the lock for writing if nobody holds it.
+    #[inline]
+    pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
+        let mut s = self.state.load(Ordering::Relaxed);
+        while state::writer_may_enter(s) {
+            match self.state.compare_exchange_weak(
+                s,
+                s | state::WRITER,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(self.write_admitted()),
+                Err(now) => s = now,
+            }
+        }
+        None
+    }
+
+    /// Takes the lock for reading, spinning (a loom yield, under loom) while a writer holds
+    /// it or waits for it. While it waits, [`is_contended`](Self::is_contended) is true.
+    pub fn read(&self) -> RwLockReadGuard<'_, T> {
+        loop {
+            if let Some(guard) = self.try_read() {
+                return guard;
+            }
+            let mut s = self.state.load(Ordering::Relaxed);
+            loop {
+                if state::reader_may_enter(s) {
+                    // The writer left before we registered: try to enter directly.
+                    break;
+                }
+                let behind_writer =
+                    s & state::WRITER != 0 || state::count(s, state::WWAIT_SHIFT) != 0;
+                if !behind_writer || state::count(s, state::RWAIT_SHIFT) == state::COUNT_MAX {
+                    // Only a writer's release admits waiting readers, so register only behind
+                    // one. Otherwise READERS is full; or RWAIT is full, and the lock is already
+                    // contended: wait unregistered and start over.
+                    spin_wait();
+                    break;
+                }
+                match self.state.compare_exchange_weak(
+                    s,
+                    s + state::one(state::RWAIT_SHIFT),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        // A writer's release admits us and bumps GEN; until then, wait.
+                        let generation = s & state::GEN_MASK;
+                        while self.state.load(Ordering::Acquire) & state::GEN_MASK == generation {
+                            spin_wait();
+                        }
+                        return self.read_admitted();
+                    }
+                    Err(now) => s = now,
+                }
+            }
+        }
+    }
+
+    /// Takes the lock for writing, spinning (a loom yield, under loom) while anyone holds
+    /// it. While it waits, new readers wait too and [`is_contended`](Self::is_contended) is
+    /// true.
+    pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+        loop {
+            if let Some(guard) = self.try_write() {
+                return guard;
+            }
+            let s = self.state.load(Ordering::Relaxed);
+            if state::writer_may_enter(s) {
+                continue;
+            }
+            if state::count(s, state::WWAIT_SHIFT) == state::COUNT_MAX {
+                // Cannot register (someone else already makes the lock contended).
+                spin_wait();
+                continue;
+            }
+            if self
+                .state
+                .compare_exchange_weak(
+                    s,
+                    s + state::one(state::WWAIT_SHIFT),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                continue;
+            }
+            // Registered: new readers now wait. Enter and unregister in one step.
+            let mut s = self.state.load(Ordering::Relaxed);
+            loop {
+                if state::writer_may_enter(s) {
+                    match self.state.compare_exchange_weak(
+                        s,
+                        (s | state::WRITER) - state::one(state::WWAIT_SHIFT),
+                        Ordering::Acquire,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => return self.write_admitted(),
+                        Err(now) => s = now,
+                    }
+                } else {
+                    spin_wait();
+                    s = self.state.load(Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Whether at least one thread is waiting in [`read`](Self::read) or
+    /// [`write`](Self::write) (KVM `rwlock_needbreak`). A holder doing a long job drops the
+    /// lock and takes it again when this is true; the waiters get in first.
+    #[inline]
+    pub fn is_contended(&self) -> bool {
+        state::waiters(self.state.load(Ordering::Relaxed))
+    }
+
+    /// The protected value, through exclusive access to the lock itself.
+    #[inline]
+    pub fn get_mut(&mut self) -> &mut T {
+        #[cfg(not(loom))]
+        return self.inner.get_mut();
+        #[cfg(loom)]
+        return match self.inner.get_mut() {
+            Ok(value) => value,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+    }
+
+    /// Gives the protected value back.
+    #[inline]
+    pub fn into_inner(self) -> T {
+        #[cfg(not(loom))]
+        return self.inner.into_inner();
+        #[cfg(loom)]
+        return match self.inner.into_inner() {
+            Ok(value) => value,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+    }
+
+    /// The read guard of a thread the state word has admitted as a reader.
+    fn read_admitted(&self) -> RwLockReadGuard<'_, T> {
+        let release = ReadRelease(&self.state);
+        loop {
+            // Admission leaves no writer inside, so this succeeds at once; spinning instead
+            // of panicking keeps a protocol bug from being a panic path.
+            #[cfg(not(loom))]
+            let inner = self.inner.try_read();
+            #[cfg(loom)]
+            let inner = self.inner.try_read().ok();
+            if let Some(inner) = inner {
+                return RwLockReadGuard {
+                    inner,
+                    _release: release,
+                };
+            }
+            #[cfg(loom)]
+            INNER_RETRIES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            spin_wait();
+        }
+    }
+
+    /// The write guard of a thread the state word has admitted as the writer.
+    fn write_admitted(&self) -> RwLockWriteGuard<'_, T> {
+        let release = WriteRelease(&self.state);
+        loop {
+            // Admission leaves nobody else inside, so this succeeds at once (see above).
+            #[cfg(not(loom))]
+            let inner = self.inner.try_write();
+            #[cfg(loom)]
+            let inner = self.inner.try_write().ok();
+            if let Some(inner) = inner {
+                return RwLockWriteGuard {
+                    inner,
+                    _release: release,
+                };
+            }
+            #[cfg(loom)]
+            INNER_RETRIES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            spin_wait();
+        }
+    }
+}
+
+impl<T: Default> Default for RwLock<T> {
+    fn default() -> Self {
+        Self::new(T::default())
+    }
+}
+
+impl<T> core::fmt::Debug for RwLock<T> {
+    /// The state word's fields, not the data (reading it would need the lock).
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let s = self.state.load(Ordering::Relaxed);
+        f.debug_struct("RwLock")
+            .field("writer", &(s & state::WRITER != 0))
+            .field("readers", &state::count(s, state::READERS_SHIFT))
+            .field("readers_waiting", &state::count(s, state::RWAIT_SHIFT))
+            .field("writers_waiting", &state::count(s, state::WWAIT_SHIFT))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Deref for RwLockReadGuard<'_, T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> Deref for RwLockWriteGuard<'_, T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> DerefMut for RwLockWriteGuard<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;
