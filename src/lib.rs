@@ -29,8 +29,10 @@
 //! shadow MMU will pop under it; `rmap` (feature `alloc`) the reverse maps from a guest
 //! frame, or a shadow page, back to the entries that map it; and [`sync::RwLock`] is the
 //! MMU lock: a reader-writer lock that knows whether anyone waits, so a long writer can
-//! drop it for a waiting vCPU. Planned, not here yet: shadow pages, dirty logging and the
-//! eager huge-page splitter that builds on [`spt`], [`cache`], `rmap` and [`sync`].
+//! drop it for a waiting vCPU. `spt::mmu` (feature `alloc`) is the shadow MMU built on
+//! all four: shadow pages found by gfn and role, memory slots, the fault path (fast half
+//! under the read lock) and dirty logging. Planned, not here yet: the eager huge-page
+//! splitter, and shadowing a guest's own page tables.
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]

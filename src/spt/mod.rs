@@ -100,6 +100,8 @@ mod error;
 mod flush;
 pub mod format;
 mod memory;
+#[cfg(feature = "alloc")]
+pub mod mmu;
 mod ops;
 mod walk;
 

@@ -410,6 +410,26 @@ impl<'a, H> LockedArena<'a, H> {
     pub fn into_inner(self) -> TableArena<'a, H> {
         self.inner.into_inner()
     }
+
+    /// The physical address of the first frame.
+    pub fn phys_base(&self) -> Hpa {
+        crate::spt::hpa(self.phys_base)
+    }
+
+    /// Frames in the arena.
+    pub fn capacity(&self) -> usize {
+        self.frames
+    }
+
+    /// The entries of the frame at `table`, when it is one of the arena's frames.
+    #[inline]
+    pub(crate) fn table(&self, table: Hpa) -> Option<&Table> {
+        let index = frame_index(self.phys_base, self.frames, table)?;
+        // SAFETY: `index < frames`, inside the arena's slice of frames, which is borrowed
+        // for 'a (longer than `&self`) and only ever accessed through atomics.
+        let frame = unsafe { &*self.base.as_ptr().add(index) };
+        Some(&frame.0)
+    }
 }
 
 impl<H> fmt::Debug for LockedArena<'_, H> {

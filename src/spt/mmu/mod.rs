@@ -1,0 +1,710 @@
+//! A shadow MMU in direct mode: shadow pages, memory slots, the fault path and dirty
+//! logging (Linux `arch/x86/kvm/mmu/mmu.c`, the shadow MMU half; the refactoring of
+//! Matlack, "[00/23] Extend Eager Page Splitting to the shadow MMU", 2022-02-03, is its
+//! starting point: every operation runs outside a vCPU context, a child's role is derived
+//! from its parent's, and each memory cache has its own capacity).
+//!
+//! # What it is
+//!
+//! An [`Mmu`] maps guest frames (gfns, grouped into memory slots) to the embedder's host
+//! frames through page tables of any [`PteFormat`] (EPT for a hardware guest, x86-64 for a
+//! guest whose own CR3 points at these tables). Tables are built on demand by
+//! [`Mmu::page_fault`], at the largest level the slot, the host mapping (the embedder's
+//! [`HostMemory`]) and the page table allow. Each table is a *shadow page* with a header
+//! ([`ShadowPage`]: gfn, [`Role`], parent entries), found by `(gfn, role)` in a hash with
+//! no heap allocation on the fault path. Every present leaf entry is recorded in its slot's
+//! reverse map ([`crate::rmap`]) at its level, so write-protecting a slot for dirty logging
+//! touches exactly the entries that map it, without walking the tables.
+//!
+//! Shadowing a guest's own page tables (indirect pages, unsync) is a later step; the
+//! [`Role`] and [`ShadowPage`] types already carry what it needs.
+//!
+//! # Locking
+//!
+//! One [`RwLock`], the MMU lock: the fault path's fast half ([`Mmu::page_fault`]'s first
+//! step, KVM `fast_page_fault`) restores a write bit with
+//! a compare-exchange under the read lock; everything that changes the shape of the tables,
+//! the rmaps or the headers runs under the write lock. Tables come from a
+//! [`LockedArena`] and rmap descriptors from a [`DescPool`], both locked on their own, so
+//! a vCPU tops its [`FaultCaches`] up *before* it takes the MMU lock and the slow path pops
+//! from them without failing (KVM `mmu_topup_memory_caches`).
+//!
+//! # Dirty logging
+//!
+//! [`Mmu::enable_dirty_log`] write-protects every entry of the slot through its rmaps (or,
+//! with [`LogMode::initially_set`], sets every bit and write-protects nothing);
+//! a write to a write-protected page faults, the fault marks the page dirty and restores
+//! the write bit — on the fast path when the entry is at or below the logging unit, on the
+//! slow path otherwise, where a write-protected huge page is dropped and one 4 KiB page
+//! mapped in its place (the lazy behaviour, KVM's `eager_page_split = N`).
+//! [`get_and_clear_dirty_log`](Mmu::get_and_clear_dirty_log),
+//! [`get_dirty_log`](Mmu::get_dirty_log) + [`clear_dirty_log`](Mmu::clear_dirty_log)
+//! (64-page masks, KVM's alignment rules) and
+//! [`disable_dirty_log`](Mmu::disable_dirty_log) (huge pages recovered in place where all
+//! 512 pieces are there, zapped to be refaulted huge otherwise) complete it.
+//!
+//! ```
+//! use hvmem::spt::mmu::{FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig, SlotFlags, SlotId};
+//! use hvmem::spt::{Ept, TableArena, TableFrame, TableSlot, TlbFlush, FlushRange};
+//! use hvmem::{Gfn, Gpa, Level, Pfn};
+//!
+//! /// Guest frame n is host frame 0x10_0000 + n, mapped by the host with 2 MiB pages.
+//! struct Host;
+//! impl HostMemory for Host {
+//!     fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+//!         Some(HostPage { pfn: Pfn::new(0x10_0000 + gfn.get()).ok()?, level: Level::L2, writable: true })
+//!     }
+//! }
+//! struct NoTlb;
+//! impl TlbFlush for NoTlb {
+//!     fn flush_range(&mut self, _: FlushRange) {}
+//!     fn flush_all(&mut self) {}
+//! }
+//!
+//! let frames: Vec<TableFrame> = (0..64).map(|_| TableFrame::new()).collect();
+//! let mut slots: Vec<TableSlot> = (0..64).map(|_| TableSlot::default()).collect();
+//! let arena = TableArena::new(&frames, &mut slots, hvmem::Hpa::new(0x4000_0000).unwrap()).unwrap();
+//! let mmu = Mmu::<Ept>::new(arena, MmuConfig::default()).unwrap();
+//! mmu.add_slot(SlotId(0), Gfn::new(0).unwrap(), 4096, SlotFlags::empty()).unwrap();
+//!
+//! let mut caches = FaultCaches::new();
+//! let (host, mut tlb) = (Host, NoTlb);
+//! mmu.page_fault(&mut caches, &host, Gpa::new(0x20_3000).unwrap(), true, &mut tlb).unwrap();
+//! assert_eq!(mmu.translate(Gpa::new(0x20_3000).unwrap()).unwrap().level, Level::L2);
+//!
+//! // Dirty logging: the 2 MiB page is write-protected; a write maps one 4 KiB page.
+//! mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb).unwrap();
+//! mmu.page_fault(&mut caches, &host, Gpa::new(0x20_5000).unwrap(), true, &mut tlb).unwrap();
+//! let mut log = vec![0u64; 64];
+//! mmu.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb).unwrap();
+//! assert_eq!(log[(0x205 / 64) as usize], 1 << (0x205 % 64));
+//! mmu.check().unwrap();
+//! ```
+
+extern crate alloc;
+
+mod check;
+mod dirty;
+mod fault;
+mod page;
+mod role;
+mod slot;
+mod zap;
+
+#[cfg(test)]
+mod tests;
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::marker::PhantomData;
+
+pub use fault::{Fault, FaultCaches, FaultError, HostMemory, HostPage};
+pub use page::ShadowPage;
+pub use role::{Access, Role};
+pub use slot::{LogMode, SlotFlags, SlotId};
+pub use zap::{InvariantError, MmuCounts, Recovered};
+
+use self::page::Pages;
+use self::slot::MemSlot;
+use crate::addr::{Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
+use crate::cache::MemoryCache;
+use crate::rmap::{DescId, DescPool, DescStore, RmapHead};
+use crate::spt::memory::Table;
+use crate::spt::{LockedArena, PteFormat, TableAlloc, TableArena, TlbFlush};
+use crate::sync::{AtomicU64, Ordering, RwLock};
+
+/// KVM `KVM_MIN_FREE_MMU_PAGES`: below this many free shadow pages, a fault first zaps the
+/// oldest pages.
+pub const MIN_FREE_PAGES: usize = 5;
+/// KVM `KVM_REFILL_PAGES`: how many free pages zapping the oldest aims for.
+pub const REFILL_PAGES: usize = 25;
+
+/// Descriptors recycled under the MMU lock (freed by a removal, reused by the next add)
+/// before they go back to the pool.
+const SPARE_DESCS: usize = 64;
+
+/// Ranges gathered for one TLB flush.
+const GATHER: usize = crate::spt::GATHER_RANGES;
+
+/// Identities handed to MMUs; 0 means "no MMU yet" in a [`FaultCaches`]. A plain `core`
+/// atomic even under loom: it is not part of any protocol being modelled.
+static NEXT_MMU_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+
+/// How an [`Mmu`] is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmuConfig {
+    /// Most shadow pages alive at once, the root included (KVM `n_max_mmu_pages`); `None`:
+    /// as many as the arena has tables.
+    pub page_limit: Option<usize>,
+    /// Hash buckets for the `(gfn, role)` lookup (rounded up to a power of two; KVM 4096).
+    pub hash_buckets: usize,
+    /// Rmap descriptors (14 entries each) the MMU can use at once.
+    pub descriptors: usize,
+    /// The largest leaf the MMU maps (KVM `max_huge_page_level`); capped at the format's.
+    pub max_leaf: Level,
+    /// Memory slots at most.
+    pub max_slots: usize,
+    /// Bits every leaf carries besides present and writable (e.g. EPT's execute bits, or
+    /// x86's user bit), in the format's size-independent form.
+    pub leaf_bits: u64,
+    /// Address space of the root ([`Role::as_id`]).
+    pub as_id: u8,
+}
+
+impl Default for MmuConfig {
+    fn default() -> Self {
+        Self {
+            page_limit: None,
+            hash_buckets: 4096,
+            descriptors: 1 << 16,
+            max_leaf: Level::L3,
+            max_slots: 64,
+            leaf_bits: 0,
+            as_id: 0,
+        }
+    }
+}
+
+/// Why an [`Mmu`] could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MmuError {
+    /// No table for the root.
+    NoRoot,
+    /// Allocating the headers, hash or descriptors failed.
+    OutOfMemory,
+    /// The page limit is below the tables one fault needs (the format's root level).
+    LimitTooSmall,
+}
+
+impl fmt::Display for MmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NoRoot => "no table for the root",
+            Self::OutOfMemory => "allocation of MMU metadata failed",
+            Self::LimitTooSmall => "page limit below the depth of one translation",
+        })
+    }
+}
+
+impl core::error::Error for MmuError {}
+
+/// Why a slot or dirty-log operation was refused; nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SlotError {
+    /// No slot with this id.
+    NotFound,
+    /// A slot with this id exists.
+    Exists,
+    /// The range overlaps another slot.
+    Overlap,
+    /// Zero pages, or a range past the format's input addresses.
+    BadRange,
+    /// `max_slots` slots exist.
+    TooMany,
+    /// Allocating the slot's metadata failed.
+    OutOfMemory,
+    /// Dirty logging is already on / not on for this slot.
+    Logging,
+    /// A flag that cannot change after creation (`READONLY`).
+    FlagChange,
+    /// A bitmap too short, or a clear not starting at a multiple of 64 units, or reaching
+    /// past the slot.
+    BadBitmap,
+    /// The page limit is below the tables one fault needs.
+    LimitTooSmall,
+    /// A logging granularity other than 4 KiB or 2 MiB.
+    BadMode,
+}
+
+impl fmt::Display for SlotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotFound => "no such memory slot",
+            Self::Exists => "memory slot id in use",
+            Self::Overlap => "memory slot overlaps another",
+            Self::BadRange => "memory slot range empty or out of range",
+            Self::TooMany => "too many memory slots",
+            Self::OutOfMemory => "allocation of slot metadata failed",
+            Self::Logging => "dirty logging not in the required state",
+            Self::FlagChange => "flag cannot change after creation",
+            Self::BadBitmap => "dirty bitmap range or length invalid",
+            Self::LimitTooSmall => "page limit below the depth of one translation",
+            Self::BadMode => "dirty logging granularity must be 4 KiB or 2 MiB",
+        })
+    }
+}
+
+impl core::error::Error for SlotError {}
+
+/// A translation through the shadow tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// The host address of the gpa.
+    pub hpa: Hpa,
+    /// The level of the leaf.
+    pub level: Level,
+    /// Whether the leaf is writable now.
+    pub writable: bool,
+    /// Whether the leaf may be made writable without the MMU lock.
+    pub mmu_writable: bool,
+}
+
+/// Counters of what the MMU did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MmuStats {
+    /// Faults fixed by the fast path.
+    pub fast_fixes: u64,
+    /// Faults handled by the slow path.
+    pub slow_faults: u64,
+    /// Huge leaves dropped by a fault that needed a smaller page (lazy splitting).
+    pub huge_dropped: u64,
+    /// Shadow pages created.
+    pub pages_created: u64,
+    /// Shadow pages zapped.
+    pub pages_zapped: u64,
+    /// Entries write-protected.
+    pub write_protected: u64,
+    /// Rmap or parent-list updates that found the structures inconsistent (never expected).
+    pub inconsistencies: u64,
+}
+
+/// The state behind the MMU lock.
+pub(crate) struct State {
+    pub(crate) pages: Pages,
+    /// Sorted by base gfn, disjoint.
+    pub(crate) slots: Vec<MemSlot>,
+    pub(crate) store: DescStore,
+    pub(crate) spare: MemoryCache<DescId, SPARE_DESCS>,
+    pub(crate) limit: usize,
+    pub(crate) stats: MmuStats,
+    pub(crate) root_id: u32,
+}
+
+impl State {
+    /// Index of the slot holding `gfn`.
+    pub(crate) fn slot_index(&self, gfn: u64) -> Option<usize> {
+        let i = self.slots.partition_point(|s| s.end() <= gfn);
+        self.slots.get(i).filter(|s| s.contains(gfn)).map(|_| i)
+    }
+
+    pub(crate) fn slot_by_id(&self, id: SlotId) -> Option<usize> {
+        self.slots.iter().position(|s| s.id == id)
+    }
+}
+
+/// A shadow MMU over the tables of a [`LockedArena`], in direct mode (gfn → host frame).
+pub struct Mmu<'a, F: PteFormat> {
+    tables: LockedArena<'a>,
+    descs: DescPool,
+    state: RwLock<State>,
+    root: Hpa,
+    config: MmuConfig,
+    max_leaf: Level,
+    /// Gfns below this fit the format's input addresses.
+    gfn_limit: u64,
+    /// Faults the fast path fixed (counted outside the lock it does not take for write).
+    fast_fixes: AtomicU64,
+    /// Unique per MMU (see [`Mmu::id`]).
+    id: u64,
+    _format: PhantomData<F>,
+}
+
+impl<F: PteFormat> fmt::Debug for Mmu<'_, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mmu")
+            .field("format", &F::NAME)
+            .field("root", &self.root)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, F: PteFormat> Mmu<'a, F> {
+    /// An MMU whose tables come from `arena` (one shadow-page header per frame), with an
+    /// empty root.
+    pub fn new(arena: TableArena<'a>, config: MmuConfig) -> Result<Self, MmuError> {
+        let limit = config.page_limit.unwrap_or(arena.capacity());
+        if limit < F::ROOT_LEVEL.get() as usize {
+            return Err(MmuError::LimitTooSmall);
+        }
+        let tables = LockedArena::new(arena);
+        let mut pages = Pages::new(
+            tables.capacity(),
+            config.hash_buckets,
+            tables.phys_base().get(),
+        )
+        .ok_or(MmuError::OutOfMemory)?;
+        let (store, descs) =
+            DescStore::new(config.descriptors).map_err(|_| MmuError::OutOfMemory)?;
+        let root = (&tables)
+            .alloc_table(F::ROOT_LEVEL)
+            .ok_or(MmuError::NoRoot)?;
+        let root_id = pages.id_of(root).ok_or(MmuError::NoRoot)?;
+        let role = Role::direct_root(F::ROOT_LEVEL, config.as_id);
+        if !pages.insert(root_id, Gfn::ZERO, role, true) {
+            return Err(MmuError::NoRoot);
+        }
+        let max_leaf = if config.max_leaf > F::LARGEST_LEAF {
+            F::LARGEST_LEAF
+        } else {
+            config.max_leaf
+        };
+        Ok(Self {
+            tables,
+            descs,
+            state: RwLock::new(State {
+                pages,
+                slots: Vec::new(),
+                store,
+                spare: MemoryCache::new(),
+                limit,
+                stats: MmuStats::default(),
+                root_id,
+            }),
+            root,
+            config,
+            max_leaf,
+            gfn_limit: 1u64 << (F::INPUT_BITS - PAGE_SHIFT),
+            fast_fixes: AtomicU64::new(0),
+            id: NEXT_MMU_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
+            _format: PhantomData,
+        })
+    }
+
+    /// The root table (what goes into CR3 or the EPT pointer).
+    pub fn root(&self) -> Hpa {
+        self.root
+    }
+
+    /// The table memory. Not public: a table freed behind the MMU's back (the root has
+    /// no link to protect it) would corrupt the tree.
+    pub(crate) fn tables(&self) -> &LockedArena<'a> {
+        &self.tables
+    }
+
+    /// The descriptor pool (not public, like the tables).
+    pub(crate) fn descriptors(&self) -> &DescPool {
+        &self.descs
+    }
+
+    /// Tables allocated from the arena: live shadow pages plus tables held in caches.
+    pub fn tables_allocated(&self) -> usize {
+        self.tables.allocated()
+    }
+
+    /// Rmap descriptors in the pool (not in use, not in a cache).
+    pub fn descriptors_free(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Rmap descriptors the MMU was built with.
+    pub fn descriptors_capacity(&self) -> usize {
+        self.descs.capacity()
+    }
+
+    /// This MMU's identity, which [`FaultCaches`] remember so a cache is never used with
+    /// the tables of another MMU.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The largest leaf level the MMU maps.
+    pub fn max_leaf(&self) -> Level {
+        self.max_leaf
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> MmuStats {
+        let mut stats = self.state.read().stats;
+        stats.fast_fixes = self.fast_fixes.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Live shadow pages, the root included.
+    pub fn pages_used(&self) -> usize {
+        self.state.read().pages.used()
+    }
+
+    /// The header of the shadow page whose table is at `table`, if it is live.
+    pub fn shadow_page(&self, table: Hpa) -> Option<ShadowPage> {
+        let st = self.state.read();
+        let id = st.pages.live_id(table)?;
+        st.pages.get(id).cloned()
+    }
+
+    /// Whether someone waits for the MMU lock (for long operations that drop it).
+    pub fn is_contended(&self) -> bool {
+        self.state.is_contended()
+    }
+
+    /// Adds a memory slot of `npages` frames from `base` (KVM `KVM_SET_USER_MEMORY_REGION`
+    /// creating a slot). `LOG_DIRTY_PAGES` in `flags` starts 4 KiB logging at once.
+    pub fn add_slot(
+        &self,
+        id: SlotId,
+        base: Gfn,
+        npages: u64,
+        flags: SlotFlags,
+    ) -> Result<(), SlotError> {
+        let end = base.get().checked_add(npages).ok_or(SlotError::BadRange)?;
+        if npages == 0 || end > self.gfn_limit {
+            return Err(SlotError::BadRange);
+        }
+        let mut slot =
+            MemSlot::new(id, base, npages, flags, self.max_leaf).ok_or(SlotError::OutOfMemory)?;
+        if flags.contains(SlotFlags::LOG_DIRTY_PAGES) {
+            slot.log = Some(
+                slot::DirtyLog::new(base, npages, LogMode::PAGES).ok_or(SlotError::OutOfMemory)?,
+            );
+            slot.flags |= SlotFlags::LOG_DIRTY_PAGES;
+        }
+        let mut st = self.state.write();
+        if st.slot_by_id(id).is_some() {
+            return Err(SlotError::Exists);
+        }
+        if st.slots.len() >= self.config.max_slots {
+            return Err(SlotError::TooMany);
+        }
+        let at = st.slots.partition_point(|s| s.end() <= base.get());
+        if st.slots.get(at).is_some_and(|s| s.base < end) {
+            return Err(SlotError::Overlap);
+        }
+        st.slots
+            .try_reserve(1)
+            .map_err(|_| SlotError::OutOfMemory)?;
+        // A new slot has no entries yet: no rmap to fill (KVM zaps nothing on create).
+        st.slots.insert(at, slot);
+        Ok(())
+    }
+
+    /// Removes a slot, zapping every entry that maps it first (KVM
+    /// `kvm_arch_flush_shadow_memslot`).
+    pub fn delete_slot<T: TlbFlush + ?Sized>(
+        &self,
+        id: SlotId,
+        tlb: &mut T,
+    ) -> Result<(), SlotError> {
+        let mut st = self.state.write();
+        let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+        let mut z = self.zapper();
+        z.zap_slot_leaves(&mut st, i);
+        z.finish(&mut st, tlb);
+        st.slots.remove(i);
+        Ok(())
+    }
+
+    /// Moves a slot to start at `new_base`, keeping its size, flags and logging mode; every
+    /// entry of the old range is zapped (KVM `KVM_MR_MOVE`). Refused with nothing changed
+    /// when the new range overlaps another slot or its metadata cannot be allocated.
+    pub fn move_slot<T: TlbFlush + ?Sized>(
+        &self,
+        id: SlotId,
+        new_base: Gfn,
+        tlb: &mut T,
+    ) -> Result<(), SlotError> {
+        let mut st = self.state.write();
+        let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+        let (npages, flags, mode) = {
+            let s = &st.slots[i];
+            (s.npages, s.flags, s.log.as_ref().map(|l| l.mode))
+        };
+        let end = new_base
+            .get()
+            .checked_add(npages)
+            .ok_or(SlotError::BadRange)?;
+        if end > self.gfn_limit {
+            return Err(SlotError::BadRange);
+        }
+        if st
+            .slots
+            .iter()
+            .any(|s| s.id != id && s.base < end && new_base.get() < s.end())
+        {
+            return Err(SlotError::Overlap);
+        }
+        let mut moved = MemSlot::new(id, new_base, npages, flags, self.max_leaf)
+            .ok_or(SlotError::OutOfMemory)?;
+        if let Some(mode) = mode {
+            moved.log =
+                Some(slot::DirtyLog::new(new_base, npages, mode).ok_or(SlotError::OutOfMemory)?);
+            moved.flags |= SlotFlags::LOG_DIRTY_PAGES;
+        }
+        let mut z = self.zapper();
+        z.zap_slot_leaves(&mut st, i);
+        z.finish(&mut st, tlb);
+        st.slots.remove(i);
+        let at = st.slots.partition_point(|s| s.end() <= new_base.get());
+        st.slots.insert(at, moved);
+        Ok(())
+    }
+
+    /// Changes a slot's flags: `LOG_DIRTY_PAGES` turns 4 KiB dirty logging on
+    /// ([`enable_dirty_log`](Self::enable_dirty_log) with [`LogMode::PAGES`]) or off
+    /// ([`disable_dirty_log`](Self::disable_dirty_log)); `READONLY` cannot change.
+    pub fn update_slot_flags<H: HostMemory + ?Sized, T: TlbFlush + ?Sized>(
+        &self,
+        id: SlotId,
+        flags: SlotFlags,
+        host: &H,
+        tlb: &mut T,
+    ) -> Result<(), SlotError> {
+        let old = {
+            let st = self.state.read();
+            let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+            st.slots[i].flags
+        };
+        if (old ^ flags).contains(SlotFlags::READONLY) {
+            return Err(SlotError::FlagChange);
+        }
+        let on = flags.contains(SlotFlags::LOG_DIRTY_PAGES);
+        match (old.contains(SlotFlags::LOG_DIRTY_PAGES), on) {
+            (false, true) => self.enable_dirty_log(id, LogMode::PAGES, tlb),
+            (true, false) => self.disable_dirty_log(id, host, tlb).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The slots, as `(id, base, npages, flags)`, by base.
+    pub fn slots(&self) -> Vec<(SlotId, Gfn, u64, SlotFlags)> {
+        let st = self.state.read();
+        st.slots
+            .iter()
+            .filter_map(|s| Some((s.id, Gfn::new(s.base).ok()?, s.npages, s.flags)))
+            .collect()
+    }
+
+    /// Sets the most shadow pages alive at once, zapping the oldest until the MMU fits
+    /// (KVM `kvm_mmu_change_mmu_pages`). Returns how many pages were zapped.
+    pub fn set_page_limit<T: TlbFlush + ?Sized>(
+        &self,
+        limit: usize,
+        tlb: &mut T,
+    ) -> Result<usize, SlotError> {
+        if limit < F::ROOT_LEVEL.get() as usize {
+            return Err(SlotError::LimitTooSmall);
+        }
+        let mut st = self.state.write();
+        st.limit = limit;
+        let mut z = self.zapper();
+        let before = st.pages.used();
+        while st.pages.used() > limit {
+            if !z.zap_oldest(&mut st) {
+                break;
+            }
+        }
+        z.finish(&mut st, tlb);
+        Ok(before - st.pages.used())
+    }
+
+    /// The page limit.
+    pub fn page_limit(&self) -> usize {
+        self.state.read().limit
+    }
+
+    /// Zaps every leaf mapping a gfn of `[start, end)` (a huge leaf that overlaps it is
+    /// zapped whole), through the rmaps (KVM `kvm_zap_gfn_range`). Returns how many
+    /// entries were zapped.
+    pub fn zap_gfn_range<T: TlbFlush + ?Sized>(&self, start: Gfn, end: Gfn, tlb: &mut T) -> u64 {
+        let mut st = self.state.write();
+        let mut z = self.zapper();
+        let mut zapped = 0;
+        for i in 0..st.slots.len() {
+            let (s, e) = (st.slots[i].base, st.slots[i].end());
+            let lo = s.max(start.get());
+            let hi = e.min(end.get());
+            if lo < hi {
+                zapped += z.zap_leaves_in(&mut st, i, lo, hi);
+            }
+        }
+        z.finish(&mut st, tlb);
+        zapped
+    }
+
+    /// What the shadow tables map `gpa` to, read under the MMU lock held for read.
+    pub fn translate(&self, gpa: Gpa) -> Option<Mapping> {
+        let _st = self.state.read();
+        let (entry, level) = self.find_leaf(gpa.get() >> PAGE_SHIFT)?;
+        let v = entry.load(Ordering::Acquire);
+        let base = F::leaf_addr(v, level).get();
+        let offset = gpa.get() & (level.page_size() - 1);
+        Some(Mapping {
+            hpa: crate::spt::hpa(base + offset),
+            level,
+            writable: v & F::WRITABLE != 0,
+            mmu_writable: v & F::MMU_WRITABLE != 0,
+        })
+    }
+
+    /// The entries of the table at `table`.
+    pub(crate) fn table(&self, table: Hpa) -> Option<&Table> {
+        self.tables.table(table)
+    }
+
+    /// The present leaf mapping `gfn` and its level, by a walk from the root that reads
+    /// entries only; a table entry pointing outside the arena ends the walk.
+    pub(crate) fn find_leaf(&self, gfn: u64) -> Option<(&AtomicU64, Level)> {
+        if gfn >= self.gfn_limit {
+            return None;
+        }
+        let addr = gfn << PAGE_SHIFT;
+        let mut table = self.root;
+        let mut level = F::ROOT_LEVEL;
+        loop {
+            let entry = &self.table(table)?[index_of(addr, level)];
+            let v = entry.load(Ordering::Acquire);
+            if F::is_leaf(v, level) {
+                return Some((entry, level));
+            }
+            if !F::is_table(v, level) {
+                return None;
+            }
+            table = F::table_addr(v);
+            level = level.lower()?;
+        }
+    }
+
+    fn zapper(&self) -> zap::Zapper<'_, 'a, F> {
+        zap::Zapper::new(&self.tables, &self.descs)
+    }
+}
+
+/// The index of `addr`'s entry in a table of `level`.
+#[inline]
+pub(crate) fn index_of(addr: u64, level: Level) -> usize {
+    ((addr >> level.shift()) & 511) as usize
+}
+
+/// Frames a `level` page covers.
+#[inline]
+pub(crate) fn frames(level: Level) -> u64 {
+    level.page_size() >> PAGE_SHIFT
+}
+
+/// Gives a descriptor freed by an rmap removal back: to the spare cache under the lock, or
+/// to the pool when that is full.
+pub(crate) fn free_desc(spare: &mut MemoryCache<DescId, SPARE_DESCS>, pool: &DescPool, id: DescId) {
+    if let Err(id) = spare.put(id) {
+        let mut pool = pool;
+        crate::cache::ObjectSource::free(&mut pool, id);
+    }
+}
+
+/// Removes `e` from `head`, recycling a freed descriptor; false when `e` was not there.
+pub(crate) fn rmap_remove(
+    head: &mut RmapHead,
+    e: crate::spt::EntryRef,
+    store: &mut DescStore,
+    spare: &mut MemoryCache<DescId, SPARE_DESCS>,
+    pool: &DescPool,
+) -> bool {
+    match head.remove(e, store) {
+        Ok(Some(id)) => {
+            free_desc(spare, pool, id);
+            true
+        }
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,660 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+extern crate std;
+
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::addr::Pfn;
+use crate::spt::{Ept, FlushRange, TableFrame, TableSlot, X86_64};
+
+/// Host frames: gfn n ↦ pfn `HOST_BASE + n`, mapped by the host at `level` (2 MiB unless
+/// a test says otherwise); gfns in `holes` have no page; `readonly` ones are not writable.
+struct Host {
+    level: Level,
+    shift: u64,
+    holes: Vec<u64>,
+    readonly: Vec<u64>,
+}
+
+const HOST_BASE: u64 = 0x10_0000;
+
+impl Host {
+    fn new(level: Level) -> Self {
+        Self {
+            level,
+            shift: 0,
+            holes: Vec::new(),
+            readonly: Vec::new(),
+        }
+    }
+}
+
+impl HostMemory for Host {
+    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+        let g = gfn.get();
+        if self.holes.contains(&g) {
+            return None;
+        }
+        Some(HostPage {
+            pfn: Pfn::new(HOST_BASE + self.shift + g).ok()?,
+            level: self.level,
+            writable: !self.readonly.contains(&g),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Tlb {
+    ranges: u64,
+    all: u64,
+}
+
+impl TlbFlush for Tlb {
+    fn flush_range(&mut self, _: FlushRange) {
+        self.ranges += 1;
+    }
+    fn flush_all(&mut self) {
+        self.all += 1;
+    }
+}
+
+const FRAMES: usize = 2048;
+
+struct Fx {
+    frames: Vec<TableFrame>,
+    slots: Vec<TableSlot>,
+}
+
+fn fx() -> Fx {
+    Fx {
+        frames: (0..FRAMES).map(|_| TableFrame::new()).collect(),
+        slots: (0..FRAMES).map(|_| TableSlot::default()).collect(),
+    }
+}
+
+fn mmu<F: PteFormat>(f: &mut Fx, config: MmuConfig) -> Mmu<'_, F> {
+    let arena = TableArena::new(&f.frames, &mut f.slots, Hpa::new(0x8000_0000).unwrap()).unwrap();
+    Mmu::new(arena, config).unwrap()
+}
+
+fn gpa(gfn: u64) -> Gpa {
+    Gpa::new(gfn << 12).unwrap()
+}
+
+fn gfn(g: u64) -> Gfn {
+    Gfn::new(g).unwrap()
+}
+
+fn fault<F: PteFormat>(
+    m: &Mmu<'_, F>,
+    c: &mut FaultCaches,
+    h: &Host,
+    g: u64,
+    write: bool,
+) -> Fault {
+    let r = m
+        .page_fault(c, h, gpa(g), write, &mut Tlb::default())
+        .unwrap();
+    m.check().unwrap();
+    r
+}
+
+/// The gfns of a bitmap.
+fn bits_to_gfns(base: u64, words: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (w, &word) in words.iter().enumerate() {
+        for b in 0..64 {
+            if word & (1 << b) != 0 {
+                out.push(base + w as u64 * 64 + b);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn faults_map_at_the_largest_level_allowed() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    // Slot 0: 2 GiB at 0, aligned. Slot 1: starts 1 frame past a 2 MiB boundary.
+    m.add_slot(SlotId(0), gfn(0), 1 << 19, SlotFlags::empty())
+        .unwrap();
+    m.add_slot(SlotId(1), gfn((1 << 19) + 1), 2046, SlotFlags::empty())
+        .unwrap();
+
+    let h = Host::new(Level::L3);
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x123, true),
+        Fault::Mapped {
+            level: Level::L3,
+            writable: true
+        }
+    );
+    let t = m.translate(gpa(0x123)).unwrap();
+    assert_eq!(
+        (t.level, t.hpa.get()),
+        (Level::L3, (HOST_BASE + 0x123) << 12)
+    );
+
+    // Host maps 2 MiB: a 2 MiB leaf.
+    let h2 = Host::new(Level::L2);
+    assert_eq!(
+        fault(&m, &mut c, &h2, (1 << 18) + 5, false),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: true
+        }
+    );
+    // The first 2 MiB of slot 1 reaches past its start: 4 KiB there, 2 MiB in the middle.
+    let first = (1 << 19) + 1;
+    assert_eq!(
+        fault(&m, &mut c, &h2, first, true),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: true
+        }
+    );
+    assert_eq!(
+        fault(&m, &mut c, &h2, first + 600, true),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: true
+        }
+    );
+    // The last 2 MiB reaches past its end.
+    assert_eq!(
+        fault(&m, &mut c, &h2, first + 2045, true),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: true
+        }
+    );
+
+    // A host frame not aligned like the gfn: 4 KiB pages only.
+    let mut hs = Host::new(Level::L2);
+    hs.shift = 1;
+    m.zap_gfn_range(gfn(0), gfn(1 << 20), &mut Tlb::default());
+    m.check().unwrap();
+    assert_eq!(
+        fault(&m, &mut c, &hs, 0x400, true),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: true
+        }
+    );
+    assert_eq!(
+        m.translate(gpa(0x400)).unwrap().hpa.get(),
+        (HOST_BASE + 1 + 0x400) << 12
+    );
+}
+
+#[test]
+fn max_leaf_caps_the_level() {
+    let mut f = fx();
+    let m = mmu::<X86_64>(
+        &mut f,
+        MmuConfig {
+            max_leaf: Level::L2,
+            ..MmuConfig::default()
+        },
+    );
+    let mut c = FaultCaches::new();
+    m.add_slot(SlotId(0), gfn(0), 1 << 18, SlotFlags::empty())
+        .unwrap();
+    assert_eq!(
+        fault(&m, &mut c, &Host::new(Level::L3), 7, true),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: true
+        }
+    );
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let mut f = fx();
+    let m = mmu::<Ept>(
+        &mut f,
+        MmuConfig {
+            max_slots: 2,
+            ..MmuConfig::default()
+        },
+    );
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    m.add_slot(SlotId(0), gfn(0x1000), 0x1000, SlotFlags::READONLY)
+        .unwrap();
+    assert_eq!(
+        m.add_slot(SlotId(0), gfn(0x9000), 1, SlotFlags::empty()),
+        Err(SlotError::Exists)
+    );
+    assert_eq!(
+        m.add_slot(SlotId(1), gfn(0x1fff), 2, SlotFlags::empty()),
+        Err(SlotError::Overlap)
+    );
+    assert_eq!(
+        m.add_slot(SlotId(1), gfn(0x0fff), 2, SlotFlags::empty()),
+        Err(SlotError::Overlap)
+    );
+    assert_eq!(
+        m.add_slot(SlotId(1), gfn(0), 0, SlotFlags::empty()),
+        Err(SlotError::BadRange)
+    );
+    assert_eq!(
+        m.add_slot(SlotId(1), gfn((1 << 36) - 1), 2, SlotFlags::empty()),
+        Err(SlotError::BadRange)
+    );
+    m.add_slot(SlotId(1), gfn(0), 0x1000, SlotFlags::empty())
+        .unwrap();
+    assert_eq!(
+        m.add_slot(SlotId(2), gfn(0x5000), 1, SlotFlags::empty()),
+        Err(SlotError::TooMany)
+    );
+
+    let h = Host::new(Level::L2);
+    let before = m.check().unwrap();
+    let r =
+        |g: u64, w: bool, c: &mut FaultCaches| m.page_fault(c, &h, gpa(g), w, &mut Tlb::default());
+    assert_eq!(r(0x3000, false, &mut c), Err(FaultError::NoSlot));
+    assert_eq!(r(0x1800, true, &mut c), Err(FaultError::ReadOnly));
+    assert_eq!(
+        m.page_fault(&mut c, &h, Gpa::new(1 << 50).unwrap(), false, &mut tlb),
+        Err(FaultError::BadAddress)
+    );
+    let mut holes = Host::new(Level::L2);
+    holes.holes.push(0x10);
+    assert_eq!(
+        m.page_fault(&mut c, &holes, gpa(0x10), false, &mut tlb),
+        Err(FaultError::NoHostPage)
+    );
+    let mut ro = Host::new(Level::L2);
+    ro.readonly.push(0x11);
+    assert_eq!(
+        m.page_fault(&mut c, &ro, gpa(0x11), true, &mut tlb),
+        Err(FaultError::ReadOnly)
+    );
+    assert_eq!(m.check().unwrap().leaves, before.leaves);
+
+    // Dirty-log calls on a slot that does not log, and bad bitmaps.
+    let mut out = [0u64; 64];
+    assert_eq!(
+        m.get_dirty_log(SlotId(1), &mut out),
+        Err(SlotError::Logging)
+    );
+    assert_eq!(
+        m.enable_dirty_log(
+            SlotId(1),
+            LogMode {
+                initially_set: false,
+                granularity: Level::L3
+            },
+            &mut tlb
+        ),
+        Err(SlotError::BadMode)
+    );
+    m.enable_dirty_log(SlotId(1), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    assert_eq!(
+        m.enable_dirty_log(SlotId(1), LogMode::PAGES, &mut tlb),
+        Err(SlotError::Logging)
+    );
+    assert_eq!(m.dirty_log_words(SlotId(1)), Ok(64));
+    assert_eq!(
+        m.get_dirty_log(SlotId(1), &mut out[..63]),
+        Err(SlotError::BadBitmap)
+    );
+    assert_eq!(
+        m.clear_dirty_log(SlotId(1), 3, &[1], &mut tlb),
+        Err(SlotError::BadBitmap)
+    );
+    assert_eq!(
+        m.clear_dirty_log(SlotId(1), 64 * 63, &[1, 1], &mut tlb),
+        Err(SlotError::BadBitmap)
+    );
+    assert_eq!(
+        m.update_slot_flags(SlotId(0), SlotFlags::empty(), &h, &mut tlb),
+        Err(SlotError::FlagChange)
+    );
+    assert_eq!(m.delete_slot(SlotId(7), &mut tlb), Err(SlotError::NotFound));
+    assert_eq!(m.set_page_limit(1, &mut tlb), Err(SlotError::LimitTooSmall));
+    m.check().unwrap();
+}
+
+#[test]
+fn dirty_logging_write_protects_and_logs_every_write() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L2);
+    m.add_slot(SlotId(0), gfn(0), 4096, SlotFlags::empty())
+        .unwrap();
+    // Map all 8 MiB writable with 2 MiB leaves.
+    for g in (0..4096).step_by(512) {
+        fault(&m, &mut c, &h, g, true);
+    }
+    assert_eq!(m.check().unwrap().leaves, 8);
+
+    m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    for g in (0..4096).step_by(512) {
+        let t = m.translate(gpa(g)).unwrap();
+        assert!(!t.writable && t.mmu_writable, "{g:#x}: {t:?}");
+    }
+    // Reads need no fault; the first write into a 2 MiB page drops it and maps 4 KiB.
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x205, true),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: true
+        }
+    );
+    assert_eq!(m.stats().huge_dropped, 1);
+    // A read elsewhere in that 2 MiB maps 4 KiB read-only; writing it takes the fast path.
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x206, false),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: false
+        }
+    );
+    assert_eq!(fault(&m, &mut c, &h, 0x206, true), Fault::Fast);
+    assert_eq!(fault(&m, &mut c, &h, 0x206, true), Fault::Spurious);
+    let writes = [0x205, 0x206, 0x7ff, 0x800, 0xfff];
+    for &g in &writes[2..] {
+        fault(&m, &mut c, &h, g, true);
+    }
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    assert_eq!(bits_to_gfns(0, &log), writes.to_vec());
+    // After the clear they are read-only again and the next round logs exactly its writes.
+    for &g in &writes {
+        assert!(!m.translate(gpa(g)).unwrap().writable);
+    }
+    assert_eq!(fault(&m, &mut c, &h, 0x7ff, true), Fault::Fast);
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    assert_eq!(bits_to_gfns(0, &log), vec![0x7ff]);
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    assert!(log.iter().all(|&w| w == 0));
+    assert!(tlb.ranges + tlb.all > 0);
+}
+
+#[test]
+fn manual_clear_follows_kvm_alignment_rules() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L2);
+    // A slot not 64-aligned: mask bits count from the slot's first frame.
+    let base = 0x1000 - 32;
+    m.add_slot(SlotId(0), gfn(base), 0x2000, SlotFlags::empty())
+        .unwrap();
+    for g in [0x1000, 0x1200, 0x1400] {
+        fault(&m, &mut c, &h, g, true);
+    }
+    assert_eq!(m.translate(gpa(0x1000)).unwrap().level, Level::L2);
+    m.enable_dirty_log(
+        SlotId(0),
+        LogMode {
+            initially_set: true,
+            granularity: Level::L1,
+        },
+        &mut tlb,
+    )
+    .unwrap();
+    m.check().unwrap();
+    // Initially set: every bit set, nothing write-protected.
+    let words = m.dirty_log_words(SlotId(0)).unwrap();
+    let mut log = vec![0u64; words];
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    assert_eq!(bits_to_gfns(base, &log).len(), 0x2000);
+    assert!(m.translate(gpa(0x1000)).unwrap().writable);
+
+    // A mask whose set bits lie in one 2 MiB page (gfns 0x116a and 0x1188): only the huge
+    // page holding them is write-protected.
+    let unit = |g: u64| g - base;
+    assert_eq!(unit(0x1160) % 64, 0);
+    m.clear_dirty_log(SlotId(0), unit(0x1160), &[(1 << 10) | (1 << 40)], &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    assert!(!m.translate(gpa(0x1000)).unwrap().writable);
+    assert!(m.translate(gpa(0x1200)).unwrap().writable);
+    // A mask from 0x11e0 to 0x121f crosses the boundary at 0x1200: the huge pages of the
+    // first and of the last set bit are write-protected; the one at 0x1400 is not.
+    m.clear_dirty_log(SlotId(0), unit(0x11e0), &[1 | (1 << 63)], &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    assert!(
+        !m.translate(gpa(0x1200)).unwrap().writable,
+        "huge page of the last bit"
+    );
+    assert!(m.translate(gpa(0x1400)).unwrap().writable);
+    // A write to a cleared page is logged again, at 4 KiB.
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x116a, true),
+        Fault::Mapped {
+            level: Level::L1,
+            writable: true
+        }
+    );
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    let set = bits_to_gfns(base, &log);
+    assert!(set.contains(&0x116a) && set.contains(&0x121e));
+    for g in [0x1188, 0x11e0, 0x121f] {
+        assert!(!set.contains(&g), "{g:#x}");
+    }
+    assert_eq!(set.len(), 0x2000 - 3);
+}
+
+#[test]
+fn two_megabyte_logging() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L3);
+    m.add_slot(SlotId(0), gfn(0), 1 << 18, SlotFlags::empty())
+        .unwrap();
+    fault(&m, &mut c, &h, 0, true);
+    assert_eq!(m.translate(gpa(0)).unwrap().level, Level::L3);
+    let mode = LogMode {
+        initially_set: false,
+        granularity: Level::L2,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    // The 1 GiB page is dropped for a 2 MiB one; the 2 MiB unit is logged.
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x1234, true),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: true
+        }
+    );
+    assert_eq!(
+        fault(&m, &mut c, &h, 0x2000, false),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: false
+        }
+    );
+    assert_eq!(fault(&m, &mut c, &h, 0x2001, true), Fault::Fast);
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    assert_eq!(log.len(), 8);
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    assert_eq!(bits_to_gfns(0, &log), vec![0x1234 >> 9, 0x2000 >> 9]);
+    m.check().unwrap();
+    assert!(!m.translate(gpa(0x1234)).unwrap().writable);
+}
+
+#[test]
+fn disabling_recovers_huge_pages() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L2);
+    m.add_slot(SlotId(0), gfn(0), 2048, SlotFlags::empty())
+        .unwrap();
+    m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    // 2 MiB #0: every page faulted (collapsible). #1: one page missing (zapped to refault).
+    for g in 0..512 {
+        fault(&m, &mut c, &h, g, g % 3 == 0);
+    }
+    for g in 512..1023 {
+        fault(&m, &mut c, &h, g, true);
+    }
+    let pages = m.pages_used();
+    let done = m.disable_dirty_log(SlotId(0), &h, &mut tlb).unwrap();
+    assert_eq!(
+        done,
+        Recovered {
+            collapsed: 1,
+            zapped: 1
+        }
+    );
+    m.check().unwrap();
+    assert_eq!(m.pages_used(), pages - 2);
+    let t = m.translate(gpa(5)).unwrap();
+    assert_eq!((t.level, t.writable), (Level::L2, true));
+    assert!(m.translate(gpa(600)).is_none());
+    assert_eq!(
+        fault(&m, &mut c, &h, 600, false),
+        Fault::Mapped {
+            level: Level::L2,
+            writable: true
+        }
+    );
+    assert_eq!(m.check().unwrap().leaves, 2);
+}
+
+#[test]
+fn page_limit_zaps_the_oldest() {
+    let mut f = fx();
+    let m = mmu::<Ept>(
+        &mut f,
+        MmuConfig {
+            page_limit: Some(40),
+            ..MmuConfig::default()
+        },
+    );
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L1);
+    m.add_slot(SlotId(0), gfn(0), 1 << 20, SlotFlags::empty())
+        .unwrap();
+    // Each 2 MiB step needs a new level-1 page; every 1 GiB a new level-2 page.
+    for k in 0..200u64 {
+        fault(&m, &mut c, &h, k * 512 + 3, true);
+        assert!(m.pages_used() <= 40);
+    }
+    assert!(m.stats().pages_zapped > 0);
+    // The newest mapping survived; the oldest went.
+    assert!(m.translate(gpa(199 * 512 + 3)).is_some());
+    assert!(m.translate(gpa(3)).is_none());
+    // A zapped page takes the pages only it linked along: the oldest non-root page is the
+    // first level-3 table, so shrinking the limit to one path leaves root + nothing.
+    let before = m.pages_used();
+    let zapped = m.set_page_limit(4, &mut tlb).unwrap();
+    assert_eq!(zapped, before - m.pages_used());
+    assert!(m.pages_used() <= 4);
+    m.check().unwrap();
+    // A fault still fits: root + three tables.
+    fault(&m, &mut c, &h, 77, true);
+    assert_eq!(m.pages_used(), 4);
+    fault(&m, &mut c, &h, 3 << 18, true);
+    assert!(m.pages_used() <= 4);
+    assert!(m.translate(gpa(3 << 18)).is_some());
+}
+
+#[test]
+fn slot_delete_and_move_zap_their_mappings() {
+    let mut f = fx();
+    let m = mmu::<X86_64>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L2);
+    m.add_slot(SlotId(0), gfn(0), 4096, SlotFlags::empty())
+        .unwrap();
+    m.add_slot(SlotId(1), gfn(8192), 4096, SlotFlags::empty())
+        .unwrap();
+    for g in [1, 600, 8200, 9000] {
+        fault(&m, &mut c, &h, g, true);
+    }
+    m.move_slot(SlotId(0), gfn(16384), &mut tlb).unwrap();
+    m.check().unwrap();
+    assert!(m.translate(gpa(1)).is_none());
+    assert!(m.translate(gpa(8200)).is_some());
+    assert_eq!(
+        m.move_slot(SlotId(0), gfn(8000), &mut tlb),
+        Err(SlotError::Overlap)
+    );
+    assert_eq!(
+        m.page_fault(&mut c, &h, gpa(1), false, &mut tlb),
+        Err(FaultError::NoSlot)
+    );
+    fault(&m, &mut c, &h, 16385, true);
+    m.delete_slot(SlotId(1), &mut tlb).unwrap();
+    m.check().unwrap();
+    assert!(m.translate(gpa(8200)).is_none());
+    assert_eq!(m.slots().len(), 1);
+    // Turning logging on and off through the flags.
+    m.update_slot_flags(SlotId(0), SlotFlags::LOG_DIRTY_PAGES, &h, &mut tlb)
+        .unwrap();
+    assert!(!m.translate(gpa(16385)).unwrap().writable);
+    m.update_slot_flags(SlotId(0), SlotFlags::empty(), &h, &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+}
+
+#[test]
+fn caches_release_everything() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    m.add_slot(SlotId(0), gfn(0), 4096, SlotFlags::empty())
+        .unwrap();
+    fault(&m, &mut c, &Host::new(Level::L1), 9, true);
+    let counts = m.check().unwrap();
+    assert!(c.tables() > 0 || c.descriptors() > 0);
+    c.release(&m).unwrap();
+    assert_eq!(m.tables_allocated(), counts.pages);
+    assert_eq!(m.descriptors_free(), m.descriptors_capacity());
+}
+
+#[test]
+fn caches_of_one_mmu_are_refused_by_another() {
+    // Two MMUs over arenas at the same physical addresses: a table from one would name a
+    // frame of the other.
+    let (mut f1, mut f2) = (fx(), fx());
+    let a = mmu::<Ept>(&mut f1, MmuConfig::default());
+    let b = mmu::<Ept>(&mut f2, MmuConfig::default());
+    let h = Host::new(Level::L1);
+    a.add_slot(SlotId(0), gfn(0), 1 << 20, SlotFlags::empty())
+        .unwrap();
+    b.add_slot(SlotId(0), gfn(0), 1 << 20, SlotFlags::empty())
+        .unwrap();
+    let mut c = FaultCaches::new();
+    fault(&a, &mut c, &h, 1, true);
+    fault(&b, &mut FaultCaches::new(), &h, 1, true);
+    let before = (b.tables_allocated(), b.check().unwrap());
+    assert_eq!(
+        b.page_fault(&mut c, &h, gpa(3 << 18), true, &mut Tlb::default()),
+        Err(FaultError::ForeignCaches)
+    );
+    assert_eq!(c.release(&b), Err(FaultError::ForeignCaches));
+    assert_eq!((b.tables_allocated(), b.check().unwrap()), before);
+    c.release(&a).unwrap();
+    // Empty caches may move to another MMU.
+    fault(&b, &mut c, &h, 3 << 18, true);
+}
