@@ -68,6 +68,7 @@ use crate::spt::EntryRef;
 
 mod desc;
 mod slot;
+mod split;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +76,7 @@ pub use desc::{
     CapacityError, DescId, DescPool, DescStore, OutOfDescs, PTE_LIST_EXT, PoolError, PteListDesc,
 };
 pub use slot::SlotRmaps;
+pub use split::{SPLIT_DESCS, SPLIT_TABLES, SplitCaches, SplitError, SplitStats};
 
 /// Why an rmap operation was refused. Nothing changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -27,6 +27,8 @@ impl<F: PteFormat> Mmu<'_, F> {
         if mode.granularity != Level::L1 && mode.granularity != Level::L2 {
             return Err(SlotError::BadMode);
         }
+        // Lock order: the splitter's caches, then the MMU lock.
+        let mut split = self.config.eager_split.then(|| self.split_caches.lock());
         let mut st = self.state.write();
         let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
         let slot = &mut st.slots[i];
@@ -42,6 +44,15 @@ impl<F: PteFormat> Mmu<'_, F> {
             z.write_protect(&mut st, i, range, Level::L1, self.max_leaf);
         }
         z.finish(&mut st, tlb);
+        // Eager splitting (KVM `kvm_mmu_slot_try_split_huge_pages`) after the write-protect:
+        // the children inherit read-only leaves, so the splitter may drop the lock without
+        // a write going unlogged. Under `initially_set` the clears split instead.
+        if let Some(caches) = split.as_deref_mut() {
+            if !mode.initially_set && mode.granularity < self.max_leaf {
+                let (mut st, r) = self.split_locked(st, caches, id, None, mode.granularity, tlb);
+                note_split(&mut st, r);
+            }
+        }
         Ok(())
     }
 
@@ -117,20 +128,47 @@ impl<F: PteFormat> Mmu<'_, F> {
         bits: &[u64],
         tlb: &mut T,
     ) -> Result<(), SlotError> {
+        let mut split = self.config.eager_split.then(|| self.split_caches.lock());
         let mut st = self.state.write();
-        let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
-        let words = st.slots[i]
-            .log
-            .as_ref()
-            .ok_or(SlotError::Logging)?
-            .bits
-            .len() as u64;
+        let mut i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+        let log = st.slots[i].log.as_ref().ok_or(SlotError::Logging)?;
+        let (words, mode) = (log.bits.len() as u64, log.mode);
         if first % 64 != 0
             || (first / 64)
                 .checked_add(bits.len() as u64)
                 .is_none_or(|end| end > words)
         {
             return Err(SlotError::BadBitmap);
+        }
+        if let Some(caches) = split.as_deref_mut() {
+            if mode.initially_set && mode.granularity == Level::L1 {
+                // Split `[first set bit, last set bit + 1)` of each mask to 4 KiB first,
+                // with the bits untouched: the splitter may drop the lock, and until a bit
+                // is cleared under the lock held to the end, a write needs no logging.
+                let base = st.slots[i].base;
+                for (k, &want) in bits.iter().enumerate() {
+                    let w = first / 64 + k as u64;
+                    let mask = match st.slots[i].log.as_ref() {
+                        Some(log) => want & log.bits[w as usize].load(Ordering::Relaxed),
+                        None => 0,
+                    };
+                    if mask == 0 {
+                        continue;
+                    }
+                    let lo = base + w * 64 + u64::from(mask.trailing_zeros());
+                    let hi = base + w * 64 + 64 - u64::from(mask.leading_zeros());
+                    let range = Gfn::new(lo).ok().zip(Gfn::new(hi).ok());
+                    let (back, r) = self.split_locked(st, caches, id, range, Level::L1, tlb);
+                    st = back;
+                    note_split(&mut st, r);
+                    // The slot may have changed while the lock was dropped.
+                    i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+                    let log = st.slots[i].log.as_ref().ok_or(SlotError::Logging)?;
+                    if log.bits.len() as u64 != words || log.mode != mode {
+                        return Err(SlotError::Logging);
+                    }
+                }
+            }
         }
         let mut z = self.zapper();
         for (k, &want) in bits.iter().enumerate() {
@@ -370,5 +408,13 @@ fn protect_masked<F: PteFormat>(
             let hi = (lo | ((1 << shift) - 1)).saturating_add(1).min(end);
             z.write_protect(st, i, (lo, hi), Level::L1, max);
         }
+    }
+}
+
+/// Counts what an MMU-started eager split did.
+fn note_split(st: &mut State, r: Result<crate::rmap::SplitStats, crate::rmap::SplitError>) {
+    match r {
+        Ok(s) => st.stats.eager_splits += s.split,
+        Err(_) => st.stats.eager_split_failures += 1,
     }
 }

@@ -102,6 +102,7 @@ pub use fault::{Fault, FaultCaches, FaultError, HostMemory, HostPage};
 pub use page::ShadowPage;
 pub use role::{Access, Role};
 pub use slot::{LogMode, SlotFlags, SlotId};
+pub(crate) use zap::Zapper;
 pub use zap::{InvariantError, MmuCounts, Recovered};
 
 use self::page::Pages;
@@ -149,6 +150,11 @@ pub struct MmuConfig {
     pub leaf_bits: u64,
     /// Address space of the root ([`Role::as_id`]).
     pub as_id: u8,
+    /// Split huge pages eagerly when dirty logging starts, and, under
+    /// [`LogMode::initially_set`], when bits are cleared (KVM's `eager_page_split`
+    /// module parameter). Off: a write to a write-protected huge page drops it and maps
+    /// one 4 KiB page in the fault path (the lazy baseline).
+    pub eager_split: bool,
 }
 
 impl Default for MmuConfig {
@@ -161,6 +167,7 @@ impl Default for MmuConfig {
             max_slots: 64,
             leaf_bits: 0,
             as_id: 0,
+            eager_split: false,
         }
     }
 }
@@ -268,6 +275,12 @@ pub struct MmuStats {
     pub write_protected: u64,
     /// Rmap or parent-list updates that found the structures inconsistent (never expected).
     pub inconsistencies: u64,
+    /// Huge entries the eager splitter split (when the MMU started it: enabling or clearing
+    /// the dirty log).
+    pub eager_splits: u64,
+    /// Eager splits the MMU started that stopped early (best effort, like KVM's: the lazy
+    /// path handles what is left).
+    pub eager_split_failures: u64,
 }
 
 /// The state behind the MMU lock.
@@ -298,7 +311,10 @@ impl State {
 pub struct Mmu<'a, F: PteFormat> {
     tables: LockedArena<'a>,
     descs: DescPool,
-    state: RwLock<State>,
+    pub(crate) state: RwLock<State>,
+    /// The splitter's caches for splits the MMU starts itself (enabling or clearing the
+    /// dirty log; KVM keeps these per VM too), locked before the MMU lock.
+    pub(crate) split_caches: crate::sync::Mutex<crate::rmap::SplitCaches>,
     root: Hpa,
     config: MmuConfig,
     max_leaf: Level,
@@ -363,6 +379,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 stats: MmuStats::default(),
                 root_id,
             }),
+            split_caches: crate::sync::Mutex::new(crate::rmap::SplitCaches::new()),
             root,
             config,
             max_leaf,
@@ -665,7 +682,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         }
     }
 
-    fn zapper(&self) -> zap::Zapper<'_, 'a, F> {
+    pub(crate) fn zapper(&self) -> zap::Zapper<'_, 'a, F> {
         zap::Zapper::new(&self.tables, &self.descs)
     }
 }

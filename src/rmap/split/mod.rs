@@ -1,0 +1,389 @@
+//! Eager huge-page splitting driven by the reverse maps (Linux
+//! `shadow_mmu_try_split_huge_pages`, `shadow_mmu_split_huge_page`,
+//! `shadow_mmu_get_sp_for_split`; Matlack, "[00/23] Extend Eager Page Splitting to the
+//! shadow MMU", 2022-02-03).
+//!
+//! Splitting moves off the vCPU fault path into the thread that enables dirty logging (or
+//! clears the log): one rmap walk per huge level, top-down (1 GiB, then 2 MiB), over the
+//! slot's range. Each huge entry the rmap names is split in place by
+//! [`split_entry`](crate::spt::split_entry) into a child that is either found by
+//! `(gfn, child role)` (another alias split it already, or an older page survived: reused,
+//! flushing only if it holds tables) or taken fresh from the splitter's caches; every new
+//! leaf goes into the level-below rmap from the split's callback, with no second walk. The
+//! huge entry leaves its rmap, the child gains it as a parent. A second pass over a split
+//! slot finds the huge levels' rmaps empty and costs one read per huge frame.
+//!
+//! Before each huge page the caches must hold 513 descriptors (512 rmap heads may each
+//! need one, and the parent list one) and one table; if not, or if someone waits for the
+//! MMU lock, the splitter drops the lock, tops up, retakes it and restarts at the current
+//! rmap head. Splitting is refused with [`SplitError::TooFewPages`] when the MMU has no
+//! more than [`MIN_FREE_PAGES`](crate::spt::mmu::MIN_FREE_PAGES) free shadow pages (KVM
+//! refuses the same way rather than zapping to make room).
+
+use core::fmt;
+
+use crate::addr::{Gfn, Level, PAGE_SHIFT};
+use crate::cache::{MemoryCache, TableCache};
+use crate::rmap::DescId;
+use crate::spt::mmu::{MIN_FREE_PAGES, Mmu, SlotId, State};
+use crate::spt::{EntryRef, PteFormat, SplitChild, TableAlloc, TlbFlush, WalkFlags, split_entry};
+use crate::sync::RwLockWriteGuard;
+
+/// Descriptors the splitter holds before each huge page (KVM's split cache minimum).
+pub const SPLIT_DESCS: usize = 513;
+
+/// Tables the splitter's cache holds: one is needed per huge page, a top-up fetches this
+/// many so the lock is not dropped for every page (KVM's default cache capacity).
+pub const SPLIT_TABLES: usize = 40;
+
+/// The splitter's MMU memory caches (KVM `split_desc_cache`, `split_page_header_cache`,
+/// `split_shadow_page_cache`; the header comes with the table here).
+#[derive(Debug, Default)]
+pub struct SplitCaches {
+    pub(crate) tables: TableCache<SPLIT_TABLES>,
+    pub(crate) descs: MemoryCache<DescId, SPLIT_DESCS>,
+    owner: u64,
+}
+
+impl SplitCaches {
+    /// Empty caches.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the caches hold what one huge page may need.
+    fn ready(&self) -> bool {
+        self.descs.len() >= SPLIT_DESCS && !self.tables.is_empty()
+    }
+
+    /// Gives everything back to `mmu`; refused when the caches are another MMU's.
+    pub fn release<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> Result<(), SplitError> {
+        if self.owner != 0 && self.owner != mmu.id() {
+            return Err(SplitError::ForeignCaches);
+        }
+        let mut tables = mmu.tables();
+        // Tables in a cache were never linked: freeing them cannot be refused.
+        let _ = self.tables.drain_into(&mut tables);
+        let mut pool = mmu.descriptors();
+        self.descs.drain_into(&mut pool);
+        self.owner = 0;
+        Ok(())
+    }
+}
+
+/// What a split did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SplitStats {
+    /// Huge entries split.
+    pub split: u64,
+    /// Huge entries split that were a second (or later) mapping of the same huge frame.
+    pub aliases: u64,
+    /// Splits that reused an existing child page.
+    pub reused: u64,
+    /// Times the rmap iterator restarted after the lock was retaken.
+    pub restarts: u64,
+    /// Times the lock was dropped (to top up, or because someone waited).
+    pub lock_drops: u64,
+}
+
+impl SplitStats {
+    fn add(&mut self, other: Self) {
+        self.split += other.split;
+        self.aliases += other.aliases;
+        self.reused += other.reused;
+        self.restarts += other.restarts;
+        self.lock_drops += other.lock_drops;
+    }
+}
+
+/// Why a split stopped; what was split before stays split (every split is complete and
+/// consistent on its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SplitError {
+    /// No slot with this id (or it went away while the lock was dropped).
+    NotFound,
+    /// The range is empty or outside the slot, or the target level is not below the
+    /// largest leaf.
+    BadRange,
+    /// No more than `MIN_FREE_PAGES` shadow pages are free.
+    TooFewPages,
+    /// The table arena ran dry while topping up.
+    OutOfTables,
+    /// The descriptor pool ran dry while topping up.
+    OutOfDescriptors,
+    /// The caches hold another MMU's objects.
+    ForeignCaches,
+}
+
+impl fmt::Display for SplitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotFound => "no such memory slot",
+            Self::BadRange => "split range or target level invalid",
+            Self::TooFewPages => "too few free shadow pages to split",
+            Self::OutOfTables => "no table left for a split",
+            Self::OutOfDescriptors => "no rmap descriptor left for a split",
+            Self::ForeignCaches => "split caches belong to another MMU",
+        })
+    }
+}
+
+impl core::error::Error for SplitError {}
+
+impl<'a, F: PteFormat> Mmu<'a, F> {
+    /// Splits every huge leaf mapping `[start, end)` of slot `slot` (the whole slot when
+    /// `range` is `None`) down to `target` (KVM `kvm_mmu_try_split_huge_pages`), taking
+    /// the MMU lock itself and dropping it between huge pages when `caches` run low or
+    /// someone waits. Translations never change.
+    pub fn eager_split<T: TlbFlush + ?Sized>(
+        &self,
+        caches: &mut SplitCaches,
+        slot: SlotId,
+        range: Option<(Gfn, Gfn)>,
+        target: Level,
+        tlb: &mut T,
+    ) -> Result<SplitStats, SplitError> {
+        self.top_up_split(caches)?;
+        let st = self.state.write();
+        let (st, result) = self.split_locked(st, caches, slot, range, target, tlb);
+        drop(st);
+        result
+    }
+
+    /// Fills the splitter's caches with no MMU lock held.
+    fn top_up_split(&self, caches: &mut SplitCaches) -> Result<(), SplitError> {
+        if caches.owner != self.id() {
+            if caches.owner != 0 && (!caches.tables.is_empty() || !caches.descs.is_empty()) {
+                return Err(SplitError::ForeignCaches);
+            }
+            caches.owner = self.id();
+        }
+        let mut arena = self.tables();
+        caches
+            .tables
+            .top_up(&mut arena, 1)
+            .map_err(|_| SplitError::OutOfTables)?;
+        let mut pool = self.descriptors();
+        caches
+            .descs
+            .top_up(&mut pool, SPLIT_DESCS)
+            .map_err(|_| SplitError::OutOfDescriptors)?;
+        Ok(())
+    }
+
+    /// The splitter with the write lock held on entry and on return (it may have been
+    /// dropped and retaken in between: the guard goes in and comes back).
+    pub(crate) fn split_locked<'s, T: TlbFlush + ?Sized>(
+        &'s self,
+        mut st: RwLockWriteGuard<'s, State>,
+        caches: &mut SplitCaches,
+        slot: SlotId,
+        range: Option<(Gfn, Gfn)>,
+        target: Level,
+        tlb: &mut T,
+    ) -> (RwLockWriteGuard<'s, State>, Result<SplitStats, SplitError>) {
+        let mut stats = SplitStats::default();
+        let Some(i) = st.slot_by_id(slot) else {
+            return (st, Err(SplitError::NotFound));
+        };
+        let (base, end) = (st.slots[i].base, st.slots[i].end());
+        let (lo, hi) = match range {
+            Some((s, e)) => (s.get().max(base), e.get().min(end)),
+            None => (base, end),
+        };
+        if lo >= hi || target >= self.max_leaf() {
+            return (st, Err(SplitError::BadRange));
+        }
+        let mut level = self.max_leaf();
+        while level > target {
+            let n = crate::spt::mmu::frames(level);
+            let mut gfn = lo & !(n - 1);
+            while gfn < hi {
+                let (back, done) = self.split_head(st, caches, slot, (base, end), gfn, level, tlb);
+                st = back;
+                match done {
+                    Ok(s) => stats.add(s),
+                    Err(e) => return (st, Err(e)),
+                }
+                gfn += n;
+            }
+            match level.lower() {
+                Some(l) => level = l,
+                None => break,
+            }
+        }
+        (st, Ok(stats))
+    }
+
+    /// Splits every huge entry in the rmap head of `gfn` at `level` of the slot `id`
+    /// (which spans `bounds`), dropping the lock when needed.
+    #[allow(clippy::too_many_arguments)]
+    fn split_head<'s, T: TlbFlush + ?Sized>(
+        &'s self,
+        mut st: RwLockWriteGuard<'s, State>,
+        caches: &mut SplitCaches,
+        id: SlotId,
+        bounds: (u64, u64),
+        gfn: u64,
+        level: Level,
+        tlb: &mut T,
+    ) -> (RwLockWriteGuard<'s, State>, Result<SplitStats, SplitError>) {
+        let mut stats = SplitStats::default();
+        let mut z = self.zapper();
+        let mut first = true;
+        loop {
+            let Some(i) = st.slot_by_id(id) else {
+                z.finish(&mut st, tlb);
+                return (st, Err(SplitError::NotFound));
+            };
+            if (st.slots[i].base, st.slots[i].end()) != bounds {
+                // Moved or replaced while the lock was dropped.
+                z.finish(&mut st, tlb);
+                return (st, Err(SplitError::NotFound));
+            }
+            let Some(e) = Gfn::new(gfn)
+                .ok()
+                .and_then(|g| st.slots[i].rmaps.head(g, level))
+                .and_then(|head| head.first(&st.store))
+            else {
+                break;
+            };
+            if !caches.ready() || self.is_contended() {
+                // KVM `need_topup_split_caches_or_resched`: flush what is owed, drop the
+                // lock, top up outside it, retake it and look at the head again.
+                z.finish(&mut st, tlb);
+                drop(st);
+                stats.lock_drops += 1;
+                let topped = self.top_up_split(caches);
+                st = self.state.write();
+                if let Err(e) = topped {
+                    return (st, Err(e));
+                }
+                stats.restarts += 1;
+                continue;
+            }
+            match self.split_one(&mut st, &mut z, caches, i, e, gfn, level) {
+                Ok(reused) => {
+                    stats.split += 1;
+                    stats.reused += u64::from(reused);
+                    stats.aliases += u64::from(!first);
+                    first = false;
+                }
+                Err(SplitError::BadRange) => break,
+                Err(err) => {
+                    z.finish(&mut st, tlb);
+                    return (st, Err(err));
+                }
+            }
+        }
+        z.finish(&mut st, tlb);
+        (st, Ok(stats))
+    }
+
+    /// Splits the huge entry `e` (at `level`, mapping from `gfn`) of slot `i`. `Ok(true)`
+    /// when an existing child was reused. `Err(BadRange)`: the entry cannot be split (the
+    /// rmap named something that is not a huge leaf of a live page): the caller moves on.
+    #[allow(clippy::too_many_arguments)]
+    fn split_one(
+        &self,
+        st: &mut State,
+        z: &mut crate::spt::mmu::Zapper<'_, 'a, F>,
+        caches: &mut SplitCaches,
+        i: usize,
+        e: EntryRef,
+        gfn: u64,
+        level: Level,
+    ) -> Result<bool, SplitError> {
+        let below = level.lower().ok_or(SplitError::BadRange)?;
+        let pid = st.pages.live_id(e.table()).ok_or(SplitError::BadRange)?;
+        let role = st
+            .pages
+            .get(pid)
+            .and_then(|sp| sp.role.direct_child())
+            .ok_or(SplitError::BadRange)?;
+        let child_gfn = Gfn::new(gfn).map_err(|_| SplitError::BadRange)?;
+        let (child, fresh) = match st.pages.lookup(child_gfn, role) {
+            Some(c) => (SplitChild::Existing(st.pages.table_of(c)), None),
+            None => {
+                if st.limit.saturating_sub(st.pages.used()) <= MIN_FREE_PAGES {
+                    return Err(SplitError::TooFewPages);
+                }
+                let table = caches
+                    .tables
+                    .alloc_table_to_fill(below)
+                    .ok_or(SplitError::OutOfTables)?;
+                let id = st.pages.id_of(table).ok_or(SplitError::ForeignCaches)?;
+                if st.pages.get(id).is_none_or(|sp| sp.live) {
+                    return Err(SplitError::ForeignCaches);
+                }
+                (SplitChild::Fresh(table), Some(id))
+            }
+        };
+        let mem = self.tables();
+        let addr = crate::spt::in_addr::<F>(gfn << PAGE_SHIFT);
+        let Ok(mut ctx) = e.ctx::<F, _>(&mem, addr, level, WalkFlags::empty()) else {
+            if let (Some(_), SplitChild::Fresh(t)) = (fresh, child) {
+                let _ = caches.tables.free_table(t);
+            }
+            return Err(SplitError::BadRange);
+        };
+        let State {
+            slots,
+            store,
+            pages,
+            ..
+        } = &mut *st;
+        let rmaps = &mut slots[i].rmaps;
+        let descs = &mut caches.descs;
+        let mut lost = 0u64;
+        let done = split_entry(&mem, &mut ctx, child, |leaf, at, _| {
+            let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
+            let added = Gfn::new(g)
+                .ok()
+                .and_then(|g| rmaps.head_mut(g, below))
+                .is_some_and(|head| head.add(leaf, store, descs).is_ok());
+            lost += u64::from(!added);
+        });
+        let done = match done {
+            Ok(done) => done,
+            Err(_) => {
+                if let (Some(_), SplitChild::Fresh(t)) = (fresh, child) {
+                    let _ = caches.tables.free_table(t);
+                }
+                return Err(SplitError::BadRange);
+            }
+        };
+        if let Some(id) = fresh {
+            pages.insert(id, child_gfn, role, false);
+            st.stats.pages_created += 1;
+        }
+        st.stats.inconsistencies += lost;
+        // The huge entry leaves its rmap and becomes a parent of the child.
+        let State {
+            slots,
+            store,
+            spare,
+            pages,
+            ..
+        } = &mut *st;
+        let removed = slots[i]
+            .rmaps
+            .head_mut(child_gfn, level)
+            .is_some_and(|head| {
+                crate::spt::mmu::rmap_remove(head, e, store, spare, self.descriptors())
+            });
+        let cid = pages.id_of(done.child);
+        let linked = cid
+            .and_then(|c| pages.get_mut(c))
+            .is_some_and(|sp| sp.parents.add(e, store, &mut caches.descs).is_ok());
+        st.stats.inconsistencies += u64::from(!removed) + u64::from(!linked);
+        if done.needs_flush {
+            z.gather_leaf(gfn, level);
+        }
+        Ok(fresh.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests;

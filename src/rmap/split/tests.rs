@@ -1,0 +1,251 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+extern crate std;
+
+use std::vec::Vec;
+
+use super::*;
+use crate::addr::{Gpa, Hpa, Pfn};
+use crate::spt::mmu::{Fault, FaultCaches, HostMemory, HostPage, LogMode, MmuConfig, SlotFlags};
+use crate::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot};
+
+struct Host(Level);
+
+impl HostMemory for Host {
+    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+        Some(HostPage {
+            pfn: Pfn::new(0x40_0000 + gfn.get()).ok()?,
+            level: self.0,
+            writable: true,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Tlb(u64);
+
+impl TlbFlush for Tlb {
+    fn flush_range(&mut self, _: FlushRange) {
+        self.0 += 1;
+    }
+    fn flush_all(&mut self) {
+        self.0 += 1;
+    }
+}
+
+const FRAMES: usize = 1200;
+
+struct Fx {
+    frames: Vec<TableFrame>,
+    slots: Vec<TableSlot>,
+}
+
+fn fx() -> Fx {
+    Fx {
+        frames: (0..FRAMES).map(|_| TableFrame::new()).collect(),
+        slots: (0..FRAMES).map(|_| TableSlot::default()).collect(),
+    }
+}
+
+fn mmu(f: &mut Fx, config: MmuConfig) -> Mmu<'_, Ept> {
+    let arena = TableArena::new(&f.frames, &mut f.slots, Hpa::new(0x8000_0000).unwrap()).unwrap();
+    Mmu::new(arena, config).unwrap()
+}
+
+fn gpa(g: u64) -> Gpa {
+    Gpa::new(g << 12).unwrap()
+}
+
+/// A slot of 2 GiB: the first GiB mapped by one 1 GiB leaf, 16 MiB of the second by
+/// 2 MiB leaves.
+fn populated(m: &Mmu<'_, Ept>) {
+    m.add_slot(SlotId(0), Gfn::new(0).unwrap(), 1 << 19, SlotFlags::empty())
+        .unwrap();
+    let mut c = FaultCaches::new();
+    m.page_fault(&mut c, &Host(Level::L3), gpa(5), true, &mut Tlb::default())
+        .unwrap();
+    for k in 0..8 {
+        m.page_fault(
+            &mut c,
+            &Host(Level::L2),
+            gpa((1 << 18) + k * 512),
+            true,
+            &mut Tlb::default(),
+        )
+        .unwrap();
+    }
+    c.release(m).unwrap();
+}
+
+fn sample(m: &Mmu<'_, Ept>) -> Vec<Option<(u64, bool)>> {
+    (0..(1u64 << 19))
+        .step_by(97)
+        .map(|g| m.translate(gpa(g)).map(|t| (t.hpa.get(), t.writable)))
+        .collect()
+}
+
+#[test]
+fn eager_split_keeps_every_translation_and_a_second_pass_is_free() {
+    let mut f = fx();
+    let m = mmu(&mut f, MmuConfig::default());
+    populated(&m);
+    let before = sample(&m);
+    let mut caches = SplitCaches::new();
+    let mut tlb = Tlb::default();
+    let s = m
+        .eager_split(&mut caches, SlotId(0), None, Level::L1, &mut tlb)
+        .unwrap();
+    // 1 GiB → 512 × 2 MiB → 512 × 512 × 4 KiB; and the 8 2 MiB leaves.
+    assert_eq!(s.split, 1 + 512 + 8);
+    assert_eq!((s.aliases, s.reused), (0, 0));
+    assert_eq!(sample(&m), before);
+    let counts = m.check().unwrap();
+    assert_eq!(counts.leaves, 512 * 512 + 8 * 512);
+    assert!(s.lock_drops > 0, "tables come 40 at a time: {s:?}");
+    // Nothing left: the huge levels' rmaps are empty.
+    let again = m
+        .eager_split(&mut caches, SlotId(0), None, Level::L1, &mut tlb)
+        .unwrap();
+    assert_eq!(again, SplitStats::default());
+    caches.release(&m).unwrap();
+    assert_eq!(m.tables_allocated(), counts.pages);
+}
+
+#[test]
+fn split_to_two_megabytes_and_ranges() {
+    let mut f = fx();
+    let m = mmu(&mut f, MmuConfig::default());
+    populated(&m);
+    let mut caches = SplitCaches::new();
+    let mut tlb = Tlb::default();
+    // Only the 2 MiB leaf holding gfn 0x40000 + 700 is split.
+    let r = Some((
+        Gfn::new((1 << 18) + 700).unwrap(),
+        Gfn::new((1 << 18) + 701).unwrap(),
+    ));
+    let s = m
+        .eager_split(&mut caches, SlotId(0), r, Level::L1, &mut tlb)
+        .unwrap();
+    assert_eq!(s.split, 1);
+    assert_eq!(m.translate(gpa((1 << 18) + 700)).unwrap().level, Level::L1);
+    assert_eq!(m.translate(gpa((1 << 18) + 1100)).unwrap().level, Level::L2);
+    // To 2 MiB: only the 1 GiB leaf goes.
+    let s = m
+        .eager_split(&mut caches, SlotId(0), None, Level::L2, &mut tlb)
+        .unwrap();
+    assert_eq!(s.split, 1);
+    assert_eq!(m.translate(gpa(5)).unwrap().level, Level::L2);
+    m.check().unwrap();
+    assert_eq!(
+        m.eager_split(&mut caches, SlotId(0), None, Level::L3, &mut tlb),
+        Err(SplitError::BadRange)
+    );
+    assert_eq!(
+        m.eager_split(&mut caches, SlotId(9), None, Level::L1, &mut tlb),
+        Err(SplitError::NotFound)
+    );
+}
+
+#[test]
+fn split_refuses_when_few_pages_are_free() {
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            page_limit: Some(20),
+            ..MmuConfig::default()
+        },
+    );
+    populated(&m);
+    let mut caches = SplitCaches::new();
+    let r = m.eager_split(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default());
+    assert_eq!(r, Err(SplitError::TooFewPages));
+    let c = m.check().unwrap();
+    assert!(m.pages_used() <= 20);
+    // What was split is consistent and translations still hold.
+    assert_eq!(
+        m.translate(gpa(5)).unwrap().hpa.get(),
+        (0x40_0000 + 5) << 12
+    );
+    assert!(c.leaves > 9);
+}
+
+#[test]
+fn enabling_the_log_splits_eagerly() {
+    for eager in [false, true] {
+        let mut f = fx();
+        let m = mmu(
+            &mut f,
+            MmuConfig {
+                eager_split: eager,
+                ..MmuConfig::default()
+            },
+        );
+        populated(&m);
+        let mut tlb = Tlb::default();
+        m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+            .unwrap();
+        m.check().unwrap();
+        let mut c = FaultCaches::new();
+        let h = Host(Level::L2);
+        let r = m.page_fault(&mut c, &h, gpa(1000), true, &mut tlb).unwrap();
+        let stats = m.stats();
+        if eager {
+            assert_eq!(stats.eager_splits, 1 + 512 + 8);
+            assert_eq!(r, Fault::Fast);
+            assert_eq!(stats.huge_dropped, 0);
+        } else {
+            assert_eq!(stats.eager_splits, 0);
+            assert_eq!(
+                r,
+                Fault::Mapped {
+                    level: Level::L1,
+                    writable: true
+                }
+            );
+            assert_eq!(stats.huge_dropped, 1);
+        }
+        let mut log = std::vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+        m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+            .unwrap();
+        assert_eq!(log[1000 / 64], 1 << (1000 % 64));
+        m.check().unwrap();
+    }
+}
+
+#[test]
+fn clearing_under_initially_set_splits_only_the_masked_range() {
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            eager_split: true,
+            ..MmuConfig::default()
+        },
+    );
+    populated(&m);
+    let mut tlb = Tlb::default();
+    let mode = LogMode {
+        initially_set: true,
+        granularity: Level::L1,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    assert_eq!(m.stats().eager_splits, 0);
+    // Clear gfns 0x40000 + 64..128 (bits 3 and 40 of word 0x1001): the 2 MiB leaf there is
+    // split, the others stay.
+    let w = ((1 << 18) + 64) / 64;
+    m.clear_dirty_log(SlotId(0), w * 64, &[(1 << 3) | (1 << 40)], &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    assert_eq!(m.stats().eager_splits, 1);
+    assert_eq!(m.translate(gpa((1 << 18) + 67)).unwrap().level, Level::L1);
+    assert!(!m.translate(gpa((1 << 18) + 67)).unwrap().writable);
+    assert!(m.translate(gpa((1 << 18) + 68)).unwrap().writable);
+    assert_eq!(m.translate(gpa((1 << 18) + 600)).unwrap().level, Level::L2);
+    // In the 1 GiB leaf: a clear there splits 1 GiB → 2 MiB → 4 KiB for that range only.
+    m.clear_dirty_log(SlotId(0), 0, &[1], &mut tlb).unwrap();
+    assert_eq!(m.stats().eager_splits, 3);
+    assert_eq!(m.translate(gpa(0)).unwrap().level, Level::L1);
+    assert_eq!(m.translate(gpa(512)).unwrap().level, Level::L2);
+    m.check().unwrap();
+}
