@@ -29,6 +29,8 @@ use crate::spt::mmu::{MIN_FREE_PAGES, Mmu, SlotId, State};
 use crate::spt::{EntryRef, PteFormat, SplitChild, TableAlloc, TlbFlush, WalkFlags, split_entry};
 use crate::sync::RwLockWriteGuard;
 
+mod walk;
+
 /// Descriptors the splitter holds before each huge page (KVM's split cache minimum).
 pub const SPLIT_DESCS: usize = 513;
 

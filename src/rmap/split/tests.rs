@@ -249,3 +249,46 @@ fn clearing_under_initially_set_splits_only_the_masked_range() {
     assert_eq!(m.translate(gpa(512)).unwrap().level, Level::L2);
     m.check().unwrap();
 }
+
+#[test]
+fn the_walk_splits_the_same_as_the_rmaps() {
+    let (mut f1, mut f2) = (fx(), fx());
+    let a = mmu(&mut f1, MmuConfig::default());
+    let b = mmu(&mut f2, MmuConfig::default());
+    populated(&a);
+    populated(&b);
+    let (mut ca, mut cb) = (SplitCaches::new(), SplitCaches::new());
+    let mut tlb = Tlb::default();
+    let r = Some((Gfn::new(3).unwrap(), Gfn::new((1 << 18) + 1500).unwrap()));
+    for target in [Level::L2, Level::L1] {
+        let x = a
+            .eager_split(&mut ca, SlotId(0), r, target, &mut tlb)
+            .unwrap();
+        let y = b
+            .eager_split_by_walk(&mut cb, SlotId(0), r, target, &mut tlb)
+            .unwrap();
+        assert_eq!(x.split, y.split, "{target:?}");
+        a.check().unwrap();
+        b.check().unwrap();
+        assert_eq!(sample(&a), sample(&b));
+        assert_eq!(a.check().unwrap(), b.check().unwrap());
+    }
+    // Iteration 2: nothing left for either.
+    let y = b
+        .eager_split_by_walk(&mut cb, SlotId(0), None, Level::L1, &mut tlb)
+        .unwrap();
+    let x = a
+        .eager_split(&mut ca, SlotId(0), None, Level::L1, &mut tlb)
+        .unwrap();
+    assert_eq!(
+        (x.split, y.split),
+        (8 - 3, 8 - 3),
+        "the 2 MiB leaves past the range"
+    );
+    assert_eq!(
+        b.eager_split_by_walk(&mut cb, SlotId(0), None, Level::L1, &mut tlb)
+            .unwrap()
+            .split,
+        0
+    );
+}
