@@ -96,11 +96,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         };
         let first = index_of(lo.max(base) << crate::addr::PAGE_SHIFT, level);
         let mut gfn = base + first as u64 * n;
-        for idx in first..512 {
+        for (idx, entry) in entries.iter().enumerate().skip(first) {
             if gfn >= hi {
                 break;
             }
-            let mut v = entries[idx].load(Ordering::Acquire);
+            let mut v = entry.load(Ordering::Acquire);
             if F::is_huge(v, level) && level > target {
                 if !caches.ready() || self.is_contended() {
                     return Ok(Flow::Restart(gfn.max(lo)));
@@ -118,7 +118,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                         Err(err) => return Err(err),
                     }
                 }
-                v = entries[idx].load(Ordering::Acquire);
+                v = entry.load(Ordering::Acquire);
             }
             if F::is_table(v, level) {
                 if let Some(lower) = level.lower() {
