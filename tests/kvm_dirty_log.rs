@@ -40,13 +40,13 @@
 //! exact both ways, parent lists, hash, limit, writable-implies-logged) passes.
 //!
 //! What the guest can and cannot judge here: this host runs ring-0 guest code in KVM's
-//! emulator, whose page walks read our tables afresh. Measured (with the harness's earlier
-//! stand-in MMU): with every memslot reload taken out, the test still passed, so a missing
-//! TLB flush would go unseen by the guest. Hence the flush checks are made on the MMU's
+//! emulator, whose page walks read our tables afresh. Measured: with every memslot reload
+//! taken out, the test still passed, so a missing TLB flush would go unseen by the guest. Hence the flush checks are made on the MMU's
 //! requests (a [`TlbFlush`] that counts), not on guest behaviour; the reloads stay, for hosts
-//! whose KVM keeps a shadow of our tables. What the guest does judge: a missing
-//! write-protect (enable or get/clear) loses writes, a read fault mapped writable loses
-//! writes, a read marked dirty shows as an extra page.
+//! whose KVM keeps a shadow of our tables. What the guest does judge, each tried on the MMU
+//! and seen to fail the test: a fast-path fix that does not mark the page dirty loses a write
+//! (`Mmu::check` catches it first); a read fault mapped writable (and marked dirty) shows as
+//! extra pages; an enable that write-protects nothing leaves the region writable.
 //!
 //! Skip policy as in `kvm_guest.rs`: `skipped: /dev/kvm not available` only when the device
 //! does not exist; `HVMEM_REQUIRE_KVM=1` makes that a failure; `HVMEM_KVM_DEVICE` names
