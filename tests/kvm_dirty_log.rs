@@ -1,43 +1,52 @@
-//! Dirty logging proved on a real CPU MMU: a KVM guest runs on page tables that an MMU
-//! builds one fault at a time, and the log that MMU returns must hold exactly the pages the
-//! guest says it wrote.
+//! Dirty logging proved on a real CPU MMU: a KVM guest runs on page tables that hvmem's
+//! shadow MMU (`hvmem::spt::mmu::Mmu<X86_64>`, direct mode) builds one fault at a time, and
+//! the log that MMU returns must hold exactly the pages the guest says it wrote.
 //!
-//! The guest program (`kvm::dirty`) writes pseudo-random pages of a 4 MiB test region and
+//! The guest program (`kvm::dirty`) writes pseudo-random pages of a 32 MiB test region and
 //! appends each page's address to a ground-truth list in its own memory (outside the logged
 //! region); it also reads other pages. Every #PF reaches the guest's handler, which exits to
-//! the host; the host hands the fault to the MMU behind [`GuestMmu`], reloads the memslot
-//! (a KVM that shadows guest tables sees host edits of them only then) and resumes the guest,
-//! which retries the faulting instruction.
+//! the host; the host hands the fault to `Mmu::page_fault` (guest-virtual page N is gfn N:
+//! the guest's CR3 points at the MMU's root, and the MMU's "host" frames are KVM
+//! guest-physical frames), reloads the memslot (a KVM that shadows guest tables sees host
+//! edits of them only then) and resumes the guest, which retries the faulting instruction.
 //!
-//! Two scenarios, each on a fresh VM and MMU, after a warm-up round without logging (so the
-//! region holds writable mappings that enabling the log must write-protect):
+//! The MMU's table arena lives in guest RAM. Two memslots: the system area (code, GDT, IDT,
+//! stack, ground-truth list; gfn = frame, never logged), faulted in before the guest starts
+//! (the #PF handler, IDT, GDT and stack must be mapped for a fault to be delivered at all),
+//! and the test region (gfns from 1 GiB, frames from `DATA`). The host maps both with 2 MiB
+//! pages, so the MMU maps them huge; enabling the log write-protects the region's 2 MiB
+//! leaves, and the first write into each drops it for a 4 KiB page (the lazy split).
 //!
-//! - (a) enable logging (log initially clear): an immediate get returns nothing; then three
-//!   rounds of guest writes, each followed by get-and-clear;
-//! - (b) enable logging with the log initially all set: the first get returns every page of
-//!   the region; the next two rounds are exact.
+//! Four scenarios, each on a fresh VM and MMU, after a warm-up round without logging (so the
+//! region holds writable huge mappings that enabling the log must write-protect):
 //!
-//! Both end with a round that only reads: its log must be empty.
+//! - (a) 4 KiB logging, log initially clear: an immediate get returns nothing; then three
+//!   rounds of guest writes, each followed by `get_and_clear_dirty_log`;
+//! - (b) 4 KiB logging, initially all set: the first get returns every page of the region;
+//!   the next two rounds are exact;
+//! - (c) as (b), but with KVM's manual protect: `get_dirty_log` (twice: a get alone clears
+//!   nothing), then `clear_dirty_log` of each non-zero 64-page mask;
+//! - (d) 2 MiB logging, initially clear, few writes per round: the log must be exactly the
+//!   set of 2 MiB units written (and some units stay unwritten, so this is a real check).
 //!
-//! After each round the log must contain every page of the guest's list (no lost write) and,
-//! logging at 4 KiB, nothing else (no page the guest only read); what it returned must be
-//! write-protected again in the tables (read with an independent walker, `kvm::inspect`),
-//! with a TLB flush asked for when a writable page lost its write permission; and each
-//! written page's first word, read through the tables' translation in guest-physical memory,
-//! holds what the guest stored.
+//! All end with a round that only reads: its log must be empty.
+//!
+//! After each round the log must contain every page (unit) of the guest's list (no lost
+//! write) and nothing else (no page the guest only read), but for the first get under
+//! initially-set; what it returned must be write-protected again in the tables (read with an
+//! independent walker, `kvm::inspect`), with a TLB flush asked for when a writable page lost
+//! its write permission; each written page's first word, read through the tables'
+//! translation in guest-physical memory, holds what the guest stored; and `Mmu::check` (rmaps
+//! exact both ways, parent lists, hash, limit, writable-implies-logged) passes.
 //!
 //! What the guest can and cannot judge here: this host runs ring-0 guest code in KVM's
 //! emulator, whose page walks read our tables afresh. Measured: with every memslot reload
-//! taken out, the test still passed, so a missing TLB flush would go unseen by the guest.
-//! Hence the flush checks are made on the MMU's requests (a [`TlbFlush`] that counts), not on
-//! guest behaviour; the reloads stay, for hosts whose KVM keeps a shadow of our tables. What
-//! the guest does judge: a missing write-protect (enable or get-and-clear) loses writes, a
-//! read fault mapped writable loses writes, a read marked dirty shows as an extra page (each
-//! of these, put into the stand-in, failed the test).
-//!
-//! The MMU here is a stand-in ([`StandIn`]) over `hvmem::spt::PageTable` until the shadow
-//! MMU lands; swapping it means implementing [`GuestMmu`] for the real one and changing
-//! [`new_mmu`].
+//! taken out, the test still passed, so a missing TLB flush would go unseen by the guest. Hence the flush checks are made on the MMU's
+//! requests (a [`TlbFlush`] that counts), not on guest behaviour; the reloads stay, for hosts
+//! whose KVM keeps a shadow of our tables. What the guest does judge, each tried on the MMU
+//! and seen to fail the test: a fast-path fix that does not mark the page dirty loses a write
+//! (`Mmu::check` catches it first); a read fault mapped writable (and marked dirty) shows as
+//! extra pages; an enable that write-protects nothing leaves the region writable.
 //!
 //! Skip policy as in `kvm_guest.rs`: `skipped: /dev/kvm not available` only when the device
 //! does not exist; `HVMEM_REQUIRE_KVM=1` makes that a failure; `HVMEM_KVM_DEVICE` names
@@ -52,10 +61,11 @@ use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use hvmem::spt::{
-    MapSize, PageTable, TableArena, TlbFlush, TranslateError, WalkFlags, X86_64, X86Flags,
+use hvmem::spt::mmu::{
+    FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig, MmuStats, SlotFlags, SlotId,
 };
-use hvmem::{Hpa, Level, Va};
+use hvmem::spt::{TlbFlush, X86_64, X86Flags};
+use hvmem::{Gfn, Gpa, Level, Pfn};
 use kvm::dirty::{
     self, CountingTlb, GuestMmu, REGION_BASE, REGION_PAGES, Round, prefault_system, run_round,
 };
@@ -66,14 +76,17 @@ use kvm::ram::{GuestRam, PAGE};
 
 const MIB: u64 = 1 << 20;
 /// Guest RAM: the system area, the table arena, the data area.
-const RAM: u64 = 8 * MIB;
-/// The stand-in's table arena (guest-physical).
+const RAM: u64 = DATA + REGION_PAGES * PAGE;
+/// The MMU's table arena (guest-physical).
 const TABLES: (u64, u64) = (guest::SYSTEM_END, 4 * MIB);
-/// Where the stand-in puts the test region's pages (guest-physical): page `i` of the region
-/// is page `i` of this area.
+/// Where the test region's pages live (guest-physical): gfn `REGION_BASE / PAGE + i` is
+/// frame `DATA / PAGE + i`. 2 MiB aligned, like the region, so the MMU may map it huge.
 const DATA: u64 = 4 * MIB;
-const _: () = assert!(DATA + REGION_PAGES * PAGE <= RAM);
-/// Writes and reads per round (ring-0 guest code is emulated on this host: keep it small).
+const _: () = assert!(DATA % (2 * MIB) == 0 && REGION_BASE % (2 * MIB) == 0);
+/// 2 MiB units in the region.
+const UNITS: u64 = REGION_PAGES * PAGE / (2 * MIB);
+/// Writes and reads per round at 4 KiB (ring-0 guest code is emulated on this host: keep it
+/// small). The warm-up of every scenario uses these too (it maps every 2 MiB unit).
 const WRITES: u64 = 200;
 const READS: u64 = 100;
 /// Rounds with logging on, per scenario.
@@ -102,149 +115,174 @@ fn region_pages() -> impl Iterator<Item = u64> {
     (0..REGION_PAGES).map(|i| REGION_BASE + i * PAGE)
 }
 
-/// The stand-in MMU: direct mode over one x86-64 `PageTable` in guest RAM, 4 KiB pages
-/// mapped on demand. The system area is mapped identity and never logged; the test region
-/// maps to the data area and is logged once logging is on. With logging on, a read fault
-/// maps read-only (keeping `MMU_WRITABLE`: write access may come back), a write fault maps
-/// writable or restores write access, and marks the page dirty; enabling the log (unless
-/// initially set) and returning pages from the log write-protect them.
-struct StandIn<'r> {
-    mem: TableArena<'r>,
-    pt: PageTable<X86_64>,
-    logging: bool,
-    dirty: BTreeSet<u64>,
+/// The system area's memslot: gfns `[0, SYSTEM_END)`, host frame = gfn, never logged.
+const SYSTEM_SLOT: SlotId = SlotId(0);
+/// The test region's memslot: gfns from `REGION_BASE >> 12`, host frames from `DATA >> 12`.
+const REGION_SLOT: SlotId = SlotId(1);
+
+/// The "host" of the shadow MMU: the KVM guest-physical frame backing each gfn, mapped by
+/// the host with 2 MiB pages (so the MMU maps huge where the slot allows).
+struct Host;
+
+impl HostMemory for Host {
+    fn host_page(&self, slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+        let g = gfn.get();
+        let pfn = match slot {
+            SYSTEM_SLOT => g,
+            REGION_SLOT => (DATA >> 12) + (g - (REGION_BASE >> 12)),
+            _ => return None,
+        };
+        Some(HostPage {
+            pfn: Pfn::new(pfn).ok()?,
+            level: Level::L2,
+            writable: true,
+        })
+    }
 }
 
-impl<'r> StandIn<'r> {
-    fn new(ram: &'r GuestRam) -> Result<Self, String> {
-        let mut mem = ram.table_arena(TABLES.0, TABLES.1)?;
-        let pt = PageTable::<X86_64>::new(&mut mem).map_err(|e| e.to_string())?;
+/// How a scenario logs.
+#[derive(Clone, Copy)]
+struct Setup {
+    name: &'static str,
+    initially_set: bool,
+    /// `get_dirty_log` + `clear_dirty_log` in 64-unit masks (KVM's manual protect) instead
+    /// of `get_and_clear_dirty_log`.
+    manual: bool,
+    /// The logging unit: `Level::L1` (4 KiB) or `Level::L2` (2 MiB).
+    granularity: Level,
+    /// Writes and reads per logged round.
+    writes: u64,
+    reads: u64,
+    seed: u64,
+}
+
+impl Setup {
+    fn unit(&self) -> u64 {
+        self.granularity.page_size()
+    }
+}
+
+/// The shadow MMU (`hvmem::spt::mmu::Mmu<X86_64>`, direct mode: guest-virtual page N is
+/// gfn N) behind [`GuestMmu`]: its tables in guest RAM (`TABLES`), two memslots, one
+/// vCPU's fault caches.
+struct Shadow<'r> {
+    mmu: Mmu<'r, X86_64>,
+    caches: FaultCaches,
+    setup: Setup,
+}
+
+impl<'r> Shadow<'r> {
+    fn new(ram: &'r GuestRam, setup: Setup) -> Result<Self, String> {
+        let arena = ram.table_arena(TABLES.0, TABLES.1)?;
+        let config = MmuConfig {
+            descriptors: 1 << 12,
+            ..MmuConfig::default()
+        };
+        let mmu = Mmu::<X86_64>::new(arena, config).map_err(|e| e.to_string())?;
+        let gfn = |a: u64| Gfn::new(a >> 12).map_err(|e| e.to_string());
+        mmu.add_slot(
+            SYSTEM_SLOT,
+            gfn(0)?,
+            guest::SYSTEM_END >> 12,
+            SlotFlags::empty(),
+        )
+        .map_err(|e| format!("system slot: {e}"))?;
+        mmu.add_slot(
+            REGION_SLOT,
+            gfn(REGION_BASE)?,
+            REGION_PAGES,
+            SlotFlags::empty(),
+        )
+        .map_err(|e| format!("region slot: {e}"))?;
         Ok(Self {
-            mem,
-            pt,
-            logging: false,
-            dirty: BTreeSet::new(),
+            mmu,
+            caches: FaultCaches::new(),
+            setup,
         })
     }
 
-    /// Where `page` maps and whether it is in the logged region; `None` outside both.
-    fn target(page: u64) -> Option<(u64, bool)> {
-        if (PAGE..guest::SYSTEM_END).contains(&page) {
-            Some((page, false))
-        } else if (REGION_BASE..REGION_BASE + REGION_PAGES * PAGE).contains(&page) {
-            Some((DATA + (page - REGION_BASE), true))
-        } else {
-            None
+    /// Every invariant of the MMU (`Mmu::check`).
+    fn check(&self, what: &str) {
+        if let Err(e) = self.mmu.check() {
+            panic!("{what}: MMU invariant broken: {e:?}");
         }
     }
 
-    /// Sets or clears WRITABLE on `[start, start + len)` and flushes as protect asks.
-    fn protect<T: TlbFlush>(
-        &mut self,
-        start: u64,
-        len: u64,
-        writable: bool,
-        tlb: &mut T,
-    ) -> Result<(), String> {
-        let (set, clear) = if writable {
-            (X86Flags::WRITABLE, X86Flags::empty())
-        } else {
-            (X86Flags::empty(), X86Flags::WRITABLE)
-        };
-        let va = Va::new(start).map_err(|e| e.to_string())?;
-        let pending = self
-            .pt
-            .protect(&mut self.mem, va, len, set, clear, WalkFlags::empty())
-            .map_err(|e| format!("protect [{start:#x}, +{len:#x}): {e}"))?;
-        pending
-            .flush(tlb, &mut self.mem)
-            .map_err(|e| format!("flush after protect: {e}"))
+    fn stats(&self) -> String {
+        let s = self.mmu.stats();
+        format!(
+            "MMU: {} fast fixes, {} slow faults, {} huge drops, {} pages created, {} \
+             entries write-protected",
+            s.fast_fixes, s.slow_faults, s.huge_dropped, s.pages_created, s.write_protected
+        )
     }
 }
 
-impl GuestMmu for StandIn<'_> {
+impl GuestMmu for Shadow<'_> {
     fn root(&self) -> u64 {
-        self.pt.root().get()
+        self.mmu.root().get()
     }
 
     fn fault<T: TlbFlush>(&mut self, gva: u64, write: bool, tlb: &mut T) -> Result<(), String> {
-        let page = gva & !(PAGE - 1);
-        let (gpa, logged) = Self::target(page).ok_or("outside every region")?;
-        let logging = logged && self.logging;
-        let va = Va::new(page).map_err(|e| e.to_string())?;
-        match self.pt.translate(&self.mem, va) {
-            Ok(t) => {
-                if t.pa.get() != gpa {
-                    return Err(format!("{page:#x} maps to {:#x}, not {gpa:#x}", t.pa.get()));
-                }
-                if !write || t.flags.contains(X86Flags::WRITABLE) {
-                    return Ok(()); // spurious: the mapping already allows the access
-                }
-                if !t.flags.contains(X86Flags::MMU_WRITABLE) {
-                    return Err("write to a page the MMU keeps read-only".into());
-                }
-                self.protect(page, PAGE, true, tlb)?;
-            }
-            Err(TranslateError::NotMapped) => {
-                let mut flags = X86Flags::PRESENT | X86Flags::MMU_WRITABLE;
-                if write || !logging {
-                    flags |= X86Flags::WRITABLE;
-                }
-                let pa = Hpa::new(gpa).map_err(|e| e.to_string())?;
-                let four_kib = MapSize::Exactly(Level::L1);
-                self.pt
-                    .map(
-                        &mut self.mem,
-                        va,
-                        pa,
-                        PAGE,
-                        flags,
-                        four_kib,
-                        WalkFlags::empty(),
-                    )
-                    .map_err(|e| format!("map: {e}"))?;
-            }
-            Err(e) => return Err(format!("translate: {e}")),
-        }
-        if write && logging {
-            self.dirty.insert(page);
-        }
-        Ok(())
+        let gpa = Gpa::new(gva & !(PAGE - 1)).map_err(|e| e.to_string())?;
+        self.mmu
+            .page_fault(&mut self.caches, &Host, gpa, write, tlb)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn enable_log<T: TlbFlush>(&mut self, initially_set: bool, tlb: &mut T) -> Result<(), String> {
-        self.logging = true;
-        if initially_set {
-            // KVM_DIRTY_LOG_INITIALLY_SET: every page is dirty, and write protection waits
-            // for the first clear.
-            self.dirty.extend(region_pages());
-            Ok(())
-        } else {
-            self.protect(REGION_BASE, REGION_PAGES * PAGE, false, tlb)
-        }
+        let mode = LogMode {
+            initially_set,
+            granularity: self.setup.granularity,
+        };
+        self.mmu
+            .enable_dirty_log(REGION_SLOT, mode, tlb)
+            .map_err(|e| e.to_string())
     }
 
+    /// The addresses of the logged units (pages, or 2 MiB blocks).
     fn get_and_clear_log<T: TlbFlush>(&mut self, tlb: &mut T) -> Result<Vec<u64>, String> {
-        let pages = std::mem::take(&mut self.dirty);
-        for &page in &pages {
-            self.protect(page, PAGE, false, tlb)?;
+        let words = self
+            .mmu
+            .dirty_log_words(REGION_SLOT)
+            .map_err(|e| e.to_string())?;
+        let mut bits = vec![0u64; words];
+        if self.setup.manual {
+            self.mmu
+                .get_dirty_log(REGION_SLOT, &mut bits)
+                .map_err(|e| format!("get: {e}"))?;
+            // A get alone clears nothing.
+            let mut again = vec![0u64; words];
+            self.mmu
+                .get_dirty_log(REGION_SLOT, &mut again)
+                .map_err(|e| format!("get: {e}"))?;
+            if again != bits {
+                return Err("a second get_dirty_log differs from the first".into());
+            }
+            for (w, &mask) in bits.iter().enumerate() {
+                if mask != 0 {
+                    self.mmu
+                        .clear_dirty_log(REGION_SLOT, 64 * w as u64, &[mask], tlb)
+                        .map_err(|e| format!("clear word {w}: {e}"))?;
+                }
+            }
+        } else {
+            self.mmu
+                .get_and_clear_dirty_log(REGION_SLOT, &mut bits, tlb)
+                .map_err(|e| e.to_string())?;
         }
-        Ok(pages.into_iter().collect())
+        let unit = self.setup.unit();
+        let mut out = Vec::new();
+        for (w, &word) in bits.iter().enumerate() {
+            for b in 0..64 {
+                if word & (1 << b) != 0 {
+                    out.push(REGION_BASE + (64 * w as u64 + b) * unit);
+                }
+            }
+        }
+        Ok(out)
     }
-}
-
-/// The MMU under test, building its tables in `ram`. The one line to change for another
-/// [`GuestMmu`].
-///
-/// For the shadow MMU (direct mode, x86-64 format: gfn N is guest-virtual `N << 12`), an
-/// adapter owns the MMU, its fault caches, a host-memory view and two memslots: the system
-/// area (gfns 1..512, host page = gfn, never logged) and the test region (base gfn
-/// `REGION_BASE >> 12`, `REGION_PAGES` pages, host page `(DATA >> 12) + (gfn - base)`). Then
-/// `root` is the MMU's root, `fault` its page fault at `gva` as the input address, `enable_log`
-/// enables logging on the region's slot, and `get_and_clear_log` turns the slot's bitmap into
-/// addresses (`REGION_BASE + bit * PAGE`). The table arena stays `TABLES`.
-fn new_mmu(ram: &GuestRam) -> StandIn<'_> {
-    StandIn::new(ram).unwrap()
 }
 
 /// The region pages the tables map writable, by an independent walk of the raw entries.
@@ -261,30 +299,40 @@ struct Totals {
     faults: u64,
     written: u64,
     logged: u64,
+    stats: MmuStats,
+}
+
+/// The units (`unit`-aligned addresses) holding `pages`.
+fn units_of<'a>(pages: impl IntoIterator<Item = &'a u64>, unit: u64) -> BTreeSet<u64> {
+    pages.into_iter().map(|p| p & !(unit - 1)).collect()
 }
 
 /// One scenario on a fresh VM and MMU: warm-up, enable, `ROUNDS` logged rounds, a read-only
 /// round. Every check of the module doc, per round.
-fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
-    let name = if initially_set {
-        "(b) initially set"
-    } else {
-        "(a) initially clear"
-    };
+fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
+    let name = setup.name;
+    let unit = setup.unit();
     let start = Instant::now();
     let ram = Rc::new(GuestRam::new(RAM).unwrap());
     let mut m = Machine::new(kvm, Rc::clone(&ram)).unwrap();
     dirty::load(&ram);
-    let mut mmu = new_mmu(&ram);
+    let mut mmu = Shadow::new(&ram, setup).unwrap();
     let pre = prefault_system(&mut mmu).unwrap();
+    let system = mmu.mmu.translate(Gpa::new(guest::CODE).unwrap()).unwrap();
+    assert_eq!(
+        (system.level, system.writable),
+        (Level::L2, true),
+        "{name}: the system area is not one writable 2 MiB page"
+    );
+    mmu.check("after the prefault");
     m.enter_long_mode(mmu.root()).unwrap();
     m.flush_guest_tlb().unwrap();
     let mut totals = Totals::default();
 
-    // Warm-up without logging: leaves writable mappings in the region.
+    // Warm-up without logging: leaves writable (2 MiB) mappings in the region.
     let warm = Round {
         number: 0,
-        seed,
+        seed: setup.seed,
         writes: WRITES,
         reads: READS,
     };
@@ -296,11 +344,13 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
         "{name}: warm-up list vs the host's model"
     );
     check_stored(&ram, mmu.root(), &list, warm.number, name);
+    mmu.check(name);
     totals.faults += f.total();
     let before = writable_pages(&ram, mmu.root());
+    let huge = inspect::census(&ram, mmu.root()).leaves_2m;
     report!(
-        "  {name}: prefaulted {pre} system pages; warm-up wrote {} distinct pages, {} faults \
-         ({} read, {} write), {} region pages writable, {}",
+        "  {name}: {pre} system pages prefaulted (one 2 MiB leaf); warm-up wrote {} distinct \
+         pages, {} faults ({} read, {} write), {} region pages writable, {huge} 2 MiB leaves, {}",
         list.iter().collect::<BTreeSet<_>>().len(),
         f.total(),
         f.read_not_present,
@@ -309,11 +359,16 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
         ms(t.elapsed())
     );
     assert!(!before.is_empty());
+    assert!(
+        huge > 1,
+        "{name}: the warm-up mapped no 2 MiB page in the region"
+    );
 
     let mut tlb = CountingTlb::default();
-    mmu.enable_log(initially_set, &mut tlb).unwrap();
+    mmu.enable_log(setup.initially_set, &mut tlb).unwrap();
     m.flush_guest_tlb().unwrap();
-    if !initially_set {
+    mmu.check("after enable");
+    if !setup.initially_set {
         let left = writable_pages(&ram, mmu.root());
         assert!(
             left.is_empty(),
@@ -329,6 +384,12 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
             "{name}: log before any write: {}",
             few(&log)
         );
+    } else {
+        assert_eq!(
+            writable_pages(&ram, mmu.root()),
+            before,
+            "{name}: initially set write-protected something"
+        );
     }
     report!(
         "  {name}: logging enabled, {} TLB flushes asked",
@@ -336,13 +397,14 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
     );
 
     let mut previous = BTreeSet::new();
+    let mut unwritten_units = 0;
     for number in 1..=ROUNDS + 1 {
         let read_only = number == ROUNDS + 1;
         let round = Round {
             number,
-            seed: seed ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
-            writes: if read_only { 0 } else { WRITES },
-            reads: READS,
+            seed: setup.seed ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            writes: if read_only { 0 } else { setup.writes },
+            reads: setup.reads,
         };
         let t = Instant::now();
         let (list, f) = run_round(&mut m, &ram, &mut mmu, &round).unwrap();
@@ -352,10 +414,10 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
             list, want_writes,
             "{name} round {number}: list vs the host's model"
         );
-        let written: BTreeSet<u64> = list.iter().copied().collect();
-        let only_read: BTreeSet<u64> = reads
-            .iter()
-            .copied()
+        // Pages at 4 KiB logging, 2 MiB blocks at 2 MiB logging.
+        let written = units_of(&list, unit);
+        let only_read: BTreeSet<u64> = units_of(&reads, unit)
+            .into_iter()
             .filter(|p| !written.contains(p))
             .collect();
         check_stored(&ram, mmu.root(), &list, number, name);
@@ -366,6 +428,7 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
         let log = mmu.get_and_clear_log(&mut tlb).unwrap();
         let get_time = t.elapsed();
         m.flush_guest_tlb().unwrap();
+        mmu.check(&format!("{name} round {number}"));
         let logged: BTreeSet<u64> = log.iter().copied().collect();
         assert_eq!(
             logged.len(),
@@ -378,8 +441,8 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
             "{name} round {number}: lost writes {}",
             few(&lost)
         );
-        if initially_set && number == 1 {
-            let all: BTreeSet<u64> = region_pages().collect();
+        if setup.initially_set && number == 1 {
+            let all = units_of(&region_pages().collect::<Vec<_>>(), unit);
             assert_eq!(logged, all, "{name}: first log is not the whole region");
         } else {
             let extra: Vec<u64> = logged.difference(&written).copied().collect();
@@ -390,22 +453,28 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
             );
         }
         let still = writable_pages(&ram, mmu.root());
-        let unprotected: Vec<u64> = logged.intersection(&still).copied().collect();
+        let unprotected: Vec<u64> = still
+            .iter()
+            .copied()
+            .filter(|p| logged.contains(&(p & !(unit - 1))))
+            .collect();
         assert!(
             unprotected.is_empty(),
             "{name} round {number}: returned but still writable {}",
             few(&unprotected)
         );
-        if logged.intersection(&writable).next().is_some() {
+        if writable.iter().any(|p| logged.contains(&(p & !(unit - 1)))) {
             assert!(tlb.total() >= 1, "{name} round {number}: no flush asked");
         }
         totals.faults += f.total();
         totals.written += written.len() as u64;
         totals.logged += log.len() as u64;
+        unwritten_units += UNITS - units_of(&list, 2 * MIB).len() as u64;
+        let what = if unit == PAGE { "pages" } else { "2 MiB units" };
         report!(
-            "  {name} round {number}: {} writes to {} distinct pages ({} also written the \
-             round before), {} pages only read; faults: {} read, {} write not-present, {} \
-             write-protect; log {} pages (get+clear {}, {} flushes asked); guest {}",
+            "  {name} round {number}: {} writes to {} distinct {what} ({} also written the \
+             round before), {} {what} only read; faults: {} read, {} write not-present, {} \
+             write-protect; log {} {what} (get+clear {}, {} flushes asked); guest {}",
             list.len(),
             written.len(),
             written.intersection(&previous).count(),
@@ -420,16 +489,33 @@ fn scenario(kvm: kvm_ioctls::Kvm, initially_set: bool, seed: u64) -> Totals {
         );
         if read_only {
             assert!(log.is_empty());
+        } else if setup.initially_set && number == 1 {
+            // The warm-up mapped the whole region writable with 2 MiB pages, and an
+            // initially-set log write-protects nothing until the first clear.
+            assert_eq!(f.total(), 0, "{name}: faults before the first clear");
         } else {
             assert!(f.write_protected + f.write_not_present > 0);
             assert!(
                 !only_read.is_empty(),
-                "the round read no page it did not write"
+                "the round read no {what} it did not write"
             );
         }
         previous = written;
     }
-    report!("  {name}: done in {}", ms(start.elapsed()));
+    if unit != PAGE {
+        // Exactness at 2 MiB means something only if some units went unwritten.
+        assert!(unwritten_units > 0, "{name}: every round wrote every unit");
+    }
+    totals.stats = mmu.mmu.stats();
+    // At 4 KiB logging the guest wrote into write-protected 2 MiB leaves, which the MMU
+    // drops; at 2 MiB logging the leaves are the unit and only get their write bit back.
+    assert_eq!(
+        totals.stats.huge_dropped > 0,
+        setup.granularity == Level::L1,
+        "{name}: {}",
+        mmu.stats()
+    );
+    report!("  {name}: {}; done in {}", mmu.stats(), ms(start.elapsed()));
     totals
 }
 
@@ -464,18 +550,60 @@ fn dirty_log_matches_guest_writes() {
     };
     let total = Instant::now();
     report!(
-        "kvm_dirty_log: region {REGION_PAGES} pages at {REGION_BASE:#x}, {WRITES} writes + \
-         {READS} reads per round"
+        "kvm_dirty_log: shadow MMU (x86-64, direct); region {REGION_PAGES} pages ({UNITS} \
+         2 MiB units) at {REGION_BASE:#x}; {WRITES} writes + {READS} reads per 4 KiB round"
     );
-    let a = scenario(kvm, false, 0x2545_f491_4f6c_dd1d);
-    let kvm = open().expect("the KVM device went away");
-    let b = scenario(kvm, true, 0x9e37_79b9_7f4a_7c15);
+    let pages = |name, initially_set, manual, seed| Setup {
+        name,
+        initially_set,
+        manual,
+        granularity: Level::L1,
+        writes: WRITES,
+        reads: READS,
+        seed,
+    };
+    let setups = [
+        pages("(a) initially clear", false, false, 0x2545_f491_4f6c_dd1d),
+        pages("(b) initially set", true, false, 0x9e37_79b9_7f4a_7c15),
+        pages(
+            "(c) initially set, manual clear",
+            true,
+            true,
+            0x5851_f42d_4c95_7f2d,
+        ),
+        Setup {
+            name: "(d) 2 MiB logging",
+            initially_set: false,
+            manual: false,
+            granularity: Level::L2,
+            writes: 8,
+            reads: 8,
+            seed: 0x1405_7b7e_f767_814f,
+        },
+    ];
+    let mut sum = Totals::default();
+    let mut first = Some(kvm);
+    for setup in setups {
+        let kvm = first
+            .take()
+            .unwrap_or_else(|| open().expect("the KVM device went away"));
+        let t = scenario(kvm, setup);
+        sum.faults += t.faults;
+        sum.written += t.written;
+        sum.logged += t.logged;
+        sum.stats.fast_fixes += t.stats.fast_fixes;
+        sum.stats.slow_faults += t.stats.slow_faults;
+        sum.stats.huge_dropped += t.stats.huge_dropped;
+    }
     report!(
-        "kvm_dirty_log: all checks passed: {} faults handled, {} pages written, {} pages \
-         logged, in {}",
-        a.faults + b.faults,
-        a.written + b.written,
-        a.logged + b.logged,
+        "kvm_dirty_log: all checks passed: {} faults handled ({} fast fixes, {} slow faults, \
+         {} huge drops), {} pages/units written, {} logged, in {}",
+        sum.faults,
+        sum.stats.fast_fixes,
+        sum.stats.slow_faults,
+        sum.stats.huge_dropped,
+        sum.written,
+        sum.logged,
         ms(total.elapsed())
     );
 }

@@ -51,8 +51,9 @@ pub trait GuestMmu {
     /// Starts dirty logging of the test region. `initially_set`: the log starts with every
     /// page of the region dirty (KVM `KVM_DIRTY_LOG_INITIALLY_SET`).
     fn enable_log<T: TlbFlush>(&mut self, initially_set: bool, tlb: &mut T) -> Result<(), String>;
-    /// The addresses (gva) of the pages written since the last call (or since logging was
-    /// enabled), each once, in any order; they are write-protected again before it returns.
+    /// The addresses (gva) of the logging units (4 KiB pages, or larger blocks for a
+    /// coarser log) written since the last call (or since logging was enabled), each once,
+    /// in any order; they are write-protected again before it returns.
     fn get_and_clear_log<T: TlbFlush>(&mut self, tlb: &mut T) -> Result<Vec<u64>, String>;
 }
 
@@ -67,7 +68,7 @@ pub const LIST_MAX: u64 = 4096;
 /// First page of the test region (guest-virtual).
 pub const REGION_BASE: u64 = 1 << 30;
 /// Pages in the test region (a power of two: the program masks its random numbers).
-pub const REGION_PAGES: u64 = 1024;
+pub const REGION_PAGES: u64 = 8192;
 /// Port written when the program is done. r9 = list entries.
 pub const PORT_LOG_DONE: u16 = 0x20;
 /// Port written by the #PF handler. rax = CR2, rbx = error code, rcx = faulting RIP.

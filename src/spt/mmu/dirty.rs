@@ -387,8 +387,10 @@ fn protect_masked<F: PteFormat>(
             // Huge pages were left writable when logging started: write-protect the ones
             // holding the first and the last page, so their next write is split to 4 KiB.
             z.write_protect(st, i, (start, start + 1), Level::L2, max);
+            // Compared rounded down: KVM's `ALIGN(start) != ALIGN(end)` rounds up, which
+            // misses a mask whose first bit is the last page before a 2 MiB boundary.
             let pmd = frames(Level::L2);
-            if start.div_ceil(pmd) != last.div_ceil(pmd) {
+            if start / pmd != last / pmd {
                 z.write_protect(st, i, (last, last + 1), Level::L2, max);
             }
         }

@@ -456,6 +456,46 @@ fn manual_clear_follows_kvm_alignment_rules() {
 }
 
 #[test]
+fn manual_clear_protects_the_next_huge_page_when_a_mask_crosses_just_after_its_first_bit() {
+    // Regression: the "does the mask cross into a second 2 MiB page" test rounded both
+    // ends up (as KVM's `ALIGN(start) != ALIGN(end)` does), so first bit 0x11ff and last
+    // bit 0x1200 looked like one page: the huge page at 0x1200 stayed writable with its
+    // bit cleared, and its next write was lost.
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L2);
+    let base = 0x1000 - 32;
+    m.add_slot(SlotId(0), gfn(base), 0x2000, SlotFlags::empty())
+        .unwrap();
+    for g in [0x1000, 0x1200] {
+        fault(&m, &mut c, &h, g, true);
+    }
+    let mode = LogMode {
+        initially_set: true,
+        granularity: Level::L1,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    let first = 0x11e0 - base;
+    assert_eq!(first % 64, 0);
+    // Bits 31 and 32 of the mask: gfns 0x11ff and 0x1200, on both sides of 0x1200.
+    m.clear_dirty_log(SlotId(0), first, &[(1 << 31) | (1 << 32)], &mut tlb)
+        .unwrap();
+    assert!(!m.translate(gpa(0x11ff)).unwrap().writable);
+    assert!(
+        !m.translate(gpa(0x1200)).unwrap().writable,
+        "huge page of the last bit left writable"
+    );
+    m.check().unwrap();
+    // Its next write is logged.
+    fault(&m, &mut c, &h, 0x1200, true);
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    assert!(bits_to_gfns(base, &log).contains(&0x1200));
+}
+
+#[test]
 fn two_megabyte_logging() {
     let mut f = fx();
     let m = mmu::<Ept>(&mut f, MmuConfig::default());
