@@ -642,6 +642,17 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// What the shadow tables map `gpa` to, read under the MMU lock held for read.
     pub fn translate(&self, gpa: Gpa) -> Option<Mapping> {
         let _st = self.state.read();
+        self.translate_lockless(gpa)
+    }
+
+    /// What a hardware page walker would find for `gpa` now: the same walk as
+    /// [`translate`](Self::translate) without the MMU lock (acquire loads from the root;
+    /// a software TLB or a simulated vCPU uses this). Memory-safe at any time — tables are
+    /// frames of the arena — but, like a hardware walk, only meaningful under the TLB
+    /// protocol: the embedder's [`TlbFlush`] must not return while a walk that began
+    /// before it is still running (KVM's flush IPIs wait for the vCPUs), because tables the
+    /// flush was for are reused after it.
+    pub fn translate_lockless(&self, gpa: Gpa) -> Option<Mapping> {
         let (entry, level) = self.find_leaf(gpa.get() >> PAGE_SHIFT)?;
         let v = entry.load(Ordering::Acquire);
         let base = F::leaf_addr(v, level).get();
