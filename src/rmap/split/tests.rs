@@ -33,7 +33,7 @@ impl TlbFlush for Tlb {
     }
 }
 
-const FRAMES: usize = 1200;
+const FRAMES: usize = 2400;
 
 struct Fx {
     frames: Vec<TableFrame>,
@@ -291,4 +291,90 @@ fn the_walk_splits_the_same_as_the_rmaps() {
             .split,
         0
     );
+}
+
+#[test]
+fn every_alias_is_split() {
+    for walk in [false, true] {
+        let mut f = fx();
+        // Two entries per 4 KiB gfn after the split: one descriptor each.
+        let config = MmuConfig {
+            address_spaces: 2,
+            descriptors: 300_000,
+            ..MmuConfig::default()
+        };
+        let m = mmu(&mut f, config);
+        populated(&m);
+        // The same frames mapped in address space 1 too: each huge frame has two entries
+        // in its rmap.
+        let mut c = FaultCaches::new();
+        m.page_fault_in(
+            1,
+            &mut c,
+            &Host(Level::L3),
+            gpa(9),
+            false,
+            &mut Tlb::default(),
+        )
+        .unwrap();
+        for k in 0..8 {
+            m.page_fault_in(
+                1,
+                &mut c,
+                &Host(Level::L2),
+                gpa((1 << 18) + k * 512),
+                false,
+                &mut Tlb::default(),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            m.page_fault_in(
+                2,
+                &mut c,
+                &Host(Level::L2),
+                gpa(0),
+                false,
+                &mut Tlb::default()
+            ),
+            Err(crate::spt::mmu::FaultError::BadAddress)
+        );
+        c.release(&m).unwrap();
+        let before: Vec<_> = (0..2)
+            .map(|a| {
+                (0..1u64 << 19)
+                    .step_by(1021)
+                    .map(|g| m.translate_in(a, gpa(g)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut caches = SplitCaches::new();
+        let s = if walk {
+            m.eager_split_by_walk(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        } else {
+            m.eager_split(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        }
+        .unwrap();
+        assert_eq!(s.split, 2 * (1 + 512 + 8), "walk: {walk}");
+        if !walk {
+            assert_eq!(s.aliases, 1 + 512 + 8, "one alias per huge frame");
+        }
+        let counts = m.check().unwrap();
+        assert_eq!(counts.leaves, 2 * (512 * 512 + 8 * 512));
+        let after: Vec<_> = (0..2)
+            .map(|a| {
+                (0..1u64 << 19)
+                    .step_by(1021)
+                    .map(|g| m.translate_in(a, gpa(g)).map(|t| (t.hpa, t.writable)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for a in 0..2 {
+            let b: Vec<_> = before[a]
+                .iter()
+                .map(|t| t.map(|t| (t.hpa, t.writable)))
+                .collect();
+            assert_eq!(b, after[a]);
+        }
+    }
 }

@@ -43,37 +43,43 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             return Err(SplitError::BadRange);
         }
         let mut stats = SplitStats::default();
-        let mut pos = lo;
-        loop {
-            let mut z = self.zapper();
-            let flow = self.walk_split(
-                &mut st,
-                &mut z,
-                caches,
-                (i, bounds),
-                (self.root(), F::ROOT_LEVEL, 0),
-                (pos, hi),
-                target,
-                &mut stats,
-            );
-            z.finish(&mut st, tlb);
-            match flow? {
-                Flow::Done => return Ok(stats),
-                Flow::Restart(at) => {
-                    drop(st);
-                    stats.lock_drops += 1;
-                    let topped = self.top_up_split(caches);
-                    st = self.state.write();
-                    topped?;
-                    stats.restarts += 1;
-                    let i2 = st.slot_by_id(slot).ok_or(SplitError::NotFound)?;
-                    if i2 != i || (st.slots[i].base, st.slots[i].end()) != bounds {
-                        return Err(SplitError::NotFound);
+        for as_id in 0..self.address_spaces() {
+            let Some(root) = self.root_of(as_id) else {
+                break;
+            };
+            let mut pos = lo;
+            loop {
+                let mut z = self.zapper();
+                let flow = self.walk_split(
+                    &mut st,
+                    &mut z,
+                    caches,
+                    (i, bounds),
+                    (root, F::ROOT_LEVEL, 0),
+                    (pos, hi),
+                    target,
+                    &mut stats,
+                );
+                z.finish(&mut st, tlb);
+                match flow? {
+                    Flow::Done => break,
+                    Flow::Restart(at) => {
+                        drop(st);
+                        stats.lock_drops += 1;
+                        let topped = self.top_up_split(caches);
+                        st = self.state.write();
+                        topped?;
+                        stats.restarts += 1;
+                        let i2 = st.slot_by_id(slot).ok_or(SplitError::NotFound)?;
+                        if i2 != i || (st.slots[i].base, st.slots[i].end()) != bounds {
+                            return Err(SplitError::NotFound);
+                        }
+                        pos = at;
                     }
-                    pos = at;
                 }
             }
         }
+        Ok(stats)
     }
 
     /// Walks the table `(table, level, base gfn)` over `[lo, hi)`, splitting huge leaves

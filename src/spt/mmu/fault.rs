@@ -179,26 +179,40 @@ impl<F: PteFormat> Mmu<'_, F> {
         write: bool,
         tlb: &mut T,
     ) -> Result<Fault, FaultError> {
+        self.page_fault_in(0, caches, host, gpa, write, tlb)
+    }
+
+    /// [`page_fault`](Self::page_fault) in address space `as_id`
+    /// ([`FaultError::BadAddress`] when there is no such address space).
+    pub fn page_fault_in<H: HostMemory + ?Sized, T: TlbFlush + ?Sized>(
+        &self,
+        as_id: u8,
+        caches: &mut FaultCaches,
+        host: &H,
+        gpa: Gpa,
+        write: bool,
+        tlb: &mut T,
+    ) -> Result<Fault, FaultError> {
         let gfn = gpa.get() >> PAGE_SHIFT;
-        if gfn >= self.gfn_limit {
+        if gfn >= self.gfn_limit || as_id >= self.address_spaces() {
             return Err(FaultError::BadAddress);
         }
-        if let Some(fault) = self.fast_page_fault(gfn, write) {
+        if let Some(fault) = self.fast_page_fault(as_id, gfn, write) {
             return Ok(fault);
         }
         self.top_up(caches)?;
         let mut st = self.state.write();
         // `top_up` bound the caches to this MMU: everything popped below is ours.
-        self.slow_fault(&mut st, caches, host, gfn, write, tlb)
+        self.slow_fault(&mut st, caches, host, as_id, gfn, write, tlb)
     }
 
     /// KVM `fast_page_fault`: a write to a present leaf that is write-protected but
     /// mmu-writable gets its write bit back with one compare-exchange, and its page marked
     /// dirty, under the read lock. `None`: the slow path must decide.
-    fn fast_page_fault(&self, gfn: u64, write: bool) -> Option<Fault> {
+    fn fast_page_fault(&self, as_id: u8, gfn: u64, write: bool) -> Option<Fault> {
         let st = self.state.read();
         let slot = &st.slots[st.slot_index(gfn)?];
-        let (entry, level) = self.find_leaf(gfn)?;
+        let (entry, level) = self.find_leaf(as_id, gfn)?;
         let log = slot.log_unit(gfn);
         if log.is_some_and(|(log, _)| level > log.mode.granularity) {
             // A huge page under finer logging: the slow path maps a small one.
@@ -233,11 +247,13 @@ impl<F: PteFormat> Mmu<'_, F> {
         Some(Fault::Fast)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn slow_fault<H: HostMemory + ?Sized, T: TlbFlush + ?Sized>(
         &self,
         st: &mut State,
         caches: &mut FaultCaches,
         host: &H,
+        as_id: u8,
         gfn: u64,
         write: bool,
         tlb: &mut T,
@@ -294,6 +310,7 @@ impl<F: PteFormat> Mmu<'_, F> {
             &mut z,
             caches,
             MapReq {
+                as_id,
                 slot: si,
                 gfn: head_gfn,
                 pfn: head_pfn,
@@ -318,8 +335,9 @@ impl<F: PteFormat> Mmu<'_, F> {
         req: MapReq,
     ) -> Result<Fault, FaultError> {
         let addr = req.gfn << PAGE_SHIFT;
-        let mut table = self.root;
-        let mut id = st.root_id;
+        let space = usize::from(req.as_id);
+        let mut table = self.root_of(req.as_id).ok_or(FaultError::BadAddress)?;
+        let mut id = *st.root_ids.get(space).ok_or(FaultError::BadAddress)?;
         let mut level = F::ROOT_LEVEL;
         while level > req.level {
             let lower = level.lower().ok_or(FaultError::Corrupt)?;
@@ -470,6 +488,7 @@ impl<F: PteFormat> Mmu<'_, F> {
 /// What the slow path decided to map.
 #[derive(Clone, Copy, Debug)]
 struct MapReq {
+    as_id: u8,
     slot: usize,
     /// First gfn of the leaf.
     gfn: u64,

@@ -96,6 +96,8 @@ mod tests;
 
 use alloc::vec::Vec;
 use core::fmt;
+
+use arrayvec::ArrayVec;
 use core::marker::PhantomData;
 
 pub use fault::{Fault, FaultCaches, FaultError, HostMemory, HostPage};
@@ -131,6 +133,9 @@ const GATHER: usize = crate::spt::GATHER_RANGES;
 /// atomic even under loom: it is not part of any protocol being modelled.
 static NEXT_MMU_ID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
 
+/// Most address spaces (roots) an [`Mmu`] has.
+pub const MAX_ADDRESS_SPACES: usize = 4;
+
 /// How an [`Mmu`] is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmuConfig {
@@ -148,8 +153,11 @@ pub struct MmuConfig {
     /// Bits every leaf carries besides present and writable (e.g. EPT's execute bits, or
     /// x86's user bit), in the format's size-independent form.
     pub leaf_bits: u64,
-    /// Address space of the root ([`Role::as_id`]).
-    pub as_id: u8,
+    /// Address spaces, each with its own root (KVM has two on x86: normal and SMM), 1 to
+    /// [`MAX_ADDRESS_SPACES`]. Every address space maps the same slots; shadow pages of
+    /// different address spaces differ in [`Role::as_id`] and are never shared, so a gfn
+    /// mapped in several address spaces has one entry per space in its rmap (aliases).
+    pub address_spaces: u8,
     /// Split huge pages eagerly when dirty logging starts, and, under
     /// [`LogMode::initially_set`], when bits are cleared (KVM's `eager_page_split`
     /// module parameter). Off: a write to a write-protected huge page drops it and maps
@@ -166,7 +174,7 @@ impl Default for MmuConfig {
             max_leaf: Level::L3,
             max_slots: 64,
             leaf_bits: 0,
-            as_id: 0,
+            address_spaces: 1,
             eager_split: false,
         }
     }
@@ -182,6 +190,8 @@ pub enum MmuError {
     OutOfMemory,
     /// The page limit is below the tables one fault needs (the format's root level).
     LimitTooSmall,
+    /// Zero address spaces, or more than [`MAX_ADDRESS_SPACES`].
+    BadAddressSpaces,
 }
 
 impl fmt::Display for MmuError {
@@ -190,6 +200,7 @@ impl fmt::Display for MmuError {
             Self::NoRoot => "no table for the root",
             Self::OutOfMemory => "allocation of MMU metadata failed",
             Self::LimitTooSmall => "page limit below the depth of one translation",
+            Self::BadAddressSpaces => "address spaces must be 1 to MAX_ADDRESS_SPACES",
         })
     }
 }
@@ -292,7 +303,8 @@ pub(crate) struct State {
     pub(crate) spare: MemoryCache<DescId, SPARE_DESCS>,
     pub(crate) limit: usize,
     pub(crate) stats: MmuStats,
-    pub(crate) root_id: u32,
+    /// Page ids of the roots, by address space.
+    pub(crate) root_ids: ArrayVec<u32, MAX_ADDRESS_SPACES>,
 }
 
 impl State {
@@ -315,7 +327,7 @@ pub struct Mmu<'a, F: PteFormat> {
     /// The splitter's caches for splits the MMU starts itself (enabling or clearing the
     /// dirty log; KVM keeps these per VM too), locked before the MMU lock.
     pub(crate) split_caches: crate::sync::Mutex<crate::rmap::SplitCaches>,
-    root: Hpa,
+    roots: ArrayVec<Hpa, MAX_ADDRESS_SPACES>,
     config: MmuConfig,
     max_leaf: Level,
     /// Gfns below this fit the format's input addresses.
@@ -331,7 +343,7 @@ impl<F: PteFormat> fmt::Debug for Mmu<'_, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Mmu")
             .field("format", &F::NAME)
-            .field("root", &self.root)
+            .field("roots", &self.roots)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -341,8 +353,12 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// An MMU whose tables come from `arena` (one shadow-page header per frame), with an
     /// empty root.
     pub fn new(arena: TableArena<'a>, config: MmuConfig) -> Result<Self, MmuError> {
+        let spaces = usize::from(config.address_spaces);
+        if spaces == 0 || spaces > MAX_ADDRESS_SPACES {
+            return Err(MmuError::BadAddressSpaces);
+        }
         let limit = config.page_limit.unwrap_or(arena.capacity());
-        if limit < F::ROOT_LEVEL.get() as usize {
+        if limit < spaces + F::ROOT_LEVEL.get() as usize - 1 {
             return Err(MmuError::LimitTooSmall);
         }
         let tables = LockedArena::new(arena);
@@ -354,13 +370,19 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         .ok_or(MmuError::OutOfMemory)?;
         let (store, descs) =
             DescStore::new(config.descriptors).map_err(|_| MmuError::OutOfMemory)?;
-        let root = (&tables)
-            .alloc_table(F::ROOT_LEVEL)
-            .ok_or(MmuError::NoRoot)?;
-        let root_id = pages.id_of(root).ok_or(MmuError::NoRoot)?;
-        let role = Role::direct_root(F::ROOT_LEVEL, config.as_id);
-        if !pages.insert(root_id, Gfn::ZERO, role, true) {
-            return Err(MmuError::NoRoot);
+        let mut roots = ArrayVec::new();
+        let mut root_ids = ArrayVec::new();
+        for as_id in 0..config.address_spaces {
+            let root = (&tables)
+                .alloc_table(F::ROOT_LEVEL)
+                .ok_or(MmuError::NoRoot)?;
+            let root_id = pages.id_of(root).ok_or(MmuError::NoRoot)?;
+            let role = Role::direct_root(F::ROOT_LEVEL, as_id);
+            if !pages.insert(root_id, Gfn::ZERO, role, true) {
+                return Err(MmuError::NoRoot);
+            }
+            roots.push(root);
+            root_ids.push(root_id);
         }
         let max_leaf = if config.max_leaf > F::LARGEST_LEAF {
             F::LARGEST_LEAF
@@ -377,10 +399,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 spare: MemoryCache::new(),
                 limit,
                 stats: MmuStats::default(),
-                root_id,
+                root_ids,
             }),
             split_caches: crate::sync::Mutex::new(crate::rmap::SplitCaches::new()),
-            root,
+            roots,
             config,
             max_leaf,
             gfn_limit: 1u64 << (F::INPUT_BITS - PAGE_SHIFT),
@@ -390,9 +412,19 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         })
     }
 
-    /// The root table (what goes into CR3 or the EPT pointer).
+    /// The root table of address space 0 (what goes into CR3 or the EPT pointer).
     pub fn root(&self) -> Hpa {
-        self.root
+        self.roots[0]
+    }
+
+    /// The root table of address space `as_id`, if there is one.
+    pub fn root_of(&self, as_id: u8) -> Option<Hpa> {
+        self.roots.get(usize::from(as_id)).copied()
+    }
+
+    /// Address spaces (roots).
+    pub fn address_spaces(&self) -> u8 {
+        self.roots.len() as u8
     }
 
     /// The table memory. Not public: a table freed behind the MMU's back (the root has
@@ -639,10 +671,17 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         zapped
     }
 
-    /// What the shadow tables map `gpa` to, read under the MMU lock held for read.
+    /// What the shadow tables of address space 0 map `gpa` to, read under the MMU lock
+    /// held for read.
     pub fn translate(&self, gpa: Gpa) -> Option<Mapping> {
+        self.translate_in(0, gpa)
+    }
+
+    /// [`translate`](Self::translate) in address space `as_id` (`None` when there is no
+    /// such address space).
+    pub fn translate_in(&self, as_id: u8, gpa: Gpa) -> Option<Mapping> {
         let _st = self.state.read();
-        self.translate_lockless(gpa)
+        self.walk_leaf(as_id, gpa)
     }
 
     /// What a hardware page walker would find for `gpa` now: the same walk as
@@ -653,7 +692,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// before it is still running (KVM's flush IPIs wait for the vCPUs), because tables the
     /// flush was for are reused after it.
     pub fn translate_lockless(&self, gpa: Gpa) -> Option<Mapping> {
-        let (entry, level) = self.find_leaf(gpa.get() >> PAGE_SHIFT)?;
+        self.walk_leaf(0, gpa)
+    }
+
+    fn walk_leaf(&self, as_id: u8, gpa: Gpa) -> Option<Mapping> {
+        let (entry, level) = self.find_leaf(as_id, gpa.get() >> PAGE_SHIFT)?;
         let v = entry.load(Ordering::Acquire);
         let base = F::leaf_addr(v, level).get();
         let offset = gpa.get() & (level.page_size() - 1);
@@ -672,12 +715,12 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
 
     /// The present leaf mapping `gfn` and its level, by a walk from the root that reads
     /// entries only; a table entry pointing outside the arena ends the walk.
-    pub(crate) fn find_leaf(&self, gfn: u64) -> Option<(&AtomicU64, Level)> {
+    pub(crate) fn find_leaf(&self, as_id: u8, gfn: u64) -> Option<(&AtomicU64, Level)> {
         if gfn >= self.gfn_limit {
             return None;
         }
         let addr = gfn << PAGE_SHIFT;
-        let mut table = self.root;
+        let mut table = *self.roots.get(usize::from(as_id))?;
         let mut level = F::ROOT_LEVEL;
         loop {
             let entry = &self.table(table)?[index_of(addr, level)];
