@@ -698,3 +698,96 @@ fn caches_of_one_mmu_are_refused_by_another() {
     // Empty caches may move to another MMU.
     fault(&b, &mut c, &h, 3 << 18, true);
 }
+
+/// The same faults on two MMUs, then one slot write-protected through the rmaps
+/// (`enable_dirty_log`) on one and by a walk of the tables (`write_protect_by_walk`) on the
+/// other: every page of every slot translates the same, the counts agree, and a slot not
+/// named keeps its write bits.
+#[test]
+fn write_protect_by_walk_matches_the_rmap_path() {
+    let (mut fa, mut fb) = (fx(), fx());
+    let a = mmu::<Ept>(&mut fa, MmuConfig::default());
+    let b = mmu::<Ept>(&mut fb, MmuConfig::default());
+    // Slot 0: 2 GiB from 0. Slot 1: unaligned at both ends. Slot 2: left alone.
+    let s1 = (1 << 19) + 1;
+    let slots = [(0, 1u64 << 19), (s1, 4000), (1 << 20, 1024)];
+    let mut h_ro = Host::new(Level::L1);
+    h_ro.readonly = (0x4_1000..0x4_1010).collect();
+    let (h1, h2, h3) = (
+        Host::new(Level::L1),
+        Host::new(Level::L2),
+        Host::new(Level::L3),
+    );
+    for m in [&a, &b] {
+        for (k, &(base, n)) in slots.iter().enumerate() {
+            m.add_slot(SlotId(k as u16), gfn(base), n, SlotFlags::empty())
+                .unwrap();
+        }
+        let mut c = FaultCaches::new();
+        // (`fault` would run `check` after each of these; once at the end is enough.)
+        let fault = |m: &Mmu<'_, Ept>, c: &mut FaultCaches, h: &Host, g: u64, w: bool| {
+            m.page_fault(c, h, gpa(g), w, &mut Tlb::default()).unwrap();
+        };
+        // A 1 GiB leaf, 2 MiB leaves (read and write faults), 4 KiB pages over two
+        // tables, read-only host pages, the unaligned slot's edges, and the other slot.
+        fault(m, &mut c, &h3, 0x123, true);
+        for k in 0..8u64 {
+            fault(m, &mut c, &h2, (1 << 18) + k * 512 + 7, k % 2 == 0);
+        }
+        for j in 0..600u64 {
+            fault(m, &mut c, &h1, (1 << 18) + 8 * 512 + j, j % 3 != 0);
+        }
+        for g in 0x4_1000..0x4_1010 {
+            fault(m, &mut c, &h_ro, g, false);
+        }
+        for off in [0, 600, 2045, 3999] {
+            fault(m, &mut c, &h2, s1 + off, true);
+        }
+        for j in 0..1024u64 {
+            fault(m, &mut c, &h2, (1 << 20) + j, true);
+        }
+    }
+    let every = |m: &Mmu<'_, Ept>| -> Vec<Option<Mapping>> {
+        slots
+            .iter()
+            .flat_map(|&(base, n)| base..base + n)
+            .map(|g| m.translate(gpa(g)))
+            .collect()
+    };
+    assert_eq!(every(&a), every(&b));
+
+    let mut tlb = Tlb::default();
+    for id in [SlotId(0), SlotId(1)] {
+        let before = a.stats().write_protected;
+        a.enable_dirty_log(id, LogMode::PAGES, &mut tlb).unwrap();
+        let by_rmap = a.stats().write_protected - before;
+        let by_walk = b.write_protect_by_walk(id, &mut tlb).unwrap();
+        assert_eq!(by_walk, by_rmap);
+        assert!(by_walk > 0);
+        // Nothing left to protect: a second walk changes nothing.
+        assert_eq!(b.write_protect_by_walk(id, &mut tlb).unwrap(), 0);
+    }
+    a.check().unwrap();
+    b.check().unwrap();
+    let (ta, tb) = (every(&a), every(&b));
+    assert_eq!(ta, tb);
+    let protected = (1u64 << 19) + 4000;
+    let mapped = tb.iter().flatten().count();
+    assert!(mapped > 1 << 18);
+    for (k, t) in tb.iter().enumerate() {
+        if let Some(t) = t {
+            // Slots 0 and 1 come first in `every`; slot 2 keeps its write bits.
+            assert_eq!(t.writable, k as u64 >= protected, "page {k}: {t:?}");
+        }
+    }
+    // Mmu-writable was kept: a write is fixed by the fast path (logging is off in `b`).
+    assert!(b.translate(gpa(0x123)).unwrap().mmu_writable);
+    assert_eq!(
+        fault(&b, &mut FaultCaches::new(), &h3, 0x123, true),
+        Fault::Fast
+    );
+    assert_eq!(
+        b.write_protect_by_walk(SlotId(9), &mut tlb),
+        Err(SlotError::NotFound)
+    );
+}
