@@ -789,8 +789,10 @@ fn eager_split_takes_fewer_exits_than_lazy() {
     let eager = scenario(open().expect("the KVM device went away"), setup(true));
 
     // The table: exits by kind (wp = write to a present write-protected page, P|W; np-r /
-    // np-w = read / write of a not-present page, P clear), what the MMU did, and times.
-    let head = "    wp  np-r  np-w  fast  slow  drop split     guest  get+clr";
+    // np-w = read / write of a not-present page, P clear), what the MMU did, and times: of
+    // `enable_dirty_log`, or of the guest's round with every exit (and the harness's memslot
+    // reload after it) included, then of the get+clear.
+    let head = "    wp  np-r  np-w  fast  slow  drop split      time  get+clr";
     report!(
         "round        | eager_page_split = N{:43}| eager_page_split = Y",
         ""
