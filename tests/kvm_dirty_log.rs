@@ -31,6 +31,14 @@
 //!
 //! All end with a round that only reads: its log must be empty.
 //!
+//! A second test runs scenario (a)'s workload twice more, with `MmuConfig::eager_split` off
+//! and on (KVM's `eager_page_split`), and counts the #PF exits of each round by kind
+//! (write-protection: error code P|W; not-present: P clear) next to the MMU's counters and
+//! the times of the enable and of each round, printed as a table: eagerly, round 1 must take
+//! strictly fewer exits, and no round after enabling a not-present one in the region.
+//! `HVMEM_KVM_DIRTY_TIMED=1` gives it more rounds and writes, for steadier times (run it
+//! alone: `cargo test --all-features --test kvm_dirty_log eager`).
+//!
 //! After each round the log must contain every page (unit) of the guest's list (no lost
 //! write) and nothing else (no page the guest only read), but for the first get under
 //! initially-set; what it returned must be write-protected again in the tables (read with an
@@ -67,7 +75,8 @@ use hvmem::spt::mmu::{
 use hvmem::spt::{TlbFlush, X86_64, X86Flags};
 use hvmem::{Gfn, Gpa, Level, Pfn};
 use kvm::dirty::{
-    self, CountingTlb, GuestMmu, REGION_BASE, REGION_PAGES, Round, prefault_system, run_round,
+    self, CountingTlb, Faults, GuestMmu, REGION_BASE, REGION_PAGES, Round, prefault_system,
+    run_round,
 };
 use kvm::guest;
 use kvm::inspect;
@@ -153,7 +162,11 @@ struct Setup {
     /// Writes and reads per logged round.
     writes: u64,
     reads: u64,
+    /// Logged rounds with writes (a read-only round follows).
+    rounds: u64,
     seed: u64,
+    /// `MmuConfig::eager_split`: enabling the log splits every huge page of the region.
+    eager_split: bool,
 }
 
 impl Setup {
@@ -176,6 +189,7 @@ impl<'r> Shadow<'r> {
         let arena = ram.table_arena(TABLES.0, TABLES.1)?;
         let config = MmuConfig {
             descriptors: 1 << 12,
+            eager_split: setup.eager_split,
             ..MmuConfig::default()
         };
         let mmu = Mmu::<X86_64>::new(arena, config).map_err(|e| e.to_string())?;
@@ -300,6 +314,39 @@ struct Totals {
     written: u64,
     logged: u64,
     stats: MmuStats,
+    /// `enable_dirty_log`: its time and what the MMU did in it.
+    enable: Duration,
+    enable_stats: MmuStats,
+    /// Each round after enabling, in order (the read-only round last).
+    rounds: Vec<RoundRecord>,
+}
+
+/// One round after enabling the log.
+struct RoundRecord {
+    faults: Faults,
+    /// What the MMU did during the guest's run (not the get+clear).
+    stats: MmuStats,
+    /// The guest's run, every exit and its handling included.
+    guest: Duration,
+    /// `get_and_clear_dirty_log` (or get + clears).
+    get: Duration,
+    written: BTreeSet<u64>,
+    logged: BTreeSet<u64>,
+}
+
+/// The counters that moved from `a` to `b`.
+fn delta(a: &MmuStats, b: &MmuStats) -> MmuStats {
+    MmuStats {
+        fast_fixes: b.fast_fixes - a.fast_fixes,
+        slow_faults: b.slow_faults - a.slow_faults,
+        huge_dropped: b.huge_dropped - a.huge_dropped,
+        pages_created: b.pages_created - a.pages_created,
+        pages_zapped: b.pages_zapped - a.pages_zapped,
+        write_protected: b.write_protected - a.write_protected,
+        inconsistencies: b.inconsistencies - a.inconsistencies,
+        eager_splits: b.eager_splits - a.eager_splits,
+        eager_split_failures: b.eager_split_failures - a.eager_split_failures,
+    }
 }
 
 /// The units (`unit`-aligned addresses) holding `pages`.
@@ -312,6 +359,8 @@ fn units_of<'a>(pages: impl IntoIterator<Item = &'a u64>, unit: u64) -> BTreeSet
 fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
     let name = setup.name;
     let unit = setup.unit();
+    // Enabling splits eagerly (under initially-set the clears would split instead).
+    let split_at_enable = setup.eager_split && !setup.initially_set;
     let start = Instant::now();
     let ram = Rc::new(GuestRam::new(RAM).unwrap());
     let mut m = Machine::new(kvm, Rc::clone(&ram)).unwrap();
@@ -364,10 +413,50 @@ fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
         "{name}: the warm-up mapped no 2 MiB page in the region"
     );
 
+    // The 2 MiB units of the region the warm-up mapped with one huge leaf.
+    let huge_units: Vec<u64> = (0..UNITS)
+        .map(|u| REGION_BASE + u * 2 * MIB)
+        .filter(|&a| inspect::walk(&ram, mmu.root(), a).is_some_and(|(_, level, _)| level == 2))
+        .collect();
     let mut tlb = CountingTlb::default();
+    let s0 = mmu.mmu.stats();
+    let t = Instant::now();
     mmu.enable_log(setup.initially_set, &mut tlb).unwrap();
+    totals.enable = t.elapsed();
+    totals.enable_stats = delta(&s0, &mmu.mmu.stats());
     m.flush_guest_tlb().unwrap();
     mmu.check("after enable");
+    if split_at_enable {
+        // Eager: every huge leaf of the region split, each of its 4 KiB pages present and
+        // read-only, so no access of the rounds below may find a page not present.
+        let e = totals.enable_stats;
+        assert_eq!(
+            (e.eager_splits, e.eager_split_failures),
+            (huge_units.len() as u64, 0),
+            "{name}: eager splits at enable vs the {} huge leaves the warm-up left",
+            huge_units.len()
+        );
+        const W: u64 = X86Flags::WRITABLE.bits();
+        let wrong: Vec<u64> = huge_units
+            .iter()
+            .flat_map(|&u| (0..512).map(move |i| u + i * PAGE))
+            .filter(|&p| {
+                !inspect::walk(&ram, mmu.root(), p).is_some_and(|(gpa, level, e)| {
+                    level == 1 && e & W == 0 && gpa == DATA + (p - REGION_BASE)
+                })
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "{name}: after the eager split, not a read-only 4 KiB page at the right frame: {}",
+            few(&wrong)
+        );
+    } else {
+        assert_eq!(
+            totals.enable_stats.eager_splits, 0,
+            "{name}: split while lazy"
+        );
+    }
     if !setup.initially_set {
         let left = writable_pages(&ram, mmu.root());
         assert!(
@@ -398,17 +487,25 @@ fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
 
     let mut previous = BTreeSet::new();
     let mut unwritten_units = 0;
-    for number in 1..=ROUNDS + 1 {
-        let read_only = number == ROUNDS + 1;
+    for number in 1..=setup.rounds + 1 {
+        let read_only = number == setup.rounds + 1;
         let round = Round {
             number,
             seed: setup.seed ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             writes: if read_only { 0 } else { setup.writes },
             reads: setup.reads,
         };
+        let s0 = mmu.mmu.stats();
         let t = Instant::now();
         let (list, f) = run_round(&mut m, &ram, &mut mmu, &round).unwrap();
         let guest_time = t.elapsed();
+        let round_stats = delta(&s0, &mmu.mmu.stats());
+        if split_at_enable && unit == PAGE {
+            assert_eq!(
+                f.region_not_present, 0,
+                "{name} round {number}: not-present exits in the region after an eager split"
+            );
+        }
         let (want_writes, reads) = round.predict();
         assert_eq!(
             list, want_writes,
@@ -500,6 +597,14 @@ fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
                 "the round read no {what} it did not write"
             );
         }
+        totals.rounds.push(RoundRecord {
+            faults: f,
+            stats: round_stats,
+            guest: guest_time,
+            get: get_time,
+            written: written.clone(),
+            logged,
+        });
         previous = written;
     }
     if unit != PAGE {
@@ -508,10 +613,11 @@ fn scenario(kvm: kvm_ioctls::Kvm, setup: Setup) -> Totals {
     }
     totals.stats = mmu.mmu.stats();
     // At 4 KiB logging the guest wrote into write-protected 2 MiB leaves, which the MMU
-    // drops; at 2 MiB logging the leaves are the unit and only get their write bit back.
+    // drops (unless the eager split left none); at 2 MiB logging the leaves are the unit and
+    // only get their write bit back.
     assert_eq!(
         totals.stats.huge_dropped > 0,
-        setup.granularity == Level::L1,
+        setup.granularity == Level::L1 && !split_at_enable,
         "{name}: {}",
         mmu.stats()
     );
@@ -529,23 +635,35 @@ fn check_stored(ram: &GuestRam, root: u64, list: &[u64], round: u64, what: &str)
     }
 }
 
-#[test]
-fn dirty_log_matches_guest_writes() {
+/// A KVM handle, or `None` (after saying `skipped`) when the device does not exist and
+/// `HVMEM_REQUIRE_KVM` is not 1.
+fn open_or_skip() -> Option<kvm_ioctls::Kvm> {
     let require = match std::env::var("HVMEM_REQUIRE_KVM").as_deref() {
         Ok("1") => true,
         Ok("0") | Ok("") | Err(_) => false,
         Ok(v) => panic!("HVMEM_REQUIRE_KVM={v}: want 1 (require KVM) or 0"),
     };
-    let open = || match Machine::open_kvm() {
-        Ok(kvm) => kvm,
-        Err(e) => panic!("the KVM device exists but is not usable: {e}"),
-    };
-    let Some(kvm) = open() else {
+    let kvm = open();
+    if kvm.is_none() {
         assert!(
             !require,
             "HVMEM_REQUIRE_KVM=1 but the KVM device does not exist"
         );
         report!("skipped: /dev/kvm not available");
+    }
+    kvm
+}
+
+fn open() -> Option<kvm_ioctls::Kvm> {
+    match Machine::open_kvm() {
+        Ok(kvm) => kvm,
+        Err(e) => panic!("the KVM device exists but is not usable: {e}"),
+    }
+}
+
+#[test]
+fn dirty_log_matches_guest_writes() {
+    let Some(kvm) = open_or_skip() else {
         return;
     };
     let total = Instant::now();
@@ -560,7 +678,9 @@ fn dirty_log_matches_guest_writes() {
         granularity: Level::L1,
         writes: WRITES,
         reads: READS,
+        rounds: ROUNDS,
         seed,
+        eager_split: false,
     };
     let setups = [
         pages("(a) initially clear", false, false, 0x2545_f491_4f6c_dd1d),
@@ -578,7 +698,9 @@ fn dirty_log_matches_guest_writes() {
             granularity: Level::L2,
             writes: 8,
             reads: 8,
+            rounds: ROUNDS,
             seed: 0x1405_7b7e_f767_814f,
+            eager_split: false,
         },
     ];
     let mut sum = Totals::default();
@@ -606,4 +728,154 @@ fn dirty_log_matches_guest_writes() {
         sum.logged,
         ms(total.elapsed())
     );
+}
+
+/// `HVMEM_KVM_DIRTY_TIMED=1`: the eager/lazy comparison runs this many rounds of this many
+/// writes and reads, for steadier times (run that test alone: the test harness runs the
+/// tests of this file in parallel).
+const TIMED_ROUNDS: u64 = 8;
+const TIMED_WRITES: u64 = 2000;
+const TIMED_READS: u64 = 1000;
+
+/// The eager/lazy comparison of issue 9 on a real guest (KVM's `eager_page_split`, after
+/// Matlack, "Extend Eager Page Splitting to the shadow MMU", 2022): the same workload as
+/// scenario (a) (4 KiB logging, initially clear, warm-up on 2 MiB pages), once with
+/// `MmuConfig::eager_split` off and once on, every check of the module doc on both.
+///
+/// Lazily, the first write into each write-protected 2 MiB leaf drops it and maps one
+/// 4 KiB page, and every later access to the rest of that 2 MiB (reads too) exits
+/// not-present into the slow path. Eagerly, enabling the log leaves every 4 KiB page present
+/// read-only: reads never exit, and each first write to a page is one write-protection exit
+/// that the fast path fixes. So round 1 takes strictly fewer exits eagerly, none of them
+/// not-present; the logs are exactly the written pages either way.
+#[test]
+fn eager_split_takes_fewer_exits_than_lazy() {
+    let Some(kvm) = open_or_skip() else {
+        return;
+    };
+    let timed = match std::env::var("HVMEM_KVM_DIRTY_TIMED").as_deref() {
+        Ok("1") => true,
+        Ok("0") | Ok("") | Err(_) => false,
+        Ok(v) => panic!("HVMEM_KVM_DIRTY_TIMED={v}: want 1 (timed mode) or 0"),
+    };
+    let (rounds, writes, reads) = if timed {
+        (TIMED_ROUNDS, TIMED_WRITES, TIMED_READS)
+    } else {
+        (ROUNDS, WRITES, READS)
+    };
+    let setup = |eager_split| Setup {
+        name: if eager_split {
+            "(e) eager split"
+        } else {
+            "(e) lazy split"
+        },
+        initially_set: false,
+        manual: false,
+        granularity: Level::L1,
+        writes,
+        reads,
+        rounds,
+        seed: 0x2545_f491_4f6c_dd1d,
+        eager_split,
+    };
+    let total = Instant::now();
+    report!(
+        "kvm_dirty_log eager vs lazy{}: {rounds} rounds of {writes} writes + {reads} reads, \
+         then a round of {reads} reads; region {REGION_PAGES} pages ({UNITS} 2 MiB units), \
+         4 KiB logging",
+        if timed { " (timed mode)" } else { "" }
+    );
+    let lazy = scenario(kvm, setup(false));
+    let eager = scenario(open().expect("the KVM device went away"), setup(true));
+
+    // The table: exits by kind (wp = write to a present write-protected page, P|W; np-r /
+    // np-w = read / write of a not-present page, P clear), what the MMU did, and times: of
+    // `enable_dirty_log`, or of the guest's round with every exit (and the harness's memslot
+    // reload after it) included, then of the get+clear.
+    let head = "    wp  np-r  np-w  fast  slow  drop split      time  get+clr";
+    report!(
+        "round        | eager_page_split = N{:43}| eager_page_split = Y",
+        ""
+    );
+    report!("             |{head} |{head}");
+    let cols = |f: Option<&Faults>, s: &MmuStats, t: Duration, get: Option<Duration>| {
+        let f = f.copied().unwrap_or_default();
+        format!(
+            "{:6}{:6}{:6}{:6}{:6}{:6}{:6}{:>10}{:>9}",
+            f.write_protected,
+            f.read_not_present,
+            f.write_not_present,
+            s.fast_fixes,
+            s.slow_faults,
+            s.huge_dropped,
+            s.eager_splits,
+            ms(t),
+            get.map_or(String::new(), ms),
+        )
+    };
+    report!(
+        "enable       |{} |{}",
+        cols(None, &lazy.enable_stats, lazy.enable, None),
+        cols(None, &eager.enable_stats, eager.enable, None)
+    );
+    for (i, (l, e)) in lazy.rounds.iter().zip(&eager.rounds).enumerate() {
+        let label = if i as u64 == rounds {
+            format!("{} (reads)", i + 1)
+        } else {
+            format!("{}", i + 1)
+        };
+        report!(
+            "{label:13}|{} |{}",
+            cols(Some(&l.faults), &l.stats, l.guest, Some(l.get)),
+            cols(Some(&e.faults), &e.stats, e.guest, Some(e.get))
+        );
+    }
+    let sum = |t: &Totals| -> (u64, Duration) {
+        (
+            t.rounds.iter().map(|r| r.faults.total()).sum(),
+            t.rounds.iter().map(|r| r.guest).sum(),
+        )
+    };
+    let ((ln, lt), (en, et)) = (sum(&lazy), sum(&eager));
+    report!(
+        "exits after enable: N {ln} in {}, Y {en} in {}; in {}",
+        ms(lt),
+        ms(et),
+        ms(total.elapsed())
+    );
+
+    assert_eq!(lazy.rounds.len() as u64, rounds + 1);
+    assert_eq!(eager.rounds.len() as u64, rounds + 1);
+    for (i, (l, e)) in lazy.rounds.iter().zip(&eager.rounds).enumerate() {
+        // The same workload, and both logs exactly the pages written (also checked, with
+        // more, in `scenario`).
+        assert_eq!(l.written, e.written, "round {}: workloads differ", i + 1);
+        assert_eq!(l.logged, l.written, "lazy round {}: log", i + 1);
+        assert_eq!(e.logged, e.written, "eager round {}: log", i + 1);
+        assert_eq!(
+            e.faults.region_not_present,
+            0,
+            "eager round {}: not-present exits",
+            i + 1
+        );
+        // Eagerly, one exit per page written, each fixed by the fast path.
+        assert_eq!(
+            (e.faults.total(), e.stats.fast_fixes, e.stats.slow_faults),
+            (e.written.len() as u64, e.written.len() as u64, 0),
+            "eager round {}: exits, fast fixes, slow faults",
+            i + 1
+        );
+    }
+    let (l1, e1) = (&lazy.rounds[0], &eager.rounds[0]);
+    assert!(
+        e1.faults.total() < l1.faults.total(),
+        "round 1: eager took {:?}, lazy {:?}",
+        e1.faults,
+        l1.faults
+    );
+    // Lazily, round 1 dropped huge leaves and took not-present exits; eagerly it split at
+    // enable and did neither.
+    assert!(l1.stats.huge_dropped > 0 && l1.faults.region_not_present > 0);
+    assert_eq!(e1.stats.huge_dropped, 0);
+    assert!(eager.enable_stats.eager_splits > 0);
 }

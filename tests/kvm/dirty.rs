@@ -239,6 +239,8 @@ pub struct Faults {
     pub write_not_present: u64,
     /// Writes to a present, write-protected page.
     pub write_protected: u64,
+    /// Not-present faults (read or write) whose address is in the test region.
+    pub region_not_present: u64,
     /// Flushes the MMU asked for while handling them.
     pub flushes: u64,
 }
@@ -317,6 +319,10 @@ pub fn run_round<M: GuestMmu>(
                             "read of present page {cr2:#x} faulted (rip {rip:#x})"
                         ));
                     }
+                }
+                let in_region = (REGION_BASE..REGION_BASE + REGION_PAGES * PAGE).contains(&cr2);
+                if error & PF_P == 0 && in_region {
+                    faults.region_not_present += 1;
                 }
                 if faults.total() > limit {
                     return Err(format!("more than {limit} faults in {round:?}"));
