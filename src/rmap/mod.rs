@@ -169,6 +169,16 @@ impl RmapHead {
         self.0 == 0
     }
 
+    /// The entry of a head that holds exactly one (no descriptor): the common case,
+    /// answered without touching the descriptor store.
+    #[inline]
+    pub fn single(self) -> Option<EntryRef> {
+        match self.kind() {
+            Kind::One(raw) => entry(raw),
+            _ => None,
+        }
+    }
+
     /// The first descriptor of the chain, if the head has one.
     #[inline]
     pub fn desc(self) -> Option<DescId> {
@@ -178,6 +188,7 @@ impl RmapHead {
         }
     }
 
+    #[inline]
     fn kind(self) -> Kind {
         if self.0 == 0 {
             Kind::Empty
@@ -200,6 +211,7 @@ impl RmapHead {
 
     /// Entries in the rmap, in O(1) (KVM `pte_list_count`: the head descriptor's count plus
     /// its `tail_count`). A head naming a descriptor outside `store` counts 0.
+    #[inline]
     pub fn count(self, store: &DescStore) -> usize {
         match self.kind() {
             Kind::Empty | Kind::Corrupt => 0,
@@ -317,6 +329,7 @@ impl RmapHead {
     /// The first entry [`iter`](Self::iter) yields (KVM `rmap_get_first`): to take entries
     /// out one at a time while changing the rmap, `while let Some(e) = head.first(&store)
     /// { ...; head.remove(e, &mut store) }`.
+    #[inline]
     pub fn first(self, store: &DescStore) -> Option<EntryRef> {
         self.iter(store).next()
     }
@@ -330,6 +343,7 @@ impl RmapHead {
     /// descriptor's entries and then each older descriptor's. The walk stops early, and
     /// quietly, at a bad descriptor or after as many descriptors as the store holds;
     /// [`check`](Self::check) says whether the chain is sound.
+    #[inline]
     pub fn iter(self, store: &DescStore) -> RmapIter<'_> {
         let state = match self.kind() {
             Kind::Empty | Kind::Corrupt => State::Done,
@@ -488,6 +502,7 @@ pub struct RmapIter<'s> {
 impl Iterator for RmapIter<'_> {
     type Item = EntryRef;
 
+    #[inline]
     fn next(&mut self) -> Option<EntryRef> {
         loop {
             match self.state {

@@ -105,13 +105,16 @@ impl<F: PteFormat> Mmu<'_, F> {
                 Ok(Action::Continue)
             };
         let mut mem = &self.tables;
-        let walked = PageTable::<F>::from_root(self.root).walk_raw(
-            &mut mem,
-            lo,
-            hi,
-            WalkFlags::LEAF | WalkFlags::SHARED,
-            &mut visitor,
-        );
+        let mut walked = Ok(());
+        for root in &self.roots {
+            walked = walked.and(PageTable::<F>::from_root(*root).walk_raw(
+                &mut mem,
+                lo,
+                hi,
+                WalkFlags::LEAF | WalkFlags::SHARED,
+                &mut visitor,
+            ));
+        }
         st.stats.write_protected += changed;
         if !gather.is_empty() {
             gather.flush(tlb);

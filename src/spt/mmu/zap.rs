@@ -273,7 +273,8 @@ impl<'m, 'a, F: PteFormat> Zapper<'m, 'a, F> {
 
     /// Clears the write bit (keeping mmu-writable) of every leaf of slot `i` mapping a gfn
     /// of `[lo, hi)` at the levels `min..=max` (KVM `rmap_write_protect`); returns how
-    /// many entries changed.
+    /// many entries changed. The heads are read straight from the slot's arrays (an empty
+    /// head costs one load) and the flush is gathered once per level, for the whole range.
     pub(crate) fn write_protect(
         &mut self,
         st: &mut State,
@@ -287,40 +288,31 @@ impl<'m, 'a, F: PteFormat> Zapper<'m, 'a, F> {
         let State { slots, store, .. } = &*st;
         let slot = &slots[i];
         let mut level = min;
-        while level <= max && level <= slot.max_level() {
+        while level <= max && level <= slot.max_level() && lo < hi {
             let n = frames(level);
-            let mut gfn = lo & !(n - 1);
-            while gfn < hi {
-                if let Some(head) = Gfn::new(gfn).ok().and_then(|g| slot.rmaps.head(g, level)) {
+            let heads = slot.rmaps.heads(level);
+            let shift = level.shift() - PAGE_SHIFT;
+            let first = ((lo >> shift) - (slot.base >> shift)) as usize;
+            let last = (((hi - 1) >> shift) - (slot.base >> shift)) as usize;
+            let mut here = 0;
+            for head in heads.iter().take(last + 1).skip(first) {
+                if head.is_empty() {
+                    continue;
+                }
+                if let Some(e) = head.single() {
+                    here += protect_entry::<F>(tables, e, level);
+                } else {
                     for e in head.iter(store) {
-                        let Some(t) = tables.table(e.table()) else {
-                            continue;
-                        };
-                        let entry = &t[e.index()];
-                        let mut old = entry.load(Ordering::Acquire);
-                        while F::is_leaf(old, level) && old & F::WRITABLE != 0 {
-                            match entry.compare_exchange(
-                                old,
-                                old & !F::WRITABLE,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            ) {
-                                Ok(_) => {
-                                    changed += 1;
-                                    self.gather.add_raw(
-                                        gfn << PAGE_SHIFT,
-                                        level.page_size(),
-                                        level,
-                                    );
-                                    break;
-                                }
-                                // The CPU set accessed or dirty: try again.
-                                Err(now) => old = now,
-                            }
-                        }
+                        here += protect_entry::<F>(tables, e, level);
                     }
                 }
-                gfn += n;
+            }
+            if here > 0 {
+                let start = lo & !(n - 1);
+                let end = (hi + n - 1) & !(n - 1);
+                self.gather
+                    .add_raw(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT, level);
+                changed += here;
             }
             match level.upper() {
                 Some(up) => level = up,
@@ -401,3 +393,21 @@ impl fmt::Display for InvariantError {
 }
 
 impl core::error::Error for InvariantError {}
+
+/// Clears the write bit of the leaf at `e` (of `level`), keeping mmu-writable; 1 when it
+/// changed. A compare-exchange: the CPU may set accessed or dirty meanwhile.
+#[inline]
+fn protect_entry<F: PteFormat>(tables: &LockedArena<'_>, e: EntryRef, level: Level) -> u64 {
+    let Some(t) = tables.table(e.table()) else {
+        return 0;
+    };
+    let entry = &t[e.index()];
+    let mut old = entry.load(Ordering::Acquire);
+    while F::is_leaf(old, level) && old & F::WRITABLE != 0 {
+        match entry.compare_exchange(old, old & !F::WRITABLE, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return 1,
+            Err(now) => old = now,
+        }
+    }
+    0
+}
