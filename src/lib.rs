@@ -26,13 +26,13 @@
 //! requirements come from; `BENCHMARKS.md` has the measured figures against peers.
 //!
 //! [`cache`] holds the MMU memory caches (objects and tables taken outside the MMU lock) the
-//! shadow MMU will pop under it; `rmap` (feature `alloc`) the reverse maps from a guest
-//! frame, or a shadow page, back to the entries that map it; and [`sync::RwLock`] is the
-//! MMU lock: a reader-writer lock that knows whether anyone waits, so a long writer can
-//! drop it for a waiting vCPU. `spt::mmu` (feature `alloc`) is the shadow MMU built on
-//! all four: shadow pages found by gfn and role, memory slots, the fault path (fast half
-//! under the read lock) and dirty logging. Planned, not here yet: the eager huge-page
-//! splitter, and shadowing a guest's own page tables.
+//! shadow MMU pops under it; `rmap` (feature `alloc`) the reverse maps from a guest frame,
+//! or a shadow page, back to the entries that map it, and the eager huge-page splitter
+//! they drive; and [`sync::RwLock`] is the MMU lock: a reader-writer lock that knows
+//! whether anyone waits, so a long writer can drop it for a waiting vCPU. `spt::mmu`
+//! (feature `alloc`) is the shadow MMU built on all four: shadow pages found by gfn and
+//! role, memory slots, the fault path (fast half under the read lock) and dirty logging.
+//! Planned, not here yet: shadowing a guest's own page tables.
 #![no_std]
 
 #[cfg(any(feature = "alloc", test, fuzzing))]
