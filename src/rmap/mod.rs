@@ -328,6 +328,7 @@ impl RmapHead {
     /// descriptor's entries and then each older descriptor's. The walk stops early, and
     /// quietly, at a bad descriptor or after as many descriptors as the store holds;
     /// [`check`](Self::check) says whether the chain is sound.
+    #[inline]
     pub fn iter(self, store: &DescStore) -> RmapIter<'_> {
         let state = match self.kind() {
             Kind::Empty | Kind::Corrupt => State::Done,
@@ -486,6 +487,7 @@ pub struct RmapIter<'s> {
 impl Iterator for RmapIter<'_> {
     type Item = EntryRef;
 
+    #[inline]
     fn next(&mut self) -> Option<EntryRef> {
         loop {
             match self.state {
