@@ -878,11 +878,21 @@ fn dirty_rows(t: &mut Table, n: &RunResult, y: &RunResult, vcpus: usize, with_kv
             kvm_ref,
         );
     }
+    exit_rows(t, n, y);
+}
+
+/// Exits counted by the vCPUs, and how many of them the slow path (MMU write lock) handled.
+fn exit_rows(t: &mut Table, n: &RunResult, y: &RunResult) {
     for (i, (a, b)) in n.iterations.iter().zip(&y.iterations).enumerate() {
         t.count(
             &format!("Iteration {} vCPU exits (counted)", i + 1),
             a.exits,
             b.exits,
+        );
+        t.count(
+            &format!("Iteration {} exits to the slow path (write lock)", i + 1),
+            a.stats.slow_faults,
+            b.stats.slow_faults,
         );
     }
 }
@@ -1002,13 +1012,7 @@ fn main() {
                     kvm_rows.and_then(|r| kvm(r, o.vcpus)).filter(|_| with_kvm),
                 );
             }
-            for (i, (a, b)) in n.iterations.iter().zip(&y.iterations).enumerate() {
-                t.count(
-                    &format!("Iteration {} vCPU exits (counted)", i + 1),
-                    a.exits,
-                    b.exits,
-                );
-            }
+            exit_rows(&mut t, n, y);
             t.time("Disabling dirty logging time", n.disable, y.disable, None);
             t.count("Huge pages split eagerly", n.eager_splits, y.eager_splits);
             t.print(&format!(
