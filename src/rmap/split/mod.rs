@@ -23,9 +23,7 @@
 use core::fmt;
 
 use crate::addr::{Gfn, Level, PAGE_SHIFT};
-use crate::cache::{MemoryCache, TableCache};
-use crate::rmap::DescId;
-use crate::spt::mmu::{MIN_FREE_PAGES, Mmu, SlotId, State};
+use crate::spt::mmu::{ForeignCaches, MIN_FREE_PAGES, Mmu, MmuCaches, SlotId, State, TopUpFailed};
 use crate::spt::{EntryRef, PteFormat, SplitChild, TableAlloc, TlbFlush, WalkFlags, split_entry};
 use crate::sync::RwLockWriteGuard;
 
@@ -40,36 +38,11 @@ pub const SPLIT_TABLES: usize = 40;
 
 /// The splitter's MMU memory caches (KVM `split_desc_cache`, `split_page_header_cache`,
 /// `split_shadow_page_cache`; the header comes with the table here).
-#[derive(Debug, Default)]
-pub struct SplitCaches {
-    pub(crate) tables: TableCache<SPLIT_TABLES>,
-    pub(crate) descs: MemoryCache<DescId, SPLIT_DESCS>,
-    owner: u64,
-}
+pub type SplitCaches = MmuCaches<SPLIT_TABLES, SPLIT_DESCS>;
 
-impl SplitCaches {
-    /// Empty caches.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Whether the caches hold what one huge page may need.
-    fn ready(&self) -> bool {
-        self.descs.len() >= SPLIT_DESCS && !self.tables.is_empty()
-    }
-
-    /// Gives everything back to `mmu`; refused when the caches are another MMU's.
-    pub fn release<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> Result<(), SplitError> {
-        if self.owner != 0 && self.owner != mmu.id() {
-            return Err(SplitError::ForeignCaches);
-        }
-        let mut tables = mmu.tables();
-        // Tables in a cache were never linked: freeing them cannot be refused.
-        let _ = self.tables.drain_into(&mut tables);
-        let mut pool = mmu.descriptors();
-        self.descs.drain_into(&mut pool);
-        self.owner = 0;
-        Ok(())
+impl From<ForeignCaches> for SplitError {
+    fn from(_: ForeignCaches) -> Self {
+        Self::ForeignCaches
     }
 }
 
@@ -155,23 +128,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
 
     /// Fills the splitter's caches with no MMU lock held.
     fn top_up_split(&self, caches: &mut SplitCaches) -> Result<(), SplitError> {
-        if caches.owner != self.id() {
-            if caches.owner != 0 && (!caches.tables.is_empty() || !caches.descs.is_empty()) {
-                return Err(SplitError::ForeignCaches);
-            }
-            caches.owner = self.id();
-        }
-        let mut arena = self.tables();
-        caches
-            .tables
-            .top_up(&mut arena, 1)
-            .map_err(|_| SplitError::OutOfTables)?;
-        let mut pool = self.descriptors();
-        caches
-            .descs
-            .top_up(&mut pool, SPLIT_DESCS)
-            .map_err(|_| SplitError::OutOfDescriptors)?;
-        Ok(())
+        caches.top_up(self, 1, SPLIT_DESCS).map_err(|e| match e {
+            TopUpFailed::Tables => SplitError::OutOfTables,
+            TopUpFailed::Descriptors => SplitError::OutOfDescriptors,
+            TopUpFailed::Foreign => SplitError::ForeignCaches,
+        })
     }
 
     /// The splitter with the write lock held on entry and on return (it may have been
@@ -251,7 +212,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             else {
                 break;
             };
-            if !caches.ready() || self.is_contended() {
+            if !caches.holds(1, SPLIT_DESCS) || self.is_contended() {
                 // KVM `need_topup_split_caches_or_resched`: flush what is owed, drop the
                 // lock, top up outside it, retake it and look at the head again.
                 z.finish(&mut st, tlb);

@@ -3,11 +3,10 @@
 
 use core::fmt;
 
+use super::caches::{ForeignCaches, MmuCaches, TopUpFailed};
 use super::slot::SlotId;
 use super::{MIN_FREE_PAGES, Mmu, REFILL_PAGES, State, frames, index_of};
 use crate::addr::{Gfn, Gpa, Level, PAGE_SHIFT, Pfn};
-use crate::cache::{MemoryCache, TableCache};
-use crate::rmap::DescId;
 use crate::spt::{EntryRef, PteFormat, TableAlloc, TableLinks, TlbFlush};
 use crate::sync::Ordering;
 
@@ -97,55 +96,14 @@ pub const FAULT_TABLES: usize = 4;
 pub const FAULT_DESCS: usize = 5;
 
 /// A vCPU's MMU memory caches for the fault path (KVM `mmu_shadow_page_cache`,
-/// `mmu_pte_list_desc_cache`; the header cache is the arena's header slot, which comes
-/// with the table). Topped up before the MMU lock is taken; the slow path pops from them
-/// under the lock and cannot run dry.
-#[derive(Debug, Default)]
-pub struct FaultCaches {
-    pub(crate) tables: TableCache<FAULT_TABLES>,
-    pub(crate) descs: MemoryCache<DescId, FAULT_DESCS>,
-    /// The MMU whose tables and descriptors these are (0: none yet).
-    owner: u64,
-}
+/// `mmu_pte_list_desc_cache`; the header cache is the MMU's header array, which comes with
+/// the table). Topped up before the MMU lock is taken; the slow path pops from them under
+/// the lock and cannot run dry.
+pub type FaultCaches = MmuCaches<FAULT_TABLES, FAULT_DESCS>;
 
-impl FaultCaches {
-    /// Empty caches.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Tables held.
-    pub fn tables(&self) -> usize {
-        self.tables.len()
-    }
-
-    /// Descriptors held.
-    pub fn descriptors(&self) -> usize {
-        self.descs.len()
-    }
-
-    /// Gives everything back to `mmu`'s arena and pool (KVM `kvm_mmu_free_memory_caches`).
-    /// Refused, with nothing changed, when the caches belong to another MMU.
-    pub fn release<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> Result<(), FaultError> {
-        self.claim(mmu.id())?;
-        let mut tables = mmu.tables();
-        // Tables in a cache were never linked: freeing them cannot be refused.
-        let _ = self.tables.drain_into(&mut tables);
-        let mut pool = mmu.descriptors();
-        self.descs.drain_into(&mut pool);
-        self.owner = 0;
-        Ok(())
-    }
-
-    /// Binds empty caches to MMU `id`; refuses when they hold another MMU's objects.
-    fn claim(&mut self, id: u64) -> Result<(), FaultError> {
-        if self.owner != id {
-            if self.owner != 0 && (!self.tables.is_empty() || !self.descs.is_empty()) {
-                return Err(FaultError::ForeignCaches);
-            }
-            self.owner = id;
-        }
-        Ok(())
+impl From<ForeignCaches> for FaultError {
+    fn from(_: ForeignCaches) -> Self {
+        Self::ForeignCaches
     }
 }
 
@@ -153,19 +111,14 @@ impl<F: PteFormat> Mmu<'_, F> {
     /// Fills `caches` for one fault (KVM `mmu_topup_memory_caches`). Call it with no MMU
     /// lock held; [`page_fault`](Self::page_fault) calls it itself.
     pub fn top_up(&self, caches: &mut FaultCaches) -> Result<(), FaultError> {
-        caches.claim(self.id())?;
         let tables = F::ROOT_LEVEL.get() as usize - 1;
-        let mut arena = self.tables();
         caches
-            .tables
-            .top_up(&mut arena, tables)
-            .map_err(|_| FaultError::OutOfTables)?;
-        let mut pool = self.descriptors();
-        caches
-            .descs
-            .top_up(&mut pool, tables + 1)
-            .map_err(|_| FaultError::OutOfDescriptors)?;
-        Ok(())
+            .top_up(self, tables, tables + 1)
+            .map_err(|e| match e {
+                TopUpFailed::Tables => FaultError::OutOfTables,
+                TopUpFailed::Descriptors => FaultError::OutOfDescriptors,
+                TopUpFailed::Foreign => FaultError::ForeignCaches,
+            })
     }
 
     /// Handles a fault at `gpa` (`write`: the access was a write): first the fast path

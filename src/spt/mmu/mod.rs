@@ -83,6 +83,7 @@
 
 extern crate alloc;
 
+mod caches;
 mod check;
 mod dirty;
 mod fault;
@@ -100,7 +101,9 @@ use core::fmt;
 use arrayvec::ArrayVec;
 use core::marker::PhantomData;
 
-pub use fault::{Fault, FaultCaches, FaultError, HostMemory, HostPage};
+pub(crate) use caches::TopUpFailed;
+pub use caches::{ForeignCaches, MmuCaches};
+pub use fault::{FAULT_DESCS, FAULT_TABLES, Fault, FaultCaches, FaultError, HostMemory, HostPage};
 pub use page::ShadowPage;
 pub use role::{Access, Role};
 pub use slot::{LogMode, SlotFlags, SlotId};

@@ -692,7 +692,7 @@ fn caches_of_one_mmu_are_refused_by_another() {
         b.page_fault(&mut c, &h, gpa(3 << 18), true, &mut Tlb::default()),
         Err(FaultError::ForeignCaches)
     );
-    assert_eq!(c.release(&b), Err(FaultError::ForeignCaches));
+    assert_eq!(c.release(&b), Err(ForeignCaches));
     assert_eq!((b.tables_allocated(), b.check().unwrap()), before);
     c.release(&a).unwrap();
     // Empty caches may move to another MMU.

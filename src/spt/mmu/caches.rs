@@ -1,0 +1,111 @@
+//! One shape for every MMU memory cache set (KVM `struct kvm_mmu_memory_cache`, one per
+//! kind of object): tables and rmap descriptors, each with its own capacity (Matlack 2022,
+//! "Allow for different capacities"), bound to the MMU they came from.
+
+use core::fmt;
+
+use super::Mmu;
+use crate::cache::{MemoryCache, TableCache};
+use crate::rmap::DescId;
+use crate::spt::PteFormat;
+
+/// Tables (`TABLES` at most) and rmap descriptors (`DESCS` at most) for one user of the
+/// MMU: a vCPU's fault path ([`FaultCaches`](super::FaultCaches)) or the splitter
+/// ([`SplitCaches`](crate::rmap::SplitCaches)). Topped up with no MMU lock held, popped
+/// under it. The first top-up binds the caches to that MMU: objects of one MMU never
+/// reach another (arenas at the same physical addresses would otherwise name each
+/// other's frames), and caches hold nothing of an MMU they are not bound to.
+#[derive(Debug, Default)]
+pub struct MmuCaches<const TABLES: usize, const DESCS: usize> {
+    pub(crate) tables: TableCache<TABLES>,
+    pub(crate) descs: MemoryCache<DescId, DESCS>,
+    /// The MMU whose objects these are (0: none).
+    owner: u64,
+}
+
+/// The caches hold another MMU's tables or descriptors; nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ForeignCaches;
+
+impl fmt::Display for ForeignCaches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("caches belong to another MMU")
+    }
+}
+
+impl core::error::Error for ForeignCaches {}
+
+/// Why a top-up failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum TopUpFailed {
+    Tables,
+    Descriptors,
+    Foreign,
+}
+
+impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
+    /// Empty caches, bound to no MMU.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Tables held.
+    pub fn tables(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Descriptors held.
+    pub fn descriptors(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Gives everything back to `mmu`'s arena and pool (KVM `kvm_mmu_free_memory_caches`)
+    /// and unbinds the caches. Refused, with nothing changed, when they are another MMU's.
+    pub fn release<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> Result<(), ForeignCaches> {
+        self.claim(mmu.id())?;
+        let mut tables = mmu.tables();
+        // Tables in a cache were never linked: freeing them cannot be refused.
+        let _ = self.tables.drain_into(&mut tables);
+        let mut pool = mmu.descriptors();
+        self.descs.drain_into(&mut pool);
+        self.owner = 0;
+        Ok(())
+    }
+
+    /// Binds the caches to MMU `id`; refused when they hold another MMU's objects.
+    pub(crate) fn claim(&mut self, id: u64) -> Result<(), ForeignCaches> {
+        if self.owner != id {
+            if self.owner != 0 && (!self.tables.is_empty() || !self.descs.is_empty()) {
+                return Err(ForeignCaches);
+            }
+            self.owner = id;
+        }
+        Ok(())
+    }
+
+    /// Fills both caches to capacity from `mmu`'s arena and pool, succeeding when at least
+    /// `tables` tables and `descs` descriptors are there (KVM `mmu_topup_memory_caches`).
+    /// Call it with no MMU lock held.
+    pub(crate) fn top_up<F: PteFormat>(
+        &mut self,
+        mmu: &Mmu<'_, F>,
+        tables: usize,
+        descs: usize,
+    ) -> Result<(), TopUpFailed> {
+        self.claim(mmu.id()).map_err(|_| TopUpFailed::Foreign)?;
+        let mut arena = mmu.tables();
+        self.tables
+            .top_up(&mut arena, tables)
+            .map_err(|_| TopUpFailed::Tables)?;
+        let mut pool = mmu.descriptors();
+        self.descs
+            .top_up(&mut pool, descs)
+            .map_err(|_| TopUpFailed::Descriptors)?;
+        Ok(())
+    }
+
+    /// Whether at least `tables` tables and `descs` descriptors are held.
+    pub(crate) fn holds(&self, tables: usize, descs: usize) -> bool {
+        self.tables.len() >= tables && self.descs.len() >= descs
+    }
+}
