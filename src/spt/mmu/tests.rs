@@ -658,3 +658,42 @@ fn caches_of_one_mmu_are_refused_by_another() {
     // Empty caches may move to another MMU.
     fault(&b, &mut c, &h, 3 << 18, true);
 }
+
+/// Random op sequences against the model of `testing::mmu` (slots, host memory, dirty
+/// bitmaps), on EPT and x86-64 tables, with setups from ample to tiny (arena, descriptor
+/// pool, page limit, largest leaf): every invariant and the dirty log's equality with the
+/// model are checked after every op.
+#[test]
+fn random_ops_match_the_model() {
+    use crate::testing::mmu::{Outcomes, frames, random_run};
+    let f = frames();
+    let mut total = Outcomes::default();
+    for seed in 1..=8 {
+        let runs = [
+            random_run::<Ept>(seed, 150, &f),
+            random_run::<X86_64>(seed + 1000, 150, &f),
+        ];
+        for r in runs {
+            let o = r.unwrap_or_else(|e| panic!("{e}"));
+            total.faults_ok += o.faults_ok;
+            total.faults_refused += o.faults_refused;
+            total.faults_starved += o.faults_starved;
+            total.writes_unfaulted += o.writes_unfaulted;
+            total.slot_ok += o.slot_ok;
+            total.slot_refused += o.slot_refused;
+            total.max_leaves = total.max_leaves.max(o.max_leaves);
+            total.huge_seen += o.huge_seen;
+            total.giant_seen += o.giant_seen;
+        }
+    }
+    // The sequences reach what they are meant to: mappings of every size, refusals, runs
+    // out of resources, writes that need no fault.
+    // Lower bounds, about half of what these seeds reach.
+    assert!(total.faults_ok > 300, "{total:?}");
+    assert!(total.faults_refused > 200, "{total:?}");
+    assert!(total.faults_starved > 50, "{total:?}");
+    assert!(total.writes_unfaulted > 30, "{total:?}");
+    assert!(total.slot_refused > 300 && total.slot_ok > 150, "{total:?}");
+    assert!(total.huge_seen > 150 && total.max_leaves > 10, "{total:?}");
+    assert!(total.giant_seen > 40, "{total:?}");
+}
