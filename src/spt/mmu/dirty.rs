@@ -349,8 +349,10 @@ fn protect_masked<F: PteFormat>(
             // Huge pages were left writable when logging started: write-protect the ones
             // holding the first and the last page, so their next write is split to 4 KiB.
             z.write_protect(st, i, (start, start + 1), Level::L2, max);
+            // Different 2 MiB pages (not "different when rounded up": a last page that is
+            // 2 MiB-aligned rounds up to where the first one does).
             let pmd = frames(Level::L2);
-            if start.div_ceil(pmd) != last.div_ceil(pmd) {
+            if start / pmd != last / pmd {
                 z.write_protect(st, i, (last, last + 1), Level::L2, max);
             }
         }
