@@ -10,6 +10,7 @@
 //! into crashes, the tests into assertion failures.
 
 pub mod buddy;
+pub mod mmu;
 pub mod report;
 pub mod spt;
 pub mod spt_raw;
