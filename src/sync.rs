@@ -44,7 +44,9 @@
 //! waiting writer stops new readers (a stream of readers cannot starve it), and readers that
 //! waited behind a writer get in before any next writer (a splitter that drops the lock when
 //! [`is_contended`](RwLock::is_contended) and retakes it at once cannot starve a vCPU).
-//! Writers among themselves are not ordered. A count at its maximum (2^20 - 1) is never
+//! A writer that is not registered as waiting never enters while a writer waits, so a
+//! writer that drops the lock for a waiting writer (the splitter) cannot take it straight
+//! back; registered writers are not ordered among themselves. A count at its maximum (2^20 - 1) is never
 //! incremented: a thread that cannot register waits unregistered and retries from scratch,
 //! and `try_read` refuses; nothing overflows into the next field and nothing panics.
 //!
@@ -226,6 +228,13 @@ mod state {
         s & WRITER == 0 && count(s, READERS_SHIFT) == 0
     }
 
+    /// A writer that has not registered as waiting may enter: only while no writer waits,
+    /// so a writer that drops the lock because someone waits (the splitter) cannot take it
+    /// straight back from a waiting writer.
+    pub(super) const fn new_writer_may_enter(s: u64) -> bool {
+        writer_may_enter(s) && count(s, WWAIT_SHIFT) == 0
+    }
+
     /// The state after a writer's release: the lock goes to every waiting reader.
     pub(super) const fn after_write_release(s: u64) -> u64 {
         let waiting = count(s, RWAIT_SHIFT);
@@ -380,11 +389,11 @@ impl<T> RwLock<T> {
         None
     }
 
-    /// Takes the lock for writing if nobody holds it.
+    /// Takes the lock for writing if nobody holds it and no writer waits for it.
     #[inline]
     pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
         let mut s = self.state.load(Ordering::Relaxed);
-        while state::writer_may_enter(s) {
+        while state::new_writer_may_enter(s) {
             match self.state.compare_exchange_weak(
                 s,
                 s | state::WRITER,
@@ -449,7 +458,7 @@ impl<T> RwLock<T> {
                 return guard;
             }
             let s = self.state.load(Ordering::Relaxed);
-            if state::writer_may_enter(s) {
+            if state::new_writer_may_enter(s) {
                 continue;
             }
             if state::count(s, state::WWAIT_SHIFT) == state::COUNT_MAX {

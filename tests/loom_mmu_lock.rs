@@ -218,3 +218,29 @@ fn a_writer_and_a_trying_reader_behind_a_reader() {
         "the inner lock was busy after admission"
     );
 }
+
+/// A writer that drops the lock because a writer waits cannot take it straight back:
+/// `try_write` refuses while a writer is registered as waiting, so the only way it
+/// succeeds is after the waiting writer got in and left (its increment is there).
+#[test]
+fn a_dropping_writer_cannot_barge_past_a_waiting_writer() {
+    loom::model(|| {
+        let lock = Arc::new(RwLock::new((0u32, 0u32)));
+        let w = lock.write();
+        let waiter = {
+            let lock = lock.clone();
+            thread::spawn(move || {
+                let mut w = lock.write();
+                w.0 += 1;
+            })
+        };
+        while !lock.is_contended() {
+            thread::yield_now();
+        }
+        drop(w);
+        if let Some(g) = lock.try_write() {
+            assert_eq!(g.0, 1, "took the lock back from a waiting writer");
+        }
+        waiter.join().unwrap();
+    });
+}
