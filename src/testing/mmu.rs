@@ -31,6 +31,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::addr::{Gfn, Gpa, Hpa, Level, PAGE_SHIFT, Pfn};
+use crate::rmap::{SplitCaches, SplitError};
 use crate::spt::mmu::{
     Fault, FaultCaches, FaultError, HostMemory, HostPage, LogMode, Mmu, MmuConfig, MmuCounts,
     SlotError, SlotFlags, SlotId,
@@ -47,6 +48,10 @@ pub const FRAMES: usize = 256;
 pub const SLOT_IDS: u8 = 5;
 /// Memory slots the MMU accepts.
 const MAX_SLOTS: usize = 4;
+/// A run of mappings contiguous in gfn and host address: (first gfn, end gfn, first
+/// host address).
+type Run = (u64, u64, u64);
+
 /// Frames of 2 MiB and 1 GiB.
 const F2M: u64 = 512;
 const F1G: u64 = 1 << 18;
@@ -64,6 +69,8 @@ pub struct MmuSetup {
     pub limit: u8,
     /// Largest leaf: `[1 GiB, 2 MiB, 4 KiB][max_leaf % 3]`.
     pub max_leaf: u8,
+    /// Bit 0: eager splitting (`MmuConfig::eager_split`); bit 1: two address spaces.
+    pub flags: u8,
 }
 
 impl MmuSetup {
@@ -81,7 +88,12 @@ impl MmuSetup {
             } else {
                 rng.below(3) as u8
             },
+            flags: rng.below(4) as u8,
         }
+    }
+
+    fn spaces(&self) -> u8 {
+        1 + (self.flags >> 1 & 1)
     }
 
     fn frames(&self) -> usize {
@@ -90,11 +102,15 @@ impl MmuSetup {
 
     fn config(&self) -> MmuConfig {
         MmuConfig {
-            page_limit: [None, Some(4), Some(7), Some(24)][usize::from(self.limit % 4)],
+            // One more page per extra address space (its root).
+            page_limit: [None, Some(4), Some(7), Some(24)][usize::from(self.limit % 4)]
+                .map(|n| n + usize::from(self.spaces()) - 1),
             hash_buckets: 16,
             descriptors: [3, 8, 1024][usize::from(self.descriptors % 3)],
             max_leaf: [Level::L3, Level::L2, Level::L1][usize::from(self.max_leaf % 3)],
             max_slots: MAX_SLOTS,
+            eager_split: self.flags & 1 != 0,
+            address_spaces: self.spaces(),
             ..MmuConfig::default()
         }
     }
@@ -147,8 +163,20 @@ pub enum MmuOp {
     Zap { slot: u8, at: u16, len: u8 },
     /// Set the page limit to `[root - 1, root, root + 1, root + 3, 10, 30, 300][limit % 7]`.
     SetLimit { limit: u8 },
-    /// Give the fault caches back.
+    /// Give the fault caches back (and the splitter's, and the MMU's own).
     Release,
+    /// A fault in address space `space % 3` (2 or more: refused when there are fewer).
+    FaultIn {
+        space: u8,
+        slot: u8,
+        at: u16,
+        write: bool,
+    },
+    /// An eager split of slot `slot`: the whole slot when `len` bit 7 is set, else
+    /// `[pick(at), + [1, 7, 512, 1 GiB][len % 4])`; `how` bit 0 targets 2 MiB (else
+    /// 4 KiB), bit 1 finds the huge pages by a walk (else through the rmaps), bits 2-3 force
+    /// a lock drop every `[never, 2, 3, 7][..]` huge pages.
+    Split { slot: u8, at: u16, len: u8, how: u8 },
 }
 
 /// A slot base: a 512 MiB anchor plus an offset that lands on or next to a 2 MiB or 1 GiB
@@ -324,6 +352,10 @@ impl MSlot {
 pub struct MmuHarness<'a, F: PteFormat> {
     mmu: Mmu<'a, F>,
     caches: FaultCaches,
+    split_caches: SplitCaches,
+    spaces: u8,
+    /// The address space of the fault being checked.
+    space: u8,
     tlb: CountingFlush,
     slots: Vec<MSlot>,
     limit: usize,
@@ -354,6 +386,12 @@ pub struct Outcomes {
     pub huge_seen: u64,
     /// 1 GiB leaves seen after an op.
     pub giant_seen: u64,
+    /// Eager splits that ran (to the end or until a resource ran out).
+    pub splits: u64,
+    /// Huge entries they split.
+    pub split_entries: u64,
+    /// Lock drops they made.
+    pub split_drops: u64,
 }
 
 /// Frames for a harness (shared by runs: the arena zeroes a frame when it hands it out).
@@ -404,6 +442,9 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
         Ok(Self {
             mmu,
             caches: FaultCaches::new(),
+            split_caches: SplitCaches::new(),
+            spaces: setup.spaces(),
+            space: 0,
             tlb: CountingFlush::default(),
             slots: Vec::new(),
             limit,
@@ -496,7 +537,23 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
                 false
             }
             MmuOp::SetLimit { limit } => self.set_limit(limit)?,
+            MmuOp::FaultIn {
+                space,
+                slot,
+                at,
+                write,
+            } => {
+                let g = self.target(u16::from(slot % SLOT_IDS), at);
+                self.fault_in(space % 3, g, write)?
+            }
+            MmuOp::Split { slot, at, len, how } => {
+                self.split(u16::from(slot % SLOT_IDS), at, len, how)?
+            }
             MmuOp::Release => {
+                self.split_caches
+                    .release(&self.mmu)
+                    .map_err(|e| format!("release split caches: {e:?}"))?;
+                self.mmu.release_split_caches();
                 self.caches
                     .release(&self.mmu)
                     .map_err(|e| format!("release: {e:?}"))?;
@@ -627,10 +684,93 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
     }
 
     fn fault(&mut self, g: u64, write: bool) -> Result<bool, String> {
-        let expect = self.expect_fault(g, write);
-        let got = self
-            .mmu
-            .page_fault(&mut self.caches, &Host, gpa(g)?, write, &mut self.tlb);
+        self.fault_in(0, g, write)
+    }
+
+    /// An eager split (see [`MmuOp::Split`]): typed refusals as the model expects, or
+    /// progress until a resource runs out; never a change of what is mapped.
+    fn split(&mut self, id: u16, at: u16, len: u8, how: u8) -> Result<bool, String> {
+        let target = if how & 1 != 0 { Level::L2 } else { Level::L1 };
+        let walk = how & 2 != 0;
+        self.split_caches
+            .force_lock_drops([0, 2, 3, 7][usize::from(how >> 2 & 3)]);
+        let bounds = self
+            .slot_by_id(id)
+            .map(|i| (self.slots[i].base, self.slots[i].end()));
+        let range = if len & 0x80 != 0 {
+            None
+        } else {
+            let g = self.target(id, at);
+            Some((g, g + [1, 7, F2M, F1G][usize::from(len % 4)]))
+        };
+        let expect = match bounds {
+            None => Some(SplitError::NotFound),
+            Some((b, e)) => {
+                let (lo, hi) = range.map_or((b, e), |(s, t)| (s.max(b), t.min(e)));
+                (lo >= hi || target >= self.mmu.max_leaf()).then_some(SplitError::BadRange)
+            }
+        };
+        let before = self.coverage()?;
+        let r = match range {
+            Some((s, e)) => Some((gfn(s)?, gfn(e)?)),
+            None => None,
+        };
+        let got = if walk {
+            self.mmu.eager_split_by_walk(
+                &mut self.split_caches,
+                SlotId(id),
+                r,
+                target,
+                &mut self.tlb,
+            )
+        } else {
+            self.mmu
+                .eager_split(&mut self.split_caches, SlotId(id), r, target, &mut self.tlb)
+        };
+        let starved = |e: SplitError| {
+            matches!(
+                e,
+                SplitError::OutOfTables | SplitError::OutOfDescriptors | SplitError::TooFewPages
+            )
+        };
+        match (got, expect) {
+            (Ok(stats), None) => {
+                self.outcomes.splits += 1;
+                self.outcomes.split_entries += stats.split;
+                self.outcomes.split_drops += stats.lock_drops;
+            }
+            (Err(e), None) if starved(e) => self.outcomes.splits += 1,
+            // Topping up comes first: it may fail before the refusal is seen.
+            (Err(e), Some(x)) if e == x || starved(e) => return Ok(true),
+            (got, expect) => {
+                return Err(format!(
+                    "split {r:?} to {target:?} (walk {walk}): got {got:?}, model expects {expect:?}"
+                ));
+            }
+        }
+        if self.coverage()? != before {
+            return Err(format!(
+                "split {r:?} to {target:?} (walk {walk}) changed a translation"
+            ));
+        }
+        Ok(false)
+    }
+
+    fn fault_in(&mut self, space: u8, g: u64, write: bool) -> Result<bool, String> {
+        let expect = if space < self.spaces {
+            self.expect_fault(g, write)
+        } else {
+            Err(FaultError::BadAddress)
+        };
+        self.space = space;
+        let got = self.mmu.page_fault_in(
+            space,
+            &mut self.caches,
+            &Host,
+            gpa(g)?,
+            write,
+            &mut self.tlb,
+        );
         let what = if write { "write fault" } else { "read fault" };
         match (got, expect) {
             (Ok(fault), Ok(hp)) => {
@@ -670,7 +810,7 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
     ) -> Result<(), String> {
         let m = self
             .mmu
-            .translate(gpa(g)?)
+            .translate_in(self.space, gpa(g)?)
             .ok_or("the gfn does not translate")?;
         let want = hp.pfn.get() << PAGE_SHIFT;
         if m.hpa.get() != want {
@@ -930,7 +1070,7 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
     fn set_limit(&mut self, limit: u8) -> Result<bool, String> {
         let root = F::ROOT_LEVEL.get() as usize;
         let n = [root - 1, root, root + 1, root + 3, 10, 30, 300][usize::from(limit % 7)];
-        let expect = (n < root).then_some(SlotError::LimitTooSmall);
+        let expect = (n < root + usize::from(self.spaces) - 1).then_some(SlotError::LimitTooSmall);
         let before = self.mmu.pages_used();
         let got = self.mmu.set_page_limit(n, &mut self.tlb);
         let Some(zapped) = self.slot_result("set_page_limit", got, expect)? else {
@@ -950,7 +1090,44 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
     /// root that visits at most as many tables as the arena has.
     fn leaves(&self) -> Result<Vec<(u64, Level, u64)>, String> {
         let mut out = Vec::new();
-        let mut stack = vec![(self.mmu.root(), F::ROOT_LEVEL, 0u64)];
+        for a in 0..self.spaces {
+            out.extend(self.leaves_in(a)?);
+        }
+        Ok(out)
+    }
+
+    /// What address space `a` maps, as maximal runs `(first gfn, end gfn, first host
+    /// address)` contiguous in both: the same for any split of the same mappings.
+    fn coverage(&self) -> Result<Vec<Vec<Run>>, String> {
+        let mut all = Vec::new();
+        for a in 0..self.spaces {
+            let mut runs: Vec<(u64, u64, u64)> = self
+                .leaves_in(a)?
+                .into_iter()
+                .map(|(g, level, v)| (g, g + frames_of(level), F::leaf_addr(v, level).get()))
+                .collect();
+            runs.sort_unstable();
+            let mut merged: Vec<(u64, u64, u64)> = Vec::new();
+            for r in runs {
+                match merged.last_mut() {
+                    Some(m) if m.1 == r.0 && m.2 + ((m.1 - m.0) << PAGE_SHIFT) == r.2 => m.1 = r.1,
+                    _ => merged.push(r),
+                }
+            }
+            all.push(merged);
+        }
+        Ok(all)
+    }
+
+    /// Every present leaf of address space `a`: (gfn, level, entry).
+    fn leaves_in(&self, a: u8) -> Result<Vec<(u64, Level, u64)>, String> {
+        let mut out = Vec::new();
+        let mut stack: Vec<_> = self
+            .mmu
+            .root_of(a)
+            .map(|root| (root, F::ROOT_LEVEL, 0u64))
+            .into_iter()
+            .collect();
         let mut visited = 0;
         while let Some((table, level, g0)) = stack.pop() {
             visited += 1;
@@ -979,7 +1156,8 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
     pub fn audit(&mut self) -> Result<(), String> {
         let counts = self.mmu.check().map_err(|e| format!("check: {e:?}"))?;
         self.counts = counts;
-        let cached = self.caches.tables();
+        let cached =
+            self.caches.tables() + self.split_caches.tables() + self.mmu.tables_in_split_caches();
         if self.mmu.tables_allocated() != counts.pages + cached {
             return Err(format!(
                 "{} tables allocated, {} live pages + {cached} cached",
@@ -1119,7 +1297,7 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
 pub fn random_op(rng: &mut Rng) -> MmuOp {
     let slot = rng.below(u64::from(SLOT_IDS) + 1) as u8;
     let at = rng.next_u64() as u16;
-    match rng.below(40) {
+    match rng.below(44) {
         // A 1 GiB-aligned slot of more than 1 GiB where the host maps 1 GiB pages.
         0 => MmuOp::AddSlot {
             slot: 0,
@@ -1180,6 +1358,18 @@ pub fn random_op(rng: &mut Rng) -> MmuOp {
             limit: rng.below(7) as u8,
         },
         37 => MmuOp::Release,
+        38..=40 => MmuOp::FaultIn {
+            space: rng.below(3) as u8,
+            slot,
+            at,
+            write: rng.below(2) == 0,
+        },
+        41 | 42 => MmuOp::Split {
+            slot,
+            at,
+            len: rng.below(256) as u8,
+            how: rng.below(16) as u8,
+        },
         _ => MmuOp::GuestWrite { slot, at },
     }
 }

@@ -212,7 +212,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             else {
                 break;
             };
-            if !caches.holds(1, SPLIT_DESCS) || self.is_contended() {
+            if !caches.holds(1, SPLIT_DESCS) || self.is_contended() || caches.forced_drop() {
                 // KVM `need_topup_split_caches_or_resched`: flush what is owed, drop the
                 // lock, top up outside it, retake it and look at the head again.
                 z.finish(&mut st, tlb);

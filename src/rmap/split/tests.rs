@@ -378,3 +378,28 @@ fn every_alias_is_split() {
         }
     }
 }
+
+#[test]
+fn forced_lock_drops_restart_and_change_nothing() {
+    for walk in [false, true] {
+        let mut f = fx();
+        let m = mmu(&mut f, MmuConfig::default());
+        populated(&m);
+        let before = sample(&m);
+        let mut caches = SplitCaches::new();
+        caches.force_lock_drops(2);
+        let s = if walk {
+            m.eager_split_by_walk(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        } else {
+            m.eager_split(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        }
+        .unwrap();
+        assert_eq!(s.split, 1 + 512 + 8, "walk {walk}");
+        assert!(
+            s.lock_drops >= s.split / 2 && s.restarts == s.lock_drops,
+            "{s:?}"
+        );
+        assert_eq!(sample(&m), before);
+        m.check().unwrap();
+    }
+}

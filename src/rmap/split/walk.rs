@@ -108,7 +108,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             }
             let mut v = entry.load(Ordering::Acquire);
             if F::is_huge(v, level) && level > target {
-                if !caches.holds(1, super::SPLIT_DESCS) || self.is_contended() {
+                if !caches.holds(1, super::SPLIT_DESCS)
+                    || self.is_contended()
+                    || caches.forced_drop()
+                {
                     return Ok(Flow::Restart(gfn.max(lo)));
                 }
                 let Some(e) = EntryRef::new(table, idx) else {

@@ -21,6 +21,9 @@ pub struct MmuCaches<const TABLES: usize, const DESCS: usize> {
     pub(crate) descs: MemoryCache<DescId, DESCS>,
     /// The MMU whose objects these are (0: none).
     owner: u64,
+    /// Test hook: make every `n`th check of the splitter drop the lock (0: never).
+    #[cfg(any(test, fuzzing, feature = "testing"))]
+    force_drop: (u32, u32),
 }
 
 /// The caches hold another MMU's tables or descriptors; nothing changed.
@@ -107,5 +110,30 @@ impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
     /// Whether at least `tables` tables and `descs` descriptors are held.
     pub(crate) fn holds(&self, tables: usize, descs: usize) -> bool {
         self.tables.len() >= tables && self.descs.len() >= descs
+    }
+
+    /// Whether a long operation should drop the MMU lock now although nobody waits: only
+    /// under the test hook [`force_lock_drops`](Self::force_lock_drops).
+    #[inline]
+    pub(crate) fn forced_drop(&mut self) -> bool {
+        #[cfg(any(test, fuzzing, feature = "testing"))]
+        {
+            let (every, seen) = self.force_drop;
+            if every != 0 {
+                let seen = seen + 1;
+                self.force_drop.1 = seen % every;
+                return seen % every == 0;
+            }
+        }
+        false
+    }
+
+    /// Test hook (hidden): the splitter using these caches drops and retakes the MMU lock
+    /// at every `every`th huge page as if someone waited (at least every second one, so it
+    /// always progresses); 0 turns it off.
+    #[cfg(any(test, fuzzing, feature = "testing"))]
+    #[doc(hidden)]
+    pub fn force_lock_drops(&mut self, every: u32) {
+        self.force_drop = (if every == 1 { 2 } else { every }, 0);
     }
 }

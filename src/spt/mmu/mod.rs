@@ -446,6 +446,19 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         self.tables.allocated()
     }
 
+    /// Tables held by the splitter caches the MMU keeps for the splits it starts itself
+    /// (enabling or clearing the log with `eager_split`).
+    pub fn tables_in_split_caches(&self) -> usize {
+        self.split_caches.lock().tables()
+    }
+
+    /// Gives the tables and descriptors of the MMU's own splitter caches back to the arena
+    /// and the pool (they are topped up again at the next eager split).
+    pub fn release_split_caches(&self) {
+        // The caches are this MMU's: release cannot be refused.
+        let _ = self.split_caches.lock().release(self);
+    }
+
     /// Rmap descriptors in the pool (not in use, not in a cache).
     pub fn descriptors_free(&self) -> usize {
         self.descs.len()
@@ -634,7 +647,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         limit: usize,
         tlb: &mut T,
     ) -> Result<usize, SlotError> {
-        if limit < F::ROOT_LEVEL.get() as usize {
+        if limit < self.roots.len() + F::ROOT_LEVEL.get() as usize - 1 {
             return Err(SlotError::LimitTooSmall);
         }
         let mut st = self.state.write();

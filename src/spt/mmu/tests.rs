@@ -817,6 +817,9 @@ fn random_ops_match_the_model() {
             total.max_leaves = total.max_leaves.max(o.max_leaves);
             total.huge_seen += o.huge_seen;
             total.giant_seen += o.giant_seen;
+            total.splits += o.splits;
+            total.split_entries += o.split_entries;
+            total.split_drops += o.split_drops;
         }
     }
     // The sequences reach what they are meant to: mappings of every size, refusals, runs
@@ -829,6 +832,7 @@ fn random_ops_match_the_model() {
     assert!(total.slot_refused > 300 && total.slot_ok > 150, "{total:?}");
     assert!(total.huge_seen > 150 && total.max_leaves > 10, "{total:?}");
     assert!(total.giant_seen > 12, "{total:?}");
+    assert!(total.splits > 20 && total.split_entries > 0, "{total:?}");
 }
 
 /// Initially-set 4 KiB logging, a slot starting one frame past a 2 MiB boundary: a 64-unit
