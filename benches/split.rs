@@ -343,7 +343,11 @@ fn dirty_memory_iter1(c: &mut Criterion) {
                         let mut log = vec![0u64; mmu.dirty_log_words(SLOT).unwrap()];
                         mmu.get_dirty_log(SLOT, &mut log).unwrap();
                         let set: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
-                        assert_eq!(set, pages.div_ceil(every), "a write is missing from the log");
+                        assert_eq!(
+                            set,
+                            pages.div_ceil(every),
+                            "a write is missing from the log"
+                        );
                         mmu.disable_dirty_log(SLOT, &host, &mut tlb).unwrap();
                         repopulate(&mmu, pages, Level::L2);
                     }
