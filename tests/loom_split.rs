@@ -3,12 +3,13 @@
 //! `is_contended`) while a vCPU thread writes into the huge page being split.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test
-//! loom_split`. One 2 MiB page is split to 4 KiB (512 entries: every one a loom operation,
-//! so the preemption bound is 1). In every interleaving: the write is in the dirty log
-//! (unless it hit the huge page before logging began), the MMU's invariants hold
-//! (`check()`: rmaps exact both ways, parent lists, writable implies logged), and every
-//! page of the huge page either still translates to its own host frame or was dropped by
-//! the lazy path (the vCPU's write got there first) — a split never loses a mapping.
+//! loom_split` (about 10 s for both). One or two 2 MiB pages are split to 4 KiB (512
+//! entries each: every one a loom operation), so the preemption bound is 1 (`LOOM_BOUND=2`
+//! raises it, for minutes). In every interleaving: the write is in the dirty log (unless it
+//! hit the huge page before logging began), the MMU's invariants hold (`check()`: rmaps
+//! exact both ways, parent lists, writable implies logged), and every page either still
+//! translates to its own host frame or was dropped by the lazy path (the vCPU's write got
+//! there first) — a split never loses a mapping.
 #![cfg(loom)]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
