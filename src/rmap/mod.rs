@@ -230,7 +230,25 @@ impl RmapHead {
     /// needed and `cache` is empty; [`RmapError::BadDescriptor`] when the head's chain is
     /// bad or the popped id is outside `store` or already in use (it is put back into
     /// `cache`).
+    #[inline]
     pub fn add<const N: usize>(
+        &mut self,
+        e: EntryRef,
+        store: &mut DescStore,
+        cache: &mut MemoryCache<DescId, N>,
+    ) -> Result<(), RmapError> {
+        // The common case (a split's 512 new leaves, a fault's first mapping) inline: an
+        // empty head takes the entry itself.
+        if self.is_empty() {
+            self.0 = ONE | raw(e);
+            return Ok(());
+        }
+        self.add_to_nonempty(e, store, cache)
+    }
+
+    /// [`add`](Self::add) past the empty case.
+    #[inline(never)]
+    fn add_to_nonempty<const N: usize>(
         &mut self,
         e: EntryRef,
         store: &mut DescStore,

@@ -300,11 +300,22 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         let rmaps = &mut slots[i].rmaps;
         let descs = &mut caches.descs;
         let mut lost = 0u64;
+        // The children's heads are consecutive: index them from one slice of the level's
+        // array instead of looking each one up by gfn (a range check and a shift per leaf).
+        let first = rmaps.index(child_gfn, below);
+        let heads = rmaps.heads_mut(below);
+        let heads = first
+            .and_then(|f| heads.get_mut(f..f.checked_add(crate::spt::ENTRIES)?))
+            .unwrap_or(&mut []);
+        let step = below.shift() - PAGE_SHIFT;
         let done = split_entry(&mem, &mut ctx, child, |leaf, at, _| {
             let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
-            let added = Gfn::new(g)
+            // A leaf outside the slot's heads (cannot happen for a huge leaf the slot's
+            // rmap named) is counted as an inconsistency, like a failed add.
+            let k = g.wrapping_sub(gfn) >> step;
+            let added = usize::try_from(k)
                 .ok()
-                .and_then(|g| rmaps.head_mut(g, below))
+                .and_then(|k| heads.get_mut(k))
                 .is_some_and(|head| head.add(leaf, store, descs).is_ok());
             lost += u64::from(!added);
         });

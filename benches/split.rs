@@ -1,0 +1,383 @@
+//! Eager page splitting (`Mmu::eager_split`, `Mmu::eager_split_by_walk`) and what it buys
+//! the vCPUs (issue 9, item 6; Matlack, "[00/23] Extend Eager Page Splitting to the shadow
+//! MMU", 2022-02-03).
+//!
+//! Run: `cargo bench --bench split`. One slot from gfn 0 in an EPT MMU with one address
+//! space; the host maps gfn n at host frame `HOST_PFN + n` with 2 MiB or 1 GiB pages; the
+//! TLB flush is a counter. Only the operation is timed (`iter_custom`); the state is put
+//! back untimed after it.
+//! - `eager_split`: `eager_split` of a populated slot of 1, 4 and 8 GiB down to 4 KiB, the
+//!   slot mapped by 2 MiB leaves (`2m`) or 1 GiB leaves (`1g`: split 1 GiB → 2 MiB → 4 KiB);
+//!   elements: 4 KiB SPTEs produced, each with its rmap entry. Restored by zapping the slot
+//!   and faulting it in again at the host's page size. `baseline` in the same group writes
+//!   the same bytes with a plain loop over preallocated memory: per 2 MiB, 512 leaf entries
+//!   into a fresh table, 512 rmap heads (one word each: a single-entry rmap needs no
+//!   descriptor) and the child's parent word; for `1g` also the 512 entries of the 2 MiB
+//!   level table, its heads and parent word. Both are touched once before timing (the MMU's
+//!   arena and rmap arrays are warm from the first, untimed, populate-and-split too).
+//! - `iteration2_scan`: an 8 GiB slot already split to 4 KiB, nothing left: the rmap-driven
+//!   `eager_split` (one empty head per 1 GiB and per 2 MiB frame) against the walk-driven
+//!   `eager_split_by_walk` (every table under the slot). Elements: 4 KiB pages of the slot.
+//! - `dirty_memory_iter1`: Matlack's setup at 2 vCPUs: 1 GiB per vCPU backed by 1 GiB
+//!   pages, so a 2 GiB slot mapped by two 1 GiB leaves. `enable/eager` and `enable/lazy`:
+//!   `enable_dirty_log` with eager splitting on (write-protect, then split 1 GiB → 2 MiB →
+//!   4 KiB) and off (write-protect only). Then the first dirtying pass: with eager splitting
+//!   (`eager`: 4 KiB leaves, write-protected; a write takes the fast path) and without
+//!   (`lazy`: 1 GiB leaves, write-protected; a write drops the huge leaf and maps one 4 KiB
+//!   page, every other page of it faults again). Two threads, each owning 1 GiB, touch every
+//!   page of it once, in order: 100% writes, or 20% (every fifth page written, the others
+//!   read). An access walks the shadow tables lock-free (`translate_lockless`, as hardware
+//!   would) and faults only when the leaf is missing or does not allow it. Elements: pages
+//!   touched. Each iteration checks that the log holds exactly the pages written.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, black_box};
+use criterion::{criterion_group, criterion_main};
+use hvmem::rmap::SplitCaches;
+use hvmem::spt::mmu::{FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig};
+use hvmem::spt::mmu::{SlotFlags, SlotId};
+use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
+use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+
+const GIB_PAGES: u64 = 1 << 18;
+const SLOT: SlotId = SlotId(0);
+/// Physical base of the table frames.
+const TABLES_AT: u64 = 0x40_0000_0000;
+/// Guest frame n is host frame `HOST_PFN + n` (64 GiB: aligned for every page size).
+const HOST_PFN: u64 = 0x100_0000;
+
+/// The embedder's host mapping: one page size everywhere, every page writable.
+struct Host(Level);
+
+impl HostMemory for Host {
+    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+        Some(HostPage {
+            pfn: Pfn::new(HOST_PFN + gfn.get()).ok()?,
+            level: self.0,
+            writable: true,
+        })
+    }
+}
+
+/// A TLB that only counts the flushes asked of it.
+#[derive(Default)]
+struct Tlb {
+    ranges: u64,
+    all: u64,
+}
+
+impl TlbFlush for Tlb {
+    fn flush_range(&mut self, _: FlushRange) {
+        self.ranges += 1;
+    }
+    fn flush_all(&mut self) {
+        self.all += 1;
+    }
+}
+
+/// Table frames and their slots for an MMU of `gib` GiB at 4 KiB: one level-1 table per
+/// 2 MiB, the upper levels, the splitter's cache of 40 and spare above the reserve.
+struct Pool {
+    frames: Vec<TableFrame>,
+    slots: Vec<TableSlot>,
+}
+
+impl Pool {
+    fn new(gib: u64) -> Self {
+        let n = (gib * 512 + gib + 128) as usize;
+        Self {
+            frames: (0..n).map(|_| TableFrame::new()).collect(),
+            slots: (0..n).map(|_| TableSlot::default()).collect(),
+        }
+    }
+
+    /// An empty MMU over the pool with one slot of `pages` from gfn 0.
+    fn mmu(&mut self, pages: u64, eager: bool) -> Mmu<'_, Ept> {
+        let arena =
+            TableArena::new(&self.frames, &mut self.slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
+        let config = MmuConfig {
+            eager_split: eager,
+            ..MmuConfig::default()
+        };
+        let mmu = Mmu::<Ept>::new(arena, config).unwrap();
+        mmu.add_slot(SLOT, Gfn::new(0).unwrap(), pages, SlotFlags::empty())
+            .unwrap();
+        mmu
+    }
+}
+
+fn gpa(gfn: u64) -> Gpa {
+    Gpa::new(gfn << 12).unwrap()
+}
+
+/// Write faults on the first page of every `level` page of `[0, pages)`.
+fn populate(mmu: &Mmu<'_, Ept>, pages: u64, level: Level) {
+    let host = Host(level);
+    let mut caches = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    for g in (0..pages).step_by(1 << (level.shift() - 12)) {
+        mmu.page_fault(&mut caches, &host, gpa(g), true, &mut tlb)
+            .unwrap();
+    }
+    caches.release(mmu).unwrap();
+}
+
+/// Zaps the slot and maps it again with `level` leaves.
+fn repopulate(mmu: &Mmu<'_, Ept>, pages: u64, level: Level) {
+    let mut tlb = Tlb::default();
+    mmu.zap_gfn_range(Gfn::new(0).unwrap(), Gfn::new(pages).unwrap(), &mut tlb);
+    populate(mmu, pages, level);
+}
+
+/// Groups that run a heavy operation a few times: flat sampling, 10 samples.
+fn heavy(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, ms: u64) {
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_millis(ms));
+}
+
+/// What the splitter writes, with nothing else: per 2 MiB a fresh table of 512 leaves, 512
+/// rmap heads and one parent word; per 1 GiB (for `1g`) a fresh table of 512 2 MiB
+/// entries, their heads and its parent word. Values are shaped like the real ones (a
+/// frame address with flag bits; a tagged entry reference).
+struct Baseline {
+    /// Level-1 (and, for `1g`, level-2) tables.
+    tables: Vec<[u64; 512]>,
+    /// Rmap heads, one per 4 KiB page (and per 2 MiB page for `1g`).
+    heads: Vec<u64>,
+    /// One parent word per table.
+    parents: Vec<u64>,
+}
+
+impl Baseline {
+    fn new(gib: u64, level: Level) -> Self {
+        let l1 = (gib * 512) as usize;
+        let l2 = if level == Level::L3 { gib as usize } else { 0 };
+        let mut b = Self {
+            tables: vec![[0u64; 512]; l1 + l2],
+            heads: vec![0u64; l1 * 512 + l2 * 512],
+            parents: vec![0u64; l1 + l2],
+        };
+        b.run(); // touch every page once
+        b
+    }
+
+    /// One pass; returns a checksum so nothing is optimised away.
+    fn run(&mut self) -> u64 {
+        let base = TABLES_AT;
+        for (t, ((table, heads), parent)) in self
+            .tables
+            .iter_mut()
+            .zip(self.heads.chunks_exact_mut(512))
+            .zip(self.parents.iter_mut())
+            .enumerate()
+        {
+            let at = base + (t as u64) * 4096;
+            let frame = (HOST_PFN + (t as u64) * 512) << 12;
+            for (i, (e, h)) in table.iter_mut().zip(heads.iter_mut()).enumerate() {
+                *e = frame | ((i as u64) << 12) | 0x607;
+                *h = 1 | (at + (i as u64) * 8);
+            }
+            *parent = 1 | (at + 8 * 512);
+        }
+        black_box(self.tables.len() as u64 + self.heads[self.heads.len() - 1])
+    }
+}
+
+fn eager_split(c: &mut Criterion) {
+    let mut g = c.benchmark_group("eager_split");
+    heavy(&mut g, 300);
+    for (name, level) in [("2m", Level::L2), ("1g", Level::L3)] {
+        for gib in [1u64, 4, 8] {
+            let pages = gib * GIB_PAGES;
+            let sptes = pages;
+            g.throughput(Throughput::Elements(sptes));
+            let id = format!("{name}/{gib}g");
+            let mut base = Baseline::new(gib, level);
+            g.bench_function(BenchmarkId::new("baseline", &id), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        base.run();
+                    }
+                    t.elapsed()
+                });
+            });
+            drop(base);
+            let mut pool = Pool::new(gib);
+            let mmu = pool.mmu(pages, false);
+            let mut caches = SplitCaches::new();
+            let mut tlb = Tlb::default();
+            // Warm the arena and the rmap arrays once, untimed.
+            populate(&mmu, pages, level);
+            mmu.eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
+                .unwrap();
+            g.bench_function(BenchmarkId::new("rmap", &id), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        repopulate(&mmu, pages, level);
+                        let t = Instant::now();
+                        let s = mmu
+                            .eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
+                            .unwrap();
+                        total += t.elapsed();
+                        let huge = if level == Level::L3 {
+                            gib + gib * 512
+                        } else {
+                            gib * 512
+                        };
+                        assert_eq!(s.split, huge);
+                    }
+                    total
+                });
+            });
+            let counts = mmu.check().unwrap();
+            assert_eq!(counts.leaves, sptes);
+            caches.release(&mmu).unwrap();
+        }
+    }
+    black_box(());
+    g.finish();
+}
+
+fn iteration2_scan(c: &mut Criterion) {
+    let mut g = c.benchmark_group("iteration2_scan");
+    heavy(&mut g, 300);
+    let gib = 8;
+    let pages = gib * GIB_PAGES;
+    let mut pool = Pool::new(gib);
+    let mmu = pool.mmu(pages, false);
+    let mut caches = SplitCaches::new();
+    let mut tlb = Tlb::default();
+    populate(&mmu, pages, Level::L2);
+    mmu.eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
+        .unwrap();
+    g.throughput(Throughput::Elements(pages));
+    g.bench_function(BenchmarkId::new("rmap", "8g_4k"), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let s = mmu
+                    .eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
+                    .unwrap();
+                assert_eq!(s.split, 0);
+            }
+            t.elapsed()
+        });
+    });
+    g.bench_function(BenchmarkId::new("walk", "8g_4k"), |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let s = mmu
+                    .eager_split_by_walk(&mut caches, SLOT, None, Level::L1, &mut tlb)
+                    .unwrap();
+                assert_eq!(s.split, 0);
+            }
+            t.elapsed()
+        });
+    });
+    caches.release(&mmu).unwrap();
+    black_box((tlb.ranges, tlb.all));
+    g.finish();
+}
+
+/// One vCPU's pass over `[lo, hi)`: every `write_every`-th page written, the rest read.
+/// Returns the faults taken.
+fn dirty_pass(mmu: &Mmu<'_, Ept>, lo: u64, hi: u64, write_every: u64) -> u64 {
+    let host = Host(Level::L3);
+    let mut caches = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let mut faults = 0;
+    for g in lo..hi {
+        let write = g % write_every == 0;
+        let ok = match mmu.translate_lockless(gpa(g)) {
+            Some(m) => m.writable || !write,
+            None => false,
+        };
+        if !ok {
+            mmu.page_fault(&mut caches, &host, gpa(g), write, &mut tlb)
+                .unwrap();
+            faults += 1;
+        }
+    }
+    caches.release(mmu).unwrap();
+    faults
+}
+
+fn dirty_memory_iter1(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dirty_memory_iter1");
+    heavy(&mut g, 1000);
+    const VCPUS: u64 = 2;
+    let per = GIB_PAGES;
+    let pages = VCPUS * per;
+    g.throughput(Throughput::Elements(pages));
+    for (mode, eager) in [("eager", true), ("lazy", false)] {
+        let mut pool = Pool::new(VCPUS);
+        let mmu = pool.mmu(pages, eager);
+        let host = Host(Level::L3);
+        populate(&mmu, pages, Level::L3);
+        g.bench_function(BenchmarkId::new("enable", mode), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                let mut tlb = Tlb::default();
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    mmu.enable_dirty_log(SLOT, LogMode::PAGES, &mut tlb)
+                        .unwrap();
+                    total += t.elapsed();
+                    let leaf = mmu.translate(gpa(0)).unwrap().level;
+                    assert_eq!(leaf, if eager { Level::L1 } else { Level::L3 });
+                    mmu.disable_dirty_log(SLOT, &host, &mut tlb).unwrap();
+                    repopulate(&mmu, pages, Level::L3);
+                }
+                total
+            });
+        });
+        for (writes, every) in [("100", 1u64), ("20", 5)] {
+            g.bench_function(BenchmarkId::new(mode, format!("{writes}pct_writes")), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    let mut tlb = Tlb::default();
+                    for _ in 0..iters {
+                        mmu.enable_dirty_log(SLOT, LogMode::PAGES, &mut tlb)
+                            .unwrap();
+                        let leaf = mmu.translate(gpa(0)).unwrap().level;
+                        assert_eq!(leaf, if eager { Level::L1 } else { Level::L3 });
+                        let t = Instant::now();
+                        let faults: u64 = std::thread::scope(|s| {
+                            let hs: Vec<_> = (0..VCPUS)
+                                .map(|v| {
+                                    let m = &mmu;
+                                    s.spawn(move || dirty_pass(m, v * per, (v + 1) * per, every))
+                                })
+                                .collect();
+                            hs.into_iter().map(|h| h.join().unwrap()).sum()
+                        });
+                        total += t.elapsed();
+                        black_box(faults);
+                        let mut log = vec![0u64; mmu.dirty_log_words(SLOT).unwrap()];
+                        mmu.get_dirty_log(SLOT, &mut log).unwrap();
+                        let set: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
+                        assert_eq!(
+                            set,
+                            pages.div_ceil(every),
+                            "a write is missing from the log"
+                        );
+                        mmu.disable_dirty_log(SLOT, &host, &mut tlb).unwrap();
+                        repopulate(&mmu, pages, Level::L3);
+                    }
+                    total
+                });
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, eager_split, iteration2_scan, dirty_memory_iter1);
+criterion_main!(benches);
