@@ -333,6 +333,13 @@ impl EntryRef {
         Some(Self(table.get() | index as u64))
     }
 
+    /// `table | index` for a table known to be 4 KiB aligned and an index below 512 (the
+    /// caller checked both; the index is masked anyway).
+    #[inline]
+    pub(crate) const fn from_parts(table: Hpa, index: usize) -> Self {
+        Self(table.get() | (index as u64 & (ENTRIES as u64 - 1)))
+    }
+
     /// The table that holds the entry.
     #[inline]
     pub fn table(self) -> Hpa {

@@ -10,7 +10,7 @@
 //! tables ran out so the caller can top up (with the MMU lock dropped) and resume.
 
 use super::{check_range, child_level};
-use crate::addr::{Address, Hpa, Level};
+use crate::addr::{Address, Hpa, Level, PAGE_SIZE};
 use crate::spt::PageTable;
 use crate::spt::error::{SplitEntryError, SplitError, flatten};
 use crate::spt::format::PteFormat;
@@ -148,15 +148,27 @@ where
     mem.link(table, below);
     let base = at.raw_addr();
     let mut value = first;
-    for i in 0..ENTRIES {
-        if written[i / 64] & (1 << (i % 64)) != 0 {
-            // `table` is 4 KiB aligned (it mapped) and `i < 512`.
-            let handle = EntryRef::new(table, i);
-            if let Some(handle) = handle {
-                on_leaf(handle, in_addr::<F>(base + ((i as u64) << shift)), value);
+    if existing {
+        for i in 0..ENTRIES {
+            if written[i / 64] & (1 << (i % 64)) != 0 {
+                // `table` is 4 KiB aligned (it mapped) and `i < 512`.
+                if let Some(handle) = EntryRef::new(table, i) {
+                    on_leaf(handle, in_addr::<F>(base + ((i as u64) << shift)), value);
+                }
             }
+            value += step;
         }
-        value += step;
+    } else if table.get() % PAGE_SIZE == 0 {
+        // A fresh child: every entry was written, no bitmap to consult, and the handles
+        // are `table | i` (the alignment checked once, not per leaf).
+        for i in 0..ENTRIES {
+            on_leaf(
+                EntryRef::from_parts(table, i),
+                in_addr::<F>(base + ((i as u64) << shift)),
+                value,
+            );
+            value += step;
+        }
     }
     Ok(out)
 }
