@@ -25,74 +25,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, black_box};
 use criterion::{criterion_group, criterion_main};
-use hvmem::spt::mmu::{FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig};
-use hvmem::spt::mmu::{SlotFlags, SlotId};
-use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
-use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+use hvmem::spt::Ept;
+use hvmem::spt::mmu::SlotId;
+use hvmem::spt::mmu::{FaultCaches, LogMode, Mmu, MmuConfig};
+use hvmem::testing::mmu::{LinearHost as Host, TablePool as Pool};
+use hvmem::testing::spt::CountingFlush as Tlb;
+use hvmem::{Gpa, Level};
 
 const GIB_PAGES: u64 = 1 << 18;
 const SLOT: SlotId = SlotId(0);
-/// Physical base of the table frames.
-const TABLES_AT: u64 = 0x40_0000_0000;
-/// Guest frame n is host frame `HOST_PFN + n` (64 GiB: aligned for every page size).
-const HOST_PFN: u64 = 0x100_0000;
-
-/// The embedder's host mapping: one page size everywhere, every page writable.
-struct Host(Level);
-
-impl HostMemory for Host {
-    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
-        Some(HostPage {
-            pfn: Pfn::new(HOST_PFN + gfn.get()).ok()?,
-            level: self.0,
-            writable: true,
-        })
-    }
-}
-
-/// A TLB that only counts the flushes asked of it.
-#[derive(Default)]
-struct Tlb {
-    ranges: u64,
-    all: u64,
-}
-
-impl TlbFlush for Tlb {
-    fn flush_range(&mut self, _: FlushRange) {
-        self.ranges += 1;
-    }
-    fn flush_all(&mut self) {
-        self.all += 1;
-    }
-}
-
-/// Table frames and their slots for an MMU of `gib` GiB at 4 KiB: one level-1 table per
-/// 2 MiB, the upper levels, and spare above the MMU's free-page reserve.
-struct Pool {
-    frames: Vec<TableFrame>,
-    slots: Vec<TableSlot>,
-}
-
-impl Pool {
-    fn new(gib: u64) -> Self {
-        let n = (gib * 512 + gib + 64) as usize;
-        Self {
-            frames: (0..n).map(|_| TableFrame::new()).collect(),
-            slots: (0..n).map(|_| TableSlot::default()).collect(),
-        }
-    }
-
-    /// An empty MMU over the pool (the arena resets frames as it hands them out) with one
-    /// slot of `pages` from gfn 0.
-    fn mmu(&mut self, pages: u64) -> Mmu<'_, Ept> {
-        let arena =
-            TableArena::new(&self.frames, &mut self.slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
-        let mmu = Mmu::<Ept>::new(arena, MmuConfig::default()).unwrap();
-        mmu.add_slot(SLOT, Gfn::new(0).unwrap(), pages, SlotFlags::empty())
-            .unwrap();
-        mmu
-    }
-}
 
 fn gpa(gfn: u64) -> Gpa {
     Gpa::new(gfn << 12).unwrap()
@@ -136,7 +77,7 @@ impl Populated {
     }
 
     fn build<'p>(&self, pool: &'p mut Pool) -> Mmu<'p, Ept> {
-        let mmu = pool.mmu(self.pages);
+        let mmu = pool.mmu(self.pages, MmuConfig::default()).unwrap();
         write_all(&mmu, &Host(self.level), self.gfns());
         mmu
     }
@@ -194,7 +135,7 @@ fn fault_in_1g(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let mmu = pool.mmu(GIB_PAGES);
+                    let mmu = pool.mmu(GIB_PAGES, MmuConfig::default()).unwrap();
                     let (host, mut tlb, mut caches) =
                         (Host(level), Tlb::default(), FaultCaches::new());
                     let t = Instant::now();

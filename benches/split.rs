@@ -36,77 +36,17 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, black_box};
 use criterion::{criterion_group, criterion_main};
 use hvmem::rmap::SplitCaches;
-use hvmem::spt::mmu::{FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig};
-use hvmem::spt::mmu::{SlotFlags, SlotId};
-use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
-use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+use hvmem::spt::Ept;
+use hvmem::spt::mmu::SlotId;
+use hvmem::spt::mmu::{FaultCaches, LogMode, Mmu, MmuConfig};
+use hvmem::testing::mmu::{
+    LINEAR_HOST_PFN as HOST_PFN, LinearHost as Host, POOL_TABLES_AT as TABLES_AT, TablePool as Pool,
+};
+use hvmem::testing::spt::CountingFlush as Tlb;
+use hvmem::{Gfn, Gpa, Level};
 
 const GIB_PAGES: u64 = 1 << 18;
 const SLOT: SlotId = SlotId(0);
-/// Physical base of the table frames.
-const TABLES_AT: u64 = 0x40_0000_0000;
-/// Guest frame n is host frame `HOST_PFN + n` (64 GiB: aligned for every page size).
-const HOST_PFN: u64 = 0x100_0000;
-
-/// The embedder's host mapping: one page size everywhere, every page writable.
-struct Host(Level);
-
-impl HostMemory for Host {
-    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
-        Some(HostPage {
-            pfn: Pfn::new(HOST_PFN + gfn.get()).ok()?,
-            level: self.0,
-            writable: true,
-        })
-    }
-}
-
-/// A TLB that only counts the flushes asked of it.
-#[derive(Default)]
-struct Tlb {
-    ranges: u64,
-    all: u64,
-}
-
-impl TlbFlush for Tlb {
-    fn flush_range(&mut self, _: FlushRange) {
-        self.ranges += 1;
-    }
-    fn flush_all(&mut self) {
-        self.all += 1;
-    }
-}
-
-/// Table frames and their slots for an MMU of `gib` GiB at 4 KiB: one level-1 table per
-/// 2 MiB, the upper levels, the splitter's cache of 40 and spare above the reserve.
-struct Pool {
-    frames: Vec<TableFrame>,
-    slots: Vec<TableSlot>,
-}
-
-impl Pool {
-    fn new(gib: u64) -> Self {
-        let n = (gib * 512 + gib + 128) as usize;
-        Self {
-            frames: (0..n).map(|_| TableFrame::new()).collect(),
-            slots: (0..n).map(|_| TableSlot::default()).collect(),
-        }
-    }
-
-    /// An empty MMU over the pool with one slot of `pages` from gfn 0.
-    fn mmu(&mut self, pages: u64, eager: bool) -> Mmu<'_, Ept> {
-        let arena =
-            TableArena::new(&self.frames, &mut self.slots, Hpa::new(TABLES_AT).unwrap()).unwrap();
-        let config = MmuConfig {
-            eager_split: eager,
-            ..MmuConfig::default()
-        };
-        let mmu = Mmu::<Ept>::new(arena, config).unwrap();
-        mmu.add_slot(SLOT, Gfn::new(0).unwrap(), pages, SlotFlags::empty())
-            .unwrap();
-        mmu
-    }
-}
 
 fn gpa(gfn: u64) -> Gpa {
     Gpa::new(gfn << 12).unwrap()
@@ -208,7 +148,7 @@ fn eager_split(c: &mut Criterion) {
             });
             drop(base);
             let mut pool = Pool::new(gib);
-            let mmu = pool.mmu(pages, false);
+            let mmu = pool.mmu(pages, MmuConfig::default()).unwrap();
             let mut caches = SplitCaches::new();
             let mut tlb = Tlb::default();
             // Warm the arena and the rmap arrays once, untimed.
@@ -250,7 +190,7 @@ fn iteration2_scan(c: &mut Criterion) {
     let gib = 8;
     let pages = gib * GIB_PAGES;
     let mut pool = Pool::new(gib);
-    let mmu = pool.mmu(pages, false);
+    let mmu = pool.mmu(pages, MmuConfig::default()).unwrap();
     let mut caches = SplitCaches::new();
     let mut tlb = Tlb::default();
     populate(&mmu, pages, Level::L2);
@@ -318,7 +258,15 @@ fn dirty_memory_iter1(c: &mut Criterion) {
     g.throughput(Throughput::Elements(pages));
     for (mode, eager) in [("eager", true), ("lazy", false)] {
         let mut pool = Pool::new(VCPUS);
-        let mmu = pool.mmu(pages, eager);
+        let mmu = pool
+            .mmu(
+                pages,
+                MmuConfig {
+                    eager_split: eager,
+                    ..MmuConfig::default()
+                },
+            )
+            .unwrap();
         let host = Host(Level::L3);
         populate(&mmu, pages, Level::L3);
         g.bench_function(BenchmarkId::new("enable", mode), |b| {

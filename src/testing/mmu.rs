@@ -36,7 +36,7 @@ use crate::spt::mmu::{
     Fault, FaultCaches, FaultError, HostMemory, HostPage, LogMode, Mmu, MmuConfig, MmuCounts,
     SlotError, SlotFlags, SlotId,
 };
-use crate::spt::{PteFormat, TableArena, TableFrame, TableSlot};
+use crate::spt::{Ept, PteFormat, TableArena, TableFrame, TableSlot};
 use crate::sync::Ordering;
 
 use super::Rng;
@@ -1390,4 +1390,58 @@ pub fn random_run<F: PteFormat>(
             .map_err(|e| format!("{} seed {seed} {setup:?} op {i} {op:?}: {e}", F::NAME))?;
     }
     Ok(h.outcomes)
+}
+
+/// Guest frame n is host frame `LINEAR_HOST_PFN + n` for [`LinearHost`] (64 GiB: aligned
+/// for every page size).
+pub const LINEAR_HOST_PFN: u64 = 0x100_0000;
+
+/// Physical address of the first frame of a [`TablePool`].
+pub const POOL_TABLES_AT: u64 = 0x40_0000_0000;
+
+/// The benches' host mapping: gfn n at host frame [`LINEAR_HOST_PFN`] + n, mapped by the
+/// host with pages of one level, every page writable.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearHost(pub Level);
+
+impl HostMemory for LinearHost {
+    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
+        Some(HostPage {
+            pfn: Pfn::new(LINEAR_HOST_PFN + gfn.get()).ok()?,
+            level: self.0,
+            writable: true,
+        })
+    }
+}
+
+/// Table frames and their slots for a benched MMU of `gib` GiB at 4 KiB: one level-1 table
+/// per 2 MiB, the upper levels, and 128 spare (the splitter's cache of 40, the free-page
+/// reserve).
+pub struct TablePool {
+    frames: Vec<TableFrame>,
+    slots: Vec<TableSlot>,
+}
+
+impl TablePool {
+    /// Frames for `gib` GiB.
+    pub fn new(gib: u64) -> Self {
+        let n = (gib * 512 + gib + 128) as usize;
+        Self {
+            frames: (0..n).map(|_| TableFrame::new()).collect(),
+            slots: (0..n).map(|_| TableSlot::default()).collect(),
+        }
+    }
+
+    /// An empty `Mmu<Ept>` over the pool (the arena resets the frames as it hands them
+    /// out) with slot 0 of `pages` frames from gfn 0.
+    pub fn mmu(&mut self, pages: u64, config: MmuConfig) -> Result<Mmu<'_, Ept>, String> {
+        let at = Hpa::new(POOL_TABLES_AT).map_err(|e| format!("{e}"))?;
+        let arena =
+            TableArena::new(&self.frames, &mut self.slots, at).map_err(|e| format!("{e}"))?;
+        let mmu = Mmu::<Ept>::new(arena, config).map_err(|e| format!("{e}"))?;
+        let base = Gfn::new(0).map_err(|e| format!("{e}"))?;
+        mmu.add_slot(SlotId(0), base, pages, SlotFlags::empty())
+            .map_err(|e| format!("{e}"))?;
+        Ok(mmu)
+    }
 }
