@@ -286,6 +286,11 @@ pub fn inner_retries() -> usize {
 /// eager splitter) drops and retakes it when it answers true. The protocol is in the
 /// [module documentation](self).
 ///
+/// A thread must not take the read lock again while it holds it: behind a waiting writer
+/// the second `read` waits for the writer, which waits for the first (KVM's `mmu_lock` has
+/// the same rule). It spins while it waits, which suits a kernel that holds it with
+/// preemption off; in user space a preempted holder makes waiters burn their time slices.
+///
 /// ```
 /// use hvmem::sync::RwLock;
 ///

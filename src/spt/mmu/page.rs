@@ -153,7 +153,11 @@ impl Pages {
     }
 
     fn bucket(&self, gfn: Gfn) -> usize {
-        (gfn.get().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.hash_shift) as usize
+        // Fibonacci hashing: the top bits of the product. With one bucket the shift is 64,
+        // which `>>` would refuse; `wrapping_shr` gives the whole product, masked to 0.
+        (gfn.get()
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_shr(self.hash_shift)) as usize
             & (self.buckets.len() - 1)
     }
 

@@ -872,3 +872,107 @@ fn clear_protects_the_huge_page_of_an_aligned_last_bit() {
     m.get_dirty_log(SlotId(0), &mut log).unwrap();
     assert_eq!(log[7] >> 62, 0b10);
 }
+
+/// Configurations at their edges build an MMU or refuse with a typed error, and the MMU
+/// they build works: one hash bucket (the hash's shift would be 64), no descriptors, the
+/// smallest and largest leaf levels, limits at and past the bounds, address spaces 0 to 5.
+#[test]
+fn edge_configurations_build_or_refuse() {
+    let h = Host::new(Level::L2);
+    let configs = [
+        MmuConfig {
+            hash_buckets: 0,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            hash_buckets: 1,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            hash_buckets: usize::MAX,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            descriptors: 0,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            max_leaf: Level::L1,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            max_leaf: Level::L5,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            page_limit: Some(usize::MAX),
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            max_slots: 0,
+            ..MmuConfig::default()
+        },
+        MmuConfig {
+            address_spaces: 4,
+            ..MmuConfig::default()
+        },
+    ];
+    for config in configs {
+        let mut f = fx();
+        let arena =
+            TableArena::new(&f.frames, &mut f.slots, Hpa::new(0x8000_0000).unwrap()).unwrap();
+        let m = Mmu::<Ept>::new(arena, config).unwrap();
+        let mut c = FaultCaches::new();
+        let mut tlb = Tlb::default();
+        match m.add_slot(SlotId(0), gfn(0), 4096, SlotFlags::empty()) {
+            Ok(()) => {
+                let r = m.page_fault(&mut c, &h, gpa(0x201), true, &mut tlb);
+                assert!(
+                    r.is_ok() || r == Err(FaultError::OutOfDescriptors),
+                    "{config:?}: {r:?}"
+                );
+            }
+            Err(e) => assert_eq!(e, SlotError::TooMany, "{config:?}"),
+        }
+        m.check().unwrap();
+    }
+    for (config, want) in [
+        (
+            MmuConfig {
+                page_limit: Some(0),
+                ..MmuConfig::default()
+            },
+            MmuError::LimitTooSmall,
+        ),
+        (
+            MmuConfig {
+                address_spaces: 0,
+                ..MmuConfig::default()
+            },
+            MmuError::BadAddressSpaces,
+        ),
+        (
+            MmuConfig {
+                address_spaces: 5,
+                ..MmuConfig::default()
+            },
+            MmuError::BadAddressSpaces,
+        ),
+        (
+            MmuConfig {
+                descriptors: usize::MAX,
+                ..MmuConfig::default()
+            },
+            MmuError::OutOfMemory,
+        ),
+    ] {
+        let mut f = fx();
+        let arena =
+            TableArena::new(&f.frames, &mut f.slots, Hpa::new(0x8000_0000).unwrap()).unwrap();
+        assert_eq!(
+            Mmu::<Ept>::new(arena, config).map(|_| ()),
+            Err(want),
+            "{config:?}"
+        );
+    }
+}
