@@ -10,32 +10,16 @@
 #![cfg(loom)]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use hvmem::spt::mmu::{
-    FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig, SlotFlags, SlotId,
-};
-use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
-use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+use hvmem::spt::mmu::{FaultCaches, LogMode, Mmu, MmuConfig, SlotFlags, SlotId};
+use hvmem::spt::{Ept, TableArena, TableFrame, TableSlot};
+use hvmem::testing::mmu::LinearHost;
+use hvmem::testing::spt::CountingFlush;
+use hvmem::{Gfn, Gpa, Hpa, Level};
 use loom::sync::Arc;
 use loom::thread;
 
-struct Host;
-
-impl HostMemory for Host {
-    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
-        Some(HostPage {
-            pfn: Pfn::new(0x1000 + gfn.get()).ok()?,
-            level: Level::L1,
-            writable: true,
-        })
-    }
-}
-
-struct NoTlb;
-
-impl TlbFlush for NoTlb {
-    fn flush_range(&mut self, _: FlushRange) {}
-    fn flush_all(&mut self) {}
-}
+/// Guest frame n is host frame `LINEAR_HOST_PFN + n`, mapped with 4 KiB pages.
+const HOST: LinearHost = LinearHost(Level::L1);
 
 /// Runs `f` under loom; returns how many interleavings were explored.
 fn model(f: impl Fn() + Sync + Send + 'static) -> usize {
@@ -77,15 +61,16 @@ fn logging_mmu(pages: &[u64], mode: LogMode) -> Arc<Mmu<'static, Ept>> {
     for &g in pages {
         mmu.page_fault(
             &mut caches,
-            &Host,
+            &HOST,
             Gpa::new(g << 12).unwrap(),
             true,
-            &mut NoTlb,
+            &mut CountingFlush::default(),
         )
         .unwrap();
     }
     caches.release(&mmu).unwrap();
-    mmu.enable_dirty_log(SlotId(0), mode, &mut NoTlb).unwrap();
+    mmu.enable_dirty_log(SlotId(0), mode, &mut CountingFlush::default())
+        .unwrap();
     Arc::new(mmu)
 }
 
@@ -93,10 +78,10 @@ fn write(mmu: &Mmu<'static, Ept>, gfn: u64) {
     let mut caches = FaultCaches::new();
     mmu.page_fault(
         &mut caches,
-        &Host,
+        &HOST,
         Gpa::new(gfn << 12).unwrap(),
         true,
-        &mut NoTlb,
+        &mut CountingFlush::default(),
     )
     .unwrap();
     caches.release(mmu).unwrap();
@@ -119,7 +104,7 @@ fn fast_fault_races_get_and_clear() {
             thread::spawn(move || write(&mmu, 1))
         };
         let mut taken = [0u64; 8];
-        mmu.get_and_clear_dirty_log(SlotId(0), &mut taken, &mut NoTlb)
+        mmu.get_and_clear_dirty_log(SlotId(0), &mut taken, &mut CountingFlush::default())
             .unwrap();
         vcpu.join().unwrap();
         let seen = taken[0] | held_log(&mmu);
@@ -143,7 +128,7 @@ fn slow_fault_races_clear() {
         };
         let mut got = [0u64; 8];
         mmu.get_dirty_log(SlotId(0), &mut got).unwrap();
-        mmu.clear_dirty_log(SlotId(0), 0, &[got[0]], &mut NoTlb)
+        mmu.clear_dirty_log(SlotId(0), 0, &[got[0]], &mut CountingFlush::default())
             .unwrap();
         vcpu.join().unwrap();
         let seen = got[0] | held_log(&mmu);

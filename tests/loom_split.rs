@@ -14,39 +14,21 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hvmem::rmap::SplitCaches;
-use hvmem::spt::mmu::{
-    Fault, FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig, SlotFlags, SlotId,
-};
-use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
-use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+use hvmem::spt::mmu::{Fault, FaultCaches, LogMode, Mmu, MmuConfig, SlotFlags, SlotId};
+use hvmem::spt::{Ept, TableArena, TableFrame, TableSlot};
+use hvmem::testing::mmu::{LINEAR_HOST_PFN as HOST_PFN, LinearHost};
+use hvmem::testing::spt::CountingFlush;
+use hvmem::{Gfn, Gpa, Hpa, Level};
 use loom::sync::Arc;
 use loom::thread;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// Guest frame n is host frame `HOST_PFN + n`, mapped with 2 MiB pages.
-const HOST_PFN: u64 = 0x20_0000;
+const HOST: LinearHost = LinearHost(Level::L2);
+
 /// The page the vCPU writes in the first 2 MiB page, and in the second.
 const GFN: u64 = 7;
 const GFN_B: u64 = 512 + 7;
-
-struct Host;
-
-impl HostMemory for Host {
-    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
-        Some(HostPage {
-            pfn: Pfn::new(HOST_PFN + gfn.get()).ok()?,
-            level: Level::L2,
-            writable: true,
-        })
-    }
-}
-
-struct NoTlb;
-
-impl TlbFlush for NoTlb {
-    fn flush_range(&mut self, _: FlushRange) {}
-    fn flush_all(&mut self) {}
-}
 
 /// Runs `f` under loom with a preemption bound of 1; returns how many interleavings were
 /// explored.
@@ -103,8 +85,14 @@ fn huge_mmu(eager: bool, huge: u64) -> (Arc<Mmu<'static, Ept>>, FaultCaches) {
     .unwrap();
     let mut caches = FaultCaches::new();
     for h in 0..huge {
-        mmu.page_fault(&mut caches, &Host, gpa(h * 512), true, &mut NoTlb)
-            .unwrap();
+        mmu.page_fault(
+            &mut caches,
+            &HOST,
+            gpa(h * 512),
+            true,
+            &mut CountingFlush::default(),
+        )
+        .unwrap();
         assert_eq!(mmu.translate(gpa(h * 512 + 7)).unwrap().level, Level::L2);
     }
     mmu.top_up(&mut caches).unwrap();
@@ -119,7 +107,13 @@ fn vcpu_write(
 ) -> thread::JoinHandle<Fault> {
     thread::spawn(move || {
         let f = mmu
-            .page_fault(&mut caches, &Host, gpa(gfn), true, &mut NoTlb)
+            .page_fault(
+                &mut caches,
+                &HOST,
+                gpa(gfn),
+                true,
+                &mut CountingFlush::default(),
+            )
             .unwrap();
         caches.release(&mmu).unwrap();
         f
@@ -178,7 +172,7 @@ fn enable_with_eager_split_races_a_write() {
     let runs = model(|| {
         let (mmu, caches) = huge_mmu(true, 1);
         let vcpu = vcpu_write(mmu.clone(), caches, GFN);
-        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut NoTlb)
+        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut CountingFlush::default())
             .unwrap();
         let fault = vcpu.join().unwrap();
         verify(&mmu, GFN, 1, fault, false);
@@ -217,12 +211,18 @@ fn eager_split_races_a_faulting_vcpu() {
     static FAST: AtomicUsize = AtomicUsize::new(0);
     let runs = model(|| {
         let (mmu, caches) = huge_mmu(false, 2);
-        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut NoTlb)
+        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut CountingFlush::default())
             .unwrap();
         let vcpu = vcpu_write(mmu.clone(), caches, GFN_B);
         let mut split = SplitCaches::new();
         let s = mmu
-            .eager_split(&mut split, SlotId(0), None, Level::L1, &mut NoTlb)
+            .eager_split(
+                &mut split,
+                SlotId(0),
+                None,
+                Level::L1,
+                &mut CountingFlush::default(),
+            )
             .unwrap();
         split.release(&mmu).unwrap();
         let fault = vcpu.join().unwrap();

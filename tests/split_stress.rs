@@ -12,35 +12,18 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hvmem::rmap::SplitCaches;
-use hvmem::spt::mmu::{
-    FaultCaches, HostMemory, HostPage, LogMode, Mmu, MmuConfig, SlotFlags, SlotId,
-};
-use hvmem::spt::{Ept, FlushRange, TableArena, TableFrame, TableSlot, TlbFlush};
-use hvmem::{Gfn, Gpa, Hpa, Level, Pfn};
+use hvmem::spt::mmu::{FaultCaches, LogMode, Mmu, MmuConfig, SlotFlags, SlotId};
+use hvmem::spt::{Ept, TableArena, TableFrame, TableSlot};
+use hvmem::testing::mmu::{LINEAR_HOST_PFN as HOST_PFN, LinearHost};
+use hvmem::testing::spt::CountingFlush;
+use hvmem::{Gfn, Gpa, Hpa, Level};
 
-const HOST_PFN: u64 = 0x100_0000;
+/// Guest frame n is host frame `HOST_PFN + n`, mapped with 2 MiB pages.
+const HOST: LinearHost = LinearHost(Level::L2);
+
 const HUGE: u64 = 64;
 const PAGES: u64 = HUGE * 512;
 const ROUNDS: usize = 60;
-
-struct Host;
-
-impl HostMemory for Host {
-    fn host_page(&self, _slot: SlotId, gfn: Gfn) -> Option<HostPage> {
-        Some(HostPage {
-            pfn: Pfn::new(HOST_PFN + gfn.get()).ok()?,
-            level: Level::L2,
-            writable: true,
-        })
-    }
-}
-
-struct NoTlb;
-
-impl TlbFlush for NoTlb {
-    fn flush_range(&mut self, _: FlushRange) {}
-    fn flush_all(&mut self) {}
-}
 
 fn gpa(g: u64) -> Gpa {
     Gpa::new(g << 12).unwrap()
@@ -66,10 +49,16 @@ fn eager_split_and_a_writing_vcpu_lose_nothing() {
             .unwrap();
         let mut caches = FaultCaches::new();
         for h in 0..HUGE {
-            mmu.page_fault(&mut caches, &Host, gpa(h * 512), true, &mut NoTlb)
-                .unwrap();
+            mmu.page_fault(
+                &mut caches,
+                &HOST,
+                gpa(h * 512),
+                true,
+                &mut CountingFlush::default(),
+            )
+            .unwrap();
         }
-        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut NoTlb)
+        mmu.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut CountingFlush::default())
             .unwrap();
         let (stats, lazy) = std::thread::scope(|s| {
             let vcpu = s.spawn(|| {
@@ -78,7 +67,13 @@ fn eager_split_and_a_writing_vcpu_lose_nothing() {
                     // Alternate directions so the vCPU meets the splitter mid-slot.
                     let h = if round % 2 == 0 { i } else { HUGE - 1 - i };
                     let f = mmu
-                        .page_fault(&mut caches, &Host, gpa(target(h)), true, &mut NoTlb)
+                        .page_fault(
+                            &mut caches,
+                            &HOST,
+                            gpa(target(h)),
+                            true,
+                            &mut CountingFlush::default(),
+                        )
                         .unwrap();
                     lazy += u64::from(matches!(f, hvmem::spt::mmu::Fault::Mapped { .. }));
                 }
@@ -86,7 +81,13 @@ fn eager_split_and_a_writing_vcpu_lose_nothing() {
             });
             let mut split = SplitCaches::new();
             let stats = mmu
-                .eager_split(&mut split, SlotId(0), None, Level::L1, &mut NoTlb)
+                .eager_split(
+                    &mut split,
+                    SlotId(0),
+                    None,
+                    Level::L1,
+                    &mut CountingFlush::default(),
+                )
                 .unwrap();
             split.release(&mmu).unwrap();
             (stats, vcpu.join().unwrap())
