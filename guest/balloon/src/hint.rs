@@ -1,0 +1,202 @@
+//! Free page hinting (virtio 1.2 5.5.6.5; Linux `virtio_balloon_report_free_page`,
+//! `send_cmd_id_start`, `send_free_pages`, `send_cmd_id_stop`, `return_free_pages_to_mm`).
+//!
+//! A run, driven by the embedder's idle loop:
+//! 1. [`hint_cmd_id`](VirtIOBalloon::hint_cmd_id) reads a run id (>= 2) the guest has not
+//!    answered: [`hint_begin`](VirtIOBalloon::hint_begin) queues it (an `le32`
+//!    device-readable buffer).
+//! 2. The guest allocates free blocks and holds them; [`hint_block`](VirtIOBalloon::hint_block)
+//!    queues each as a device-writable buffer, recycling buffers the host returned. One queue
+//!    entry stays free for STOP (Linux `vq->num_free > 1`). A block refused with
+//!    [`HintError::QueueFull`] was not queued (Linux frees it unhinted); one refused with
+//!    [`HintError::Stopped`] too: the host moved on.
+//! 3. [`hint_end`](VirtIOBalloon::hint_end) queues STOP (0).
+//! 4. When the command id becomes DONE (1) and every buffer is back,
+//!    [`hint_done`](VirtIOBalloon::hint_done) says so: the guest frees the blocks.
+//!
+//! The host does not write the blocks (QEMU only clears their dirty bits), but it owns each
+//! buffer until it returns it, so a block is freed only after [`hint_done`] said `true`.
+//!
+//! [`hint_done`]: VirtIOBalloon::hint_done
+
+use alloc::boxed::Box;
+use alloc::vec;
+
+use hvmem::hint::wire::{CmdId, CmdKind};
+use virtio_drivers::Hal;
+use virtio_drivers::transport::Transport;
+
+use crate::device::VirtIOBalloon;
+use crate::error::{ConfigError, HintError, RingError};
+use crate::features::{Features, config, queue_size};
+use crate::ring::{Buf, Used};
+
+/// Where the guest is in the free page hint protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HintState {
+    /// No run since the last DONE (or ever).
+    Idle,
+    /// Run `id` is open: its id was queued, blocks may follow.
+    Running(CmdId),
+    /// Run `id` was ended with STOP; its blocks are held until DONE.
+    Ended(CmdId),
+}
+
+/// Tags of the hint queue's buffers.
+const TAG_CMD: u64 = 0;
+const TAG_BLOCK: u64 = 1;
+
+impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
+    /// The device's free page hint command id (`free_page_hint_cmd_id`): STOP (0), DONE (1)
+    /// or a run id (>= 2).
+    pub fn hint_cmd_id(&self) -> Result<CmdId, ConfigError> {
+        if !self.features().contains(Features::FREE_PAGE_HINT) {
+            return Err(ConfigError::NotNegotiated);
+        }
+        self.read_config(config::FREE_PAGE_HINT_CMD_ID)
+            .map(CmdId::new)
+    }
+
+    /// Where the guest is in the protocol.
+    pub fn hint_state(&self) -> HintState {
+        self.hint_state
+    }
+
+    /// Hint buffers (the id, blocks, STOP) the host has not returned yet.
+    pub fn hint_in_flight(&self) -> usize {
+        self.hint.as_ref().map_or(0, |r| r.in_flight())
+    }
+
+    /// Opens run `id` (Linux `send_cmd_id_start`): `id` must be the device's current command
+    /// id and a run id (>= 2). A previous run must have been ended; its blocks may still be
+    /// held (they stay the guest's until DONE).
+    pub fn hint_begin(&mut self, id: CmdId) -> Result<(), HintError> {
+        if self.hint.is_none() {
+            return Err(HintError::NotNegotiated);
+        }
+        if let HintState::Running(_) = self.hint_state {
+            return Err(HintError::AlreadyRunning);
+        }
+        let current = self.hint_cmd_id().map_err(HintError::Config)?;
+        if id != current || !matches!(id.kind(), CmdKind::Run(_)) {
+            return Err(HintError::NotRequested { id, current });
+        }
+        self.queue_cmd(id, true)?;
+        self.hint_state = HintState::Running(id);
+        Ok(())
+    }
+
+    /// Queues the held free block `[pa, pa + len)` as a hint of the open run (Linux
+    /// `get_free_page_and_send`). The block must stay allocated and untouched until
+    /// [`hint_done`](Self::hint_done) says `true` ([`RamMapping`](crate::RamMapping)'s
+    /// contract). Refused, with nothing queued: [`HintError::NotRunning`],
+    /// [`HintError::Stopped`] (the device's id changed: end the run),
+    /// [`HintError::QueueFull`] (after recycling what the host returned), [`HintError::BadBlock`].
+    pub fn hint_block(&mut self, pa: u64, len: u64) -> Result<(), HintError> {
+        if self.hint.is_none() {
+            return Err(HintError::NotNegotiated);
+        }
+        let HintState::Running(id) = self.hint_state else {
+            return Err(HintError::NotRunning);
+        };
+        let len = u32::try_from(len).map_err(|_| HintError::BadBlock)?;
+        if len == 0 {
+            return Err(HintError::BadBlock);
+        }
+        let now = self.hint_cmd_id().map_err(HintError::Config)?;
+        if now != id {
+            return Err(HintError::Stopped { now });
+        }
+        // Keep one entry for STOP.
+        if self.hint_in_flight() + 2 > queue_size::HINT {
+            self.poll_hint()?;
+            if self.hint_in_flight() + 2 > queue_size::HINT {
+                return Err(HintError::QueueFull);
+            }
+        }
+        let ring = self.hint.as_mut().ok_or(HintError::NotNegotiated)?;
+        ring.add(
+            &mut self.transport,
+            &self.mem,
+            TAG_BLOCK,
+            vec![Buf::Ram { pa, len }],
+        )
+        .map_err(HintError::Ring)?;
+        self.stats.hint_blocks += 1;
+        self.stats.hint_bytes += u64::from(len);
+        Ok(())
+    }
+
+    /// Ends the open run with STOP (Linux `send_cmd_id_stop`). The blocks stay held.
+    pub fn hint_end(&mut self) -> Result<(), HintError> {
+        if self.hint.is_none() {
+            return Err(HintError::NotNegotiated);
+        }
+        let HintState::Running(id) = self.hint_state else {
+            return Err(HintError::NotRunning);
+        };
+        self.queue_cmd(CmdId::STOP, false)?;
+        self.hint_state = HintState::Ended(id);
+        Ok(())
+    }
+
+    /// Recycles the hint buffers the host returned; returns how many. A used length longer
+    /// than the buffer fails with [`HintError::BadUsedLength`] (that buffer is recycled; poll
+    /// again for the rest).
+    pub fn poll_hint(&mut self) -> Result<usize, HintError> {
+        let ring = self.hint.as_mut().ok_or(HintError::NotNegotiated)?;
+        let mut n = 0;
+        while let Some(Used { slot, len }) = ring.pop(&self.mem).map_err(HintError::Ring)? {
+            n += 1;
+            if u64::from(len) > slot.writable_bytes() {
+                return Err(HintError::BadUsedLength { len });
+            }
+        }
+        Ok(n)
+    }
+
+    /// Recycles returned buffers, then says whether the guest may free the blocks of the
+    /// ended run: the command id is DONE and the host returned every buffer (Linux
+    /// `return_free_pages_to_mm` on `VIRTIO_BALLOON_CMD_ID_DONE`). When it returns `true`
+    /// the state goes back to [`HintState::Idle`]. Also `true` (and nothing to free) when no
+    /// run was opened.
+    pub fn hint_done(&mut self) -> Result<bool, HintError> {
+        match self.hint_state {
+            HintState::Idle => return Ok(true),
+            HintState::Running(_) => return Ok(false),
+            HintState::Ended(_) => {}
+        }
+        self.poll_hint()?;
+        let now = self.hint_cmd_id().map_err(HintError::Config)?;
+        if now == CmdId::DONE && self.hint_in_flight() == 0 {
+            self.hint_state = HintState::Idle;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Queues a command id buffer; `keep_stop` keeps one more entry free for the STOP that
+    /// must follow.
+    fn queue_cmd(&mut self, id: CmdId, keep_stop: bool) -> Result<(), HintError> {
+        let need = if keep_stop { 2 } else { 1 };
+        if self.hint_in_flight() + need > queue_size::HINT {
+            self.poll_hint()?;
+            if self.hint_in_flight() + need > queue_size::HINT {
+                return Err(HintError::QueueFull);
+            }
+        }
+        let ring = self.hint.as_mut().ok_or(HintError::NotNegotiated)?;
+        let bytes: Box<[u8]> = Box::new(id.to_bytes());
+        ring.add(
+            &mut self.transport,
+            &self.mem,
+            TAG_CMD,
+            vec![Buf::Out(bytes)],
+        )
+        .map(|_| ())
+        .map_err(|e| match e {
+            RingError::Queue(virtio_drivers::Error::QueueFull) => HintError::QueueFull,
+            e => HintError::Ring(e),
+        })
+    }
+}
