@@ -111,6 +111,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if self.hint_in_flight() + 2 > queue_size::HINT {
             self.poll_hint()?;
             if self.hint_in_flight() + 2 > queue_size::HINT {
+                self.kick_hint();
                 return Err(HintError::QueueFull);
             }
         }
@@ -166,13 +167,26 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             HintState::Running(_) => return Ok(false),
             HintState::Ended(_) => {}
         }
-        self.poll_hint()?;
+        let popped = self.poll_hint()?;
         let now = self.hint_cmd_id().map_err(HintError::Config)?;
         if now == CmdId::DONE && self.hint_in_flight() == 0 {
             self.hint_state = HintState::Idle;
             return Ok(true);
         }
+        if now == CmdId::DONE && popped == 0 {
+            self.kick_hint();
+        }
         Ok(false)
+    }
+
+    /// Notifies the hint queue unconditionally: QEMU turns notifications off while its
+    /// iothread polls the queue and back on after its last pop, without looking again, so a
+    /// buffer added in between waits for the next notification. Waiting for buffers to come
+    /// back (a full queue, DONE with buffers out) therefore kicks.
+    fn kick_hint(&mut self) {
+        if let Some(r) = self.hint.as_ref() {
+            r.kick(&mut self.transport);
+        }
     }
 
     /// Queues a command id buffer; `keep_stop` keeps one more entry free for the STOP that
@@ -182,6 +196,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if self.hint_in_flight() + need > queue_size::HINT {
             self.poll_hint()?;
             if self.hint_in_flight() + need > queue_size::HINT {
+                self.kick_hint();
                 return Err(HintError::QueueFull);
             }
         }

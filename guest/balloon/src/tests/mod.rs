@@ -800,3 +800,49 @@ fn hinting_not_negotiated_is_refused() {
     assert_eq!(b.poll_hint(), Err(HintError::NotNegotiated));
     assert_eq!(b.hint_done(), Ok(true), "no run, nothing held");
 }
+
+#[test]
+fn waiting_for_buffers_kicks_the_device_even_when_it_suppressed_notifications() {
+    // QEMU's hint iothread turns notifications off while it polls and back on after its last
+    // pop; a buffer queued in between is seen only at the next notification.
+    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
+    s.borrow_mut().modes[3] = Mode::Manual;
+    s.borrow_mut().set_config_u32(8, 2);
+    let arena = Arena::new(4 << 12);
+    b.hint_begin(CmdId::new(2)).unwrap();
+    b.hint_block(arena.addr(0), 4096).unwrap();
+    b.hint_end().unwrap();
+    s.borrow_mut().set_config_u32(8, 1);
+    let notified = s.borrow().queues[3].notified;
+    assert_eq!(b.hint_done(), Ok(false));
+    assert_eq!(s.borrow().queues[3].notified, notified + 1, "kicked");
+    s.borrow_mut().use_all(3, 0);
+    assert_eq!(b.hint_done(), Ok(true));
+    assert_eq!(s.borrow().queues[3].notified, notified + 1);
+}
+
+#[test]
+fn a_new_run_may_begin_while_the_last_runs_blocks_are_held() {
+    // QEMU asks for a new id after every bitmap sync and says DONE only at the end.
+    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
+    let arena = Arena::new(4 << 12);
+    for id in [2, 3] {
+        s.borrow_mut().set_config_u32(8, id);
+        b.hint_begin(CmdId::new(id)).unwrap();
+        b.hint_block(arena.addr(id as usize * 4096), 4096).unwrap();
+        b.hint_end().unwrap();
+        s.borrow_mut().set_config_u32(8, 0);
+        assert_eq!(b.hint_done(), Ok(false), "STOP is not DONE");
+    }
+    s.borrow_mut().set_config_u32(8, 1);
+    assert_eq!(b.hint_done(), Ok(true));
+    let ids: Vec<Vec<u8>> = hint_chains(&s)
+        .iter()
+        .filter(|c| !c.bufs[0].writable)
+        .map(|c| c.bufs[0].bytes.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![vec![2, 0, 0, 0], vec![0; 4], vec![3, 0, 0, 0], vec![0; 4]]
+    );
+}
