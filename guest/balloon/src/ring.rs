@@ -207,6 +207,8 @@ impl<H: Hal, const SIZE: usize> Ring<H, SIZE> {
             // else is a broken invariant we can't recover from.
             _ => {
                 self.broken = true;
+                // The chain is queued: its buffers must outlive anything the device does.
+                core::mem::forget(bufs);
                 return Err(RingError::Broken);
             }
         }

@@ -846,3 +846,23 @@ fn a_new_run_may_begin_while_the_last_runs_blocks_are_held() {
         vec![vec![2, 0, 0, 0], vec![0; 4], vec![3, 0, 0, 0], vec![0; 4]]
     );
 }
+
+#[test]
+fn an_answered_run_id_is_not_pending_and_not_begun_twice() {
+    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
+    assert_eq!(b.hint_pending(), Ok(None), "STOP at reset");
+    s.borrow_mut().set_config_u32(8, 4);
+    assert_eq!(b.hint_pending(), Ok(Some(CmdId::new(4))));
+    b.hint_begin(CmdId::new(4)).unwrap();
+    b.hint_end().unwrap();
+    // The device has not processed the STOP yet: its config still shows 4.
+    assert_eq!(b.hint_pending(), Ok(None));
+    assert_eq!(
+        b.hint_begin(CmdId::new(4)),
+        Err(HintError::AlreadyAnswered { id: CmdId::new(4) })
+    );
+    s.borrow_mut().set_config_u32(8, 5);
+    assert_eq!(b.hint_pending(), Ok(Some(CmdId::new(5))));
+    s.borrow_mut().set_config_u32(8, 1);
+    assert_eq!(b.hint_pending(), Ok(None), "DONE is no run");
+}
