@@ -57,6 +57,8 @@ pub struct VirtIOBalloon<H: Hal, T: Transport> {
     pub(crate) hint: Option<Box<Ring<H, { queue_size::HINT }>>>,
     pub(crate) reporting: Option<Box<Ring<H, { queue_size::REPORTING }>>>,
     pub(crate) hint_state: HintState,
+    /// The last run id [`hint_begin`](Self::hint_begin) accepted (Linux `cmd_id_active`).
+    pub(crate) hint_last: Option<hvmem::hint::wire::CmdId>,
     next_message: u64,
     pub(crate) spin_limit: u64,
     pub(crate) stats: DriverStats,
@@ -122,6 +124,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             hint,
             reporting,
             hint_state: HintState::Idle,
+            hint_last: None,
             next_message: 0,
             spin_limit: DEFAULT_SPIN_LIMIT,
             stats: DriverStats::default(),

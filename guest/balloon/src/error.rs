@@ -214,6 +214,12 @@ pub enum HintError {
     },
     /// A run is already open ([`hint_end`](crate::VirtIOBalloon::hint_end) it first).
     AlreadyRunning,
+    /// The guest already answered this run id (Linux's `cmd_id_active` check): the device's
+    /// config still shows it until it processed the guest's STOP.
+    AlreadyAnswered {
+        /// The id.
+        id: CmdId,
+    },
     /// No run is open.
     NotRunning,
     /// The device moved on (its command id is no longer the run's): the block was not
@@ -250,6 +256,7 @@ impl fmt::Display for HintError {
                 current.get()
             ),
             Self::AlreadyRunning => f.write_str("a hint run is already open"),
+            Self::AlreadyAnswered { id } => write!(f, "hint run {} already answered", id.get()),
             Self::NotRunning => f.write_str("no hint run is open"),
             Self::Stopped { now } => write!(f, "device stopped the hint run (id {})", now.get()),
             Self::BadBlock => f.write_str("hint block of 0 bytes or 4 GiB or more"),

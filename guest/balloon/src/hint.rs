@@ -2,8 +2,8 @@
 //! `send_cmd_id_start`, `send_free_pages`, `send_cmd_id_stop`, `return_free_pages_to_mm`).
 //!
 //! A run, driven by the embedder's idle loop:
-//! 1. [`hint_cmd_id`](VirtIOBalloon::hint_cmd_id) reads a run id (>= 2) the guest has not
-//!    answered: [`hint_begin`](VirtIOBalloon::hint_begin) queues it (an `le32`
+//! 1. [`hint_pending`](VirtIOBalloon::hint_pending) finds a run id (>= 2) the guest has
+//!    not answered: [`hint_begin`](VirtIOBalloon::hint_begin) queues it (an `le32`
 //!    device-readable buffer).
 //! 2. The guest allocates free blocks and holds them; [`hint_block`](VirtIOBalloon::hint_block)
 //!    queues each as a device-writable buffer, recycling buffers the host returned. One queue
@@ -57,6 +57,17 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             .map(CmdId::new)
     }
 
+    /// The run id the device asks for now, if the guest has not answered it yet: a run id
+    /// (2 or more) other than the last one [`hint_begin`](Self::hint_begin) accepted. What the
+    /// idle loop checks before opening a run (Linux `virtio_balloon_queue_free_page_work`).
+    pub fn hint_pending(&self) -> Result<Option<CmdId>, ConfigError> {
+        let id = self.hint_cmd_id()?;
+        Ok(match id.kind() {
+            CmdKind::Run(_) if self.hint_last != Some(id) => Some(id),
+            _ => None,
+        })
+    }
+
     /// Where the guest is in the protocol.
     pub fn hint_state(&self) -> HintState {
         self.hint_state
@@ -81,8 +92,12 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if id != current || !matches!(id.kind(), CmdKind::Run(_)) {
             return Err(HintError::NotRequested { id, current });
         }
+        if self.hint_last == Some(id) {
+            return Err(HintError::AlreadyAnswered { id });
+        }
         self.queue_cmd(id, true)?;
         self.hint_state = HintState::Running(id);
+        self.hint_last = Some(id);
         Ok(())
     }
 
@@ -111,6 +126,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if self.hint_in_flight() + 2 > queue_size::HINT {
             self.poll_hint()?;
             if self.hint_in_flight() + 2 > queue_size::HINT {
+                self.kick_hint();
                 return Err(HintError::QueueFull);
             }
         }
@@ -166,13 +182,26 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             HintState::Running(_) => return Ok(false),
             HintState::Ended(_) => {}
         }
-        self.poll_hint()?;
+        let popped = self.poll_hint()?;
         let now = self.hint_cmd_id().map_err(HintError::Config)?;
         if now == CmdId::DONE && self.hint_in_flight() == 0 {
             self.hint_state = HintState::Idle;
             return Ok(true);
         }
+        if now == CmdId::DONE && popped == 0 {
+            self.kick_hint();
+        }
         Ok(false)
+    }
+
+    /// Notifies the hint queue unconditionally: QEMU turns notifications off while its
+    /// iothread polls the queue and back on after its last pop, without looking again, so a
+    /// buffer added in between waits for the next notification. Waiting for buffers to come
+    /// back (a full queue, DONE with buffers out) therefore kicks.
+    fn kick_hint(&mut self) {
+        if let Some(r) = self.hint.as_ref() {
+            r.kick(&mut self.transport);
+        }
     }
 
     /// Queues a command id buffer; `keep_stop` keeps one more entry free for the STOP that
@@ -182,6 +211,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if self.hint_in_flight() + need > queue_size::HINT {
             self.poll_hint()?;
             if self.hint_in_flight() + need > queue_size::HINT {
+                self.kick_hint();
                 return Err(HintError::QueueFull);
             }
         }

@@ -49,6 +49,48 @@
 //! ([`VirtIOBalloon::set_spin_limit`] bounds the waits that may give up), and the embedder
 //! polls config space (`num_pages`, the command id) from its idle loop.
 //!
+//! # Usage
+//! ```ignore
+//! // `Hal::share` must return the buffer's physical address (identity-mapped guest: the
+//! // pointer itself); the queues, PFN arrays and indirect tables come from the heap.
+//! // SAFETY: guest RAM is identity-mapped and blocks handed to the driver are isolated.
+//! let mem = unsafe { RamMapping::identity() };
+//! let mut dev = VirtIOBalloon::<MyHal, MmioTransport>::new(transport, mem, Features::SUPPORTED)?;
+//!
+//! // Balloon, from the idle loop: inflate with hvmem's Balloon, then tell the host.
+//! let target = dev.target_pages()?;
+//! balloon.inflate(&buddy, frames, &mut blocks)?;
+//! dev.inflate_blocks(&blocks)?;          // or deflate_blocks, then free them to the buddy
+//! dev.set_actual(held_pages)?;
+//!
+//! // Free page reporting, pipelined: the driver is the PipelinedTransport.
+//! pipeline.start_pass(&reporter, &buddy, &mut dev)?;
+//! while pipeline.in_flight() > 0 {
+//!     match dev.poll_report() {
+//!         Ok(Some(id)) => { pipeline.complete(&reporter, &buddy, id, true)?; }
+//!         Ok(None) => core::hint::spin_loop(),
+//!         Err(ReportError::BadUsedLength { id, .. }) => {
+//!             pipeline.complete(&reporter, &buddy, id, false)?;
+//!         }
+//!         Err(_) => { pipeline.fail_all(&reporter, &buddy); break; }
+//!     }
+//!     pipeline.fill(&reporter, &buddy, &mut dev)?;
+//! }
+//!
+//! // Free page hinting, from the idle loop.
+//! if let Some(id) = dev.hint_pending()? {
+//!     dev.hint_begin(id)?;
+//!     while let Ok(block) = buddy.alloc(order) {   // largest order first; keep them
+//!         if dev.hint_block(block.pfn.addr().get(), block.order.bytes()).is_err() { break; }
+//!         held.push(block);
+//!     }
+//!     dev.hint_end()?;
+//! }
+//! if dev.hint_done()? { /* free every held block */ }
+//! ```
+//! A block refused by `hint_block` was not queued: free it or keep it, as you like. On
+//! `QueueFull`, poll (`poll_hint`) and retry, or stop the run.
+//!
 //! # Why a guest-side crate, not a module of hvmem
 //! hvmem's guest side is transport-agnostic: its reporter talks to the host through the
 //! [`ReportTransport`](hvmem::hint::guest::ReportTransport) and
@@ -70,6 +112,8 @@
 #![no_std]
 
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 mod device;
 mod error;

@@ -150,6 +150,13 @@ impl<H: Hal, const SIZE: usize> Ring<H, SIZE> {
         })
     }
 
+    /// Notifies the device even if it asked not to be (QEMU's free-page-hint handler turns
+    /// notifications off while it polls and back on after its last pop, so a chain added in
+    /// between is seen only at the next notification).
+    pub(crate) fn kick<T: Transport>(&self, transport: &mut T) {
+        transport.notify(self.index);
+    }
+
     /// Chains in flight.
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
@@ -200,6 +207,8 @@ impl<H: Hal, const SIZE: usize> Ring<H, SIZE> {
             // else is a broken invariant we can't recover from.
             _ => {
                 self.broken = true;
+                // The chain is queued: its buffers must outlive anything the device does.
+                core::mem::forget(bufs);
                 return Err(RingError::Broken);
             }
         }
