@@ -6,7 +6,8 @@
 //! - `free holes`: free every other 4 KiB page (the odd frames) of the filled memory, but
 //!   never a page that would complete a free 2 MiB block: fragmented free memory the
 //!   reporter (order >= 9) must leave alone.
-//! - `free blocks <MiB>`: free that many MiB of filled 2 MiB blocks.
+//! - `free blocks <MiB>`: make `MiB / 2` naturally aligned 2 MiB blocks wholly free by
+//!   freeing every filled page in them (after `free holes` that is half of each block).
 //! - `free all`: free everything filled.
 //! - `report`: reporting passes (in [`crate::duties`]) until one reports nothing.
 //! - `check`: every filled page still holds its pattern.
@@ -104,11 +105,7 @@ impl Guest {
                 println!("HVMEM OK free bytes={bytes}");
             }
             ("free", Some("blocks")) => match words.next().and_then(|a| a.parse::<u64>().ok()) {
-                Some(mib) => {
-                    let bytes = self.free_where(|b| b.order == FILL_ORDER, mib << 20);
-                    self.after_free();
-                    println!("HVMEM OK free bytes={bytes}");
-                }
+                Some(mib) => self.free_blocks(mib),
                 None => println!("HVMEM ERR free usage: free blocks <MiB>"),
             },
             ("free", _) => println!("HVMEM ERR free usage: free holes|blocks <MiB>|all"),
@@ -172,6 +169,44 @@ impl Guest {
             }
         }
         freed
+    }
+
+    /// Frees the filled memory of whole 2 MiB blocks (highest addresses first) until
+    /// `mib` MiB of 2 MiB blocks are wholly free; blocks that hold memory the guest did not
+    /// fill are skipped.
+    fn free_blocks(&mut self, mib: u64) {
+        let want = mib.div_ceil(2);
+        let h = FILL_ORDER.get();
+        self.filled.sort_unstable_by_key(|b| b.pfn.get());
+        let (mut blocks, mut freed) = (0u64, 0u64);
+        let mut end = self.filled.len();
+        while end > 0 && blocks < want {
+            let region = self.filled[end - 1].pfn.get() >> h;
+            let mut start = end;
+            while start > 0 && self.filled[start - 1].pfn.get() >> h == region {
+                start -= 1;
+            }
+            let group = &self.filled[start..end];
+            let held: u64 = group.iter().map(|b| b.order.frames()).sum();
+            let free = self.buddy.free_frames_within(group[0].pfn, FILL_ORDER);
+            if group.iter().all(|b| b.order <= FILL_ORDER) && held + free == FILL_ORDER.frames() {
+                let mut ok = true;
+                for b in group {
+                    match self.buddy.free_merged(b.pfn, b.order) {
+                        Ok(merged) => {
+                            freed += b.order.bytes();
+                            let _ = self.reporter.on_free(merged);
+                        }
+                        Err(_) => ok = false,
+                    }
+                }
+                self.filled.drain(start..end);
+                blocks += u64::from(ok);
+            }
+            end = start;
+        }
+        self.after_free();
+        println!("HVMEM OK free bytes={freed} blocks={blocks}");
     }
 
     /// After memory came back: a balloon target the guest could not meet may be met now.

@@ -87,7 +87,10 @@ pub fn find_balloon() -> (Option<MmioTransport<'static>>, usize) {
         slot += SLOT;
         let Ok(t) = t else { continue };
         devices += 1;
-        if t.device_type() == DeviceType::MemoryBallooning {
+        if matches!(
+            t.device_type(),
+            DeviceType::MemoryBalloon | DeviceType::MemoryBallooning
+        ) {
             return (Some(t), devices);
         }
     }

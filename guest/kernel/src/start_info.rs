@@ -99,6 +99,9 @@ impl BootInfo {
             else {
                 break;
             };
+            if len == 0 {
+                continue;
+            }
             memmap.push(Region {
                 start,
                 len,
