@@ -17,9 +17,9 @@
 
 use alloc::vec::Vec;
 
+use hvmem::PageOrder;
 use hvmem::buddy::Block;
 use hvmem::hint::guest::{Pipeline, ReportPolicy, Reporter};
-use hvmem::PageOrder;
 
 use crate::hal::Device;
 use crate::mem::{BalloonBooks, Frames};
@@ -77,10 +77,6 @@ impl Guest {
             broke_huge: 0,
             balloon_seen: None,
         })
-    }
-
-    fn free_bytes(&self) -> u64 {
-        self.buddy.lock().free_frames() * PAGE
     }
 
     fn managed_bytes(&self) -> u64 {
@@ -232,11 +228,12 @@ impl Guest {
             };
             for p in pages {
                 let huge = self.buddy.free_frames_within(p.pfn, FILL_ORDER);
-                if p.pfn.get() & 1 == 1 && huge + 1 < FILL_ORDER.frames() {
-                    if self.buddy.free(p.pfn, p.order).is_ok() {
-                        freed += PAGE;
-                        continue;
-                    }
+                if p.pfn.get() & 1 == 1
+                    && huge + 1 < FILL_ORDER.frames()
+                    && self.buddy.free(p.pfn, p.order).is_ok()
+                {
+                    freed += PAGE;
+                    continue;
                 }
                 kept.push(p);
             }
@@ -351,4 +348,3 @@ impl Guest {
         );
     }
 }
-

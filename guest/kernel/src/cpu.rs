@@ -1,4 +1,4 @@
-//! The few privileged instructions the kernel needs: port I/O, CR3, HLT, PAUSE.
+//! The few privileged instructions the kernel needs: port I/O, loading CR3, HLT, PAUSE.
 //!
 //! Each is a tiny `asm!` wrapper. Port I/O and HLT cannot break Rust's memory model on this
 //! machine (the only devices on ports are COM1 and the PIT/PIC QEMU's microvm provides, none
@@ -10,22 +10,18 @@ use core::arch::asm;
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: `in` touches no memory; the ports used (COM1) have no side effect on memory.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: `out` touches no memory; the ports used (COM1) have no side effect on memory.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
-}
-
-/// The current CR3 (root of the page tables in use).
-pub fn read_cr3() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR3 has no side effect.
-    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) };
-    v
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Loads CR3, switching page tables (and flushing the non-global TLB entries).

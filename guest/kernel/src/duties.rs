@@ -210,10 +210,16 @@ impl Guest {
 
 /// Allocates free blocks from the largest order down and hints each; returns the bytes
 /// hinted. Blocks that could not be hinted go straight back.
-fn hint_run(buddy: &'static crate::mem::Frames, dev: &mut crate::hal::Device, held: &mut Vec<Block>) -> u64 {
+fn hint_run(
+    buddy: &'static crate::mem::Frames,
+    dev: &mut crate::hal::Device,
+    held: &mut Vec<Block>,
+) -> u64 {
     let mut bytes = 0u64;
     for o in (0..=HINT_TOP_ORDER).rev() {
-        let Ok(order) = PageOrder::new(o) else { continue };
+        let Ok(order) = PageOrder::new(o) else {
+            continue;
+        };
         loop {
             if held.try_reserve(1).is_err() {
                 return bytes;

@@ -86,7 +86,7 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
             p.root
         ),
         Err(e) => {
-            println!("hvmem-guest: {e:?}");
+            println!("hvmem-guest: {e}");
             fail("page tables")
         }
     }

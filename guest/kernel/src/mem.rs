@@ -69,10 +69,11 @@ pub fn carve_balloon(carver: &mut Carver, base: Pfn, frames: u64) -> Option<Ball
 pub fn init_buddy(meta: Meta, base: Pfn, info: &BootInfo, free_from: u64) -> Option<u64> {
     let mut b = Buddy::new(meta, base).ok()?;
     for r in info.ram() {
-        let start = r.start.max(free_from).next_multiple_of(PAGE) / PAGE;
+        let start = r.start.max(free_from).div_ceil(PAGE);
         let end = r.end() / PAGE;
         if end > start {
-            b.add_range_reported(Pfn::new(start).ok()?, end - start).ok()?;
+            b.add_range_reported(Pfn::new(start).ok()?, end - start)
+                .ok()?;
         }
     }
     let managed = b.managed_frames() * PAGE;

@@ -6,7 +6,9 @@
 //! edges; the largest leaf is limited to 2 MiB, the host's THP size), and the virtio-mmio
 //! window at 0xfeb00000 with 4 KiB uncached pages. Everything else faults.
 
-use hvmem::spt::{MapSize, PageTable, TableArena, TableFrame, TableSlot, WalkFlags, X86_64, X86Flags};
+use hvmem::spt::{
+    MapSize, PageTable, TableArena, TableFrame, TableSlot, WalkFlags, X86_64, X86Flags,
+};
 use hvmem::{Hpa, Level, Va};
 
 use crate::phys::{self, Carver, PAGE};
@@ -30,7 +32,6 @@ pub struct Paging {
 }
 
 /// Why the tables could not be built; the boot tables stay in use.
-#[derive(Debug)]
 pub enum PagingError {
     /// The carver had no room for the table frames.
     NoRoom,
@@ -38,6 +39,16 @@ pub enum PagingError {
     Spt(&'static str),
     /// A check after building found an address that would not translate to itself.
     NotIdentity(u64),
+}
+
+impl core::fmt::Display for PagingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoRoom => f.write_str("no room for the table frames"),
+            Self::Spt(step) => write!(f, "hvmem::spt refused: {step}"),
+            Self::NotIdentity(pa) => write!(f, "{pa:#x} would not map to itself"),
+        }
+    }
 }
 
 fn identity(
@@ -84,7 +95,13 @@ pub fn build_and_switch(carver: &mut Carver, info: &BootInfo) -> Result<Paging, 
         }
     }
     let mmio = rw | X86Flags::NO_CACHE | X86Flags::WRITE_THROUGH | X86Flags::NO_EXECUTE;
-    identity(&pt, &mut mem, VIRTIO_MMIO_BASE, VIRTIO_MMIO_BASE + VIRTIO_MMIO_LEN, mmio)?;
+    identity(
+        &pt,
+        &mut mem,
+        VIRTIO_MMIO_BASE,
+        VIRTIO_MMIO_BASE + VIRTIO_MMIO_LEN,
+        mmio,
+    )?;
 
     // Everything Rust may reference must translate to itself: the image (code, data, stack),
     // the carved structures, the tables themselves.

@@ -37,7 +37,9 @@ pub fn read_u32(pa: u64) -> Option<u32> {
     }
     // SAFETY: `pa` is below 4 GiB, which the boot tables identity-map; an unaligned
     // volatile read of plain data creates no reference. QEMU's boot structures are RAM.
-    Some(unsafe { ptr::read_volatile(pa as *const [u8; 4]) }).map(u32::from_le_bytes)
+    Some(u32::from_le_bytes(unsafe {
+        ptr::read_volatile(pa as *const [u8; 4])
+    }))
 }
 
 /// Reads a little-endian `u64` at `pa`, or `None` above the boot map.

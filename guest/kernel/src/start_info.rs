@@ -94,9 +94,11 @@ impl BootInfo {
         let entries = phys::read_u32(pa + 48).unwrap_or(0);
         for i in 0..u64::from(entries).min(MAX_ENTRIES as u64) {
             let e = map + i * 24;
-            let (Some(start), Some(len), Some(kind)) =
-                (phys::read_u64(e), phys::read_u64(e + 8), phys::read_u32(e + 16))
-            else {
+            let (Some(start), Some(len), Some(kind)) = (
+                phys::read_u64(e),
+                phys::read_u64(e + 8),
+                phys::read_u32(e + 16),
+            ) else {
                 break;
             };
             if len == 0 {
