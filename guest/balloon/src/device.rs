@@ -75,8 +75,14 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
     ///
     /// On an error the device is marked `FAILED`, then reset.
     pub fn new(mut transport: T, mem: RamMapping, wanted: Features) -> Result<Self, InitError> {
+        // virtio-drivers 0.13 decodes device id 5 (the traditional balloon) as
+        // `MemoryBalloon`, the name it also gives id 13; the `MemoryBallooning` variant has
+        // the value 5 but no id maps to it. Accept both.
         let kind = transport.device_type();
-        if kind != DeviceType::MemoryBallooning {
+        if !matches!(
+            kind,
+            DeviceType::MemoryBallooning | DeviceType::MemoryBalloon
+        ) {
             return Err(InitError::WrongDevice(kind));
         }
         transport.set_status(DeviceStatus::empty());

@@ -116,6 +116,7 @@ pub struct QueueRegs {
 
 #[derive(Debug)]
 pub struct DeviceState {
+    pub device_type: DeviceType,
     pub offered: u64,
     pub driver_features: Option<u64>,
     pub status: DeviceStatus,
@@ -164,6 +165,8 @@ pub struct FakeTransport {
 impl FakeTransport {
     pub fn new(offered: u64, queue_max: &[u32], config_len: usize) -> (Self, Shared) {
         let state = Rc::new(RefCell::new(DeviceState {
+            // What virtio-drivers' MMIO and PCI transports report for device id 5.
+            device_type: DeviceType::try_from(5u32).unwrap(),
             offered,
             driver_features: None,
             status: DeviceStatus::empty(),
@@ -300,7 +303,7 @@ fn walk(queue: u16, table: u64, size: u16, head: u16) -> Chain {
 
 impl Transport for FakeTransport {
     fn device_type(&self) -> DeviceType {
-        DeviceType::MemoryBallooning
+        self.state.borrow().device_type
     }
 
     fn read_device_features(&mut self) -> u64 {

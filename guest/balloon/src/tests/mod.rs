@@ -11,7 +11,7 @@ use hvmem::addr::{PageOrder, Pfn};
 use hvmem::buddy::Block;
 use hvmem::hint::guest::{BatchId, PipelinedTransport, ReportTransport};
 use hvmem::hint::wire::CmdId;
-use virtio_drivers::transport::DeviceStatus;
+use virtio_drivers::transport::{DeviceStatus, DeviceType};
 
 use self::fake::{Arena, Chain, FakeHal, FakeTransport, Mode, QEMU_OFFER, Shared};
 use crate::*;
@@ -105,6 +105,34 @@ fn negotiation_always_keeps_must_tell_host_version_1_and_stats() {
         )
         .bits(),
         MTH | STATS | V1 | REPORTING
+    );
+}
+
+#[test]
+fn device_id_5_is_accepted_under_both_of_virtio_drivers_names() {
+    // virtio-drivers 0.13 turns id 5 into `MemoryBalloon` (its name for id 13 too), while
+    // `MemoryBallooning` has the value 5.
+    assert_eq!(
+        DeviceType::try_from(5u32).unwrap(),
+        DeviceType::MemoryBalloon
+    );
+    for kind in [DeviceType::MemoryBalloon, DeviceType::MemoryBallooning] {
+        let (t, s) = FakeTransport::qemu(QEMU_OFFER);
+        s.borrow_mut().device_type = kind;
+        assert!(
+            Balloon::new(t, mem(), Features::SUPPORTED).is_ok(),
+            "{kind:?}"
+        );
+    }
+    let (t, s) = FakeTransport::qemu(QEMU_OFFER);
+    s.borrow_mut().device_type = DeviceType::Block;
+    assert_eq!(
+        Balloon::new(t, mem(), Features::SUPPORTED).unwrap_err(),
+        InitError::WrongDevice(DeviceType::Block)
+    );
+    assert!(
+        s.borrow().status_log.is_empty(),
+        "a wrong device is not touched"
     );
 }
 
