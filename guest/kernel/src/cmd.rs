@@ -52,8 +52,6 @@ pub struct Guest {
     pub hint_held: Vec<Block>,
     /// Bytes hinted in the last run.
     pub hinted: u64,
-    /// The last hint command id answered.
-    pub hint_answered: u32,
     /// Host huge pages the balloon broke, over the guest's life.
     pub broke_huge: u64,
     /// The balloon target last acted on (so a target the guest cannot meet is not retried
@@ -73,7 +71,6 @@ impl Guest {
             filled: Vec::new(),
             hint_held: Vec::new(),
             hinted: 0,
-            hint_answered: 0,
             broke_huge: 0,
             balloon_seen: None,
         })

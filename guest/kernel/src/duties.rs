@@ -7,7 +7,6 @@ use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use hvmem::PageOrder;
 use hvmem::buddy::Block;
-use hvmem::hint::wire::CmdKind;
 use hvmem_virtio_balloon::{HintError, HintState, ReportError};
 
 use crate::cmd::Guest;
@@ -160,12 +159,9 @@ impl Guest {
         let Some(dev) = self.dev.as_mut() else {
             return false;
         };
-        let Ok(id) = dev.hint_cmd_id() else {
-            return false;
-        };
-        match dev.hint_state() {
-            HintState::Running(_) => false,
-            HintState::Ended(run) => match dev.hint_done() {
+        let mut worked = false;
+        if let HintState::Ended(run) = dev.hint_state() {
+            match dev.hint_done() {
                 Ok(true) => {
                     let mut freed = 0u64;
                     for b in self.hint_held.drain(..) {
@@ -176,35 +172,29 @@ impl Guest {
                     }
                     self.balloon_seen = None;
                     println!("HVMEM EVENT hint-done cmd_id={} freed={freed}", run.get());
-                    true
+                    worked = true;
                 }
-                Ok(false) => false,
-                Err(e) => {
-                    println!("hvmem-guest: hint done: {e}");
-                    false
-                }
-            },
-            HintState::Idle => {
-                let CmdKind::Run(n) = id.kind() else {
-                    return false;
-                };
-                if n == self.hint_answered {
-                    return false;
-                }
-                self.hint_answered = n;
-                if let Err(e) = dev.hint_begin(id) {
-                    println!("hvmem-guest: hint begin {n}: {e}");
-                    return true;
-                }
-                let bytes = hint_run(self.buddy, dev, &mut self.hint_held);
-                if let Err(e) = dev.hint_end() {
-                    println!("hvmem-guest: hint end {n}: {e}");
-                }
-                self.hinted = bytes;
-                println!("HVMEM EVENT hint cmd_id={n} bytes={bytes}");
-                true
+                Ok(false) => {}
+                Err(e) => println!("hvmem-guest: hint done: {e}"),
             }
         }
+        if matches!(dev.hint_state(), HintState::Running(_)) {
+            return worked;
+        }
+        let Ok(Some(id)) = dev.hint_pending() else {
+            return worked;
+        };
+        if let Err(e) = dev.hint_begin(id) {
+            println!("hvmem-guest: hint begin {}: {e}", id.get());
+            return true;
+        }
+        let bytes = hint_run(self.buddy, dev, &mut self.hint_held);
+        if let Err(e) = dev.hint_end() {
+            println!("hvmem-guest: hint end {}: {e}", id.get());
+        }
+        self.hinted = bytes;
+        println!("HVMEM EVENT hint cmd_id={} bytes={bytes}", id.get());
+        true
     }
 }
 
@@ -232,9 +222,7 @@ fn hint_run(
                 }
                 Err(e) => {
                     let _ = buddy.free(b.pfn, b.order);
-                    if !matches!(e, HintError::QueueFull) {
-                        println!("hvmem-guest: hint stopped: {e}");
-                    }
+                    println!("hvmem-guest: hint run stopped: {e}");
                     return bytes;
                 }
             }
