@@ -59,6 +59,8 @@ pub struct VirtIOBalloon<H: Hal, T: Transport> {
     pub(crate) hint_state: HintState,
     /// The last run id [`hint_begin`](Self::hint_begin) accepted (Linux `cmd_id_active`).
     pub(crate) hint_last: Option<hvmem::hint::wire::CmdId>,
+    /// The config generation when the open run began.
+    pub(crate) hint_generation: u32,
     next_message: u64,
     pub(crate) spin_limit: u64,
     pub(crate) stats: DriverStats,
@@ -131,6 +133,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             reporting,
             hint_state: HintState::Idle,
             hint_last: None,
+            hint_generation: 0,
             next_message: 0,
             spin_limit: DEFAULT_SPIN_LIMIT,
             stats: DriverStats::default(),

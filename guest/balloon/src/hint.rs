@@ -9,7 +9,9 @@
 //!    queues each as a device-writable buffer, recycling buffers the host returned. One queue
 //!    entry stays free for STOP (Linux `vq->num_free > 1`). A block refused with
 //!    [`HintError::QueueFull`] was not queued (Linux frees it unhinted); one refused with
-//!    [`HintError::Stopped`] too: the host moved on.
+//!    [`HintError::Stopped`] too: the host moved on. While hinting runs QEMU's config shows 0
+//!    (its START state has no id to show); the driver tells that from a real STOP by the
+//!    config generation, which QEMU bumps on every change it announces.
 //! 3. [`hint_end`](VirtIOBalloon::hint_end) queues STOP (0).
 //! 4. When the command id becomes DONE (1) and every buffer is back,
 //!    [`hint_done`](VirtIOBalloon::hint_done) says so: the guest frees the blocks.
@@ -88,6 +90,8 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         if let HintState::Running(_) = self.hint_state {
             return Err(HintError::AlreadyRunning);
         }
+        // The generation first: a change after it shows up as a newer generation later.
+        let generation = self.transport.read_config_generation();
         let current = self.hint_cmd_id().map_err(HintError::Config)?;
         if id != current || !matches!(id.kind(), CmdKind::Run(_)) {
             return Err(HintError::NotRequested { id, current });
@@ -98,6 +102,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         self.queue_cmd(id, true)?;
         self.hint_state = HintState::Running(id);
         self.hint_last = Some(id);
+        self.hint_generation = generation;
         Ok(())
     }
 
@@ -119,7 +124,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             return Err(HintError::BadBlock);
         }
         let now = self.hint_cmd_id().map_err(HintError::Config)?;
-        if now != id {
+        if now != id && (now != CmdId::STOP || self.host_changed_config()) {
             return Err(HintError::Stopped { now });
         }
         // Keep one entry for STOP.
@@ -192,6 +197,17 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             self.kick_hint();
         }
         Ok(false)
+    }
+
+    /// Whether the device announced a config change since the open run began. QEMU's
+    /// config shows no id while hinting is under way (its START state leaves the field 0,
+    /// which reads as STOP), and every change it announces (STOP, DONE, a new id, a new
+    /// target) bumps the config generation; so a STOP read under the run's generation is the
+    /// run going on (Linux caches the id and rereads it only on a config interrupt). A
+    /// legacy transport has no generation: there a host STOP is seen only when the config
+    /// shows something else, and QEMU ignores blocks it gets after stopping.
+    fn host_changed_config(&self) -> bool {
+        self.transport.read_config_generation() != self.hint_generation
     }
 
     /// Notifies the hint queue unconditionally: QEMU turns notifications off while its

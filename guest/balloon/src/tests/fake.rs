@@ -129,6 +129,8 @@ pub struct DeviceState {
     pub seen: Vec<Chain>,
     /// Status values the driver wrote, in order.
     pub status_log: Vec<u32>,
+    /// The config generation (QEMU bumps it with every config change it announces).
+    pub generation: u32,
 }
 
 pub type Shared = Rc<RefCell<DeviceState>>;
@@ -182,6 +184,7 @@ impl FakeTransport {
             config: vec![0; config_len],
             seen: Vec::new(),
             status_log: Vec::new(),
+            generation: 0,
         }));
         (
             Self {
@@ -209,7 +212,15 @@ impl DeviceState {
         u32::from_le_bytes(self.config[offset..offset + 4].try_into().unwrap())
     }
 
+    /// Changes a config field and announces it (QEMU `virtio_notify_config`).
     pub fn set_config_u32(&mut self, offset: usize, v: u32) {
+        self.config[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
+        self.generation += 1;
+    }
+
+    /// Changes a config field silently, as QEMU's free page hint state START does (its
+    /// config shows no id then, and nothing is announced).
+    pub fn set_config_u32_silently(&mut self, offset: usize, v: u32) {
         self.config[offset..offset + 4].copy_from_slice(&v.to_le_bytes());
     }
 
@@ -398,7 +409,7 @@ impl Transport for FakeTransport {
     }
 
     fn read_config_generation(&self) -> u32 {
-        0
+        self.state.borrow().generation
     }
 
     fn read_config_space<T: FromBytes + IntoBytes>(
