@@ -209,7 +209,18 @@ impl Guest {
 
     fn free_holes(&mut self) {
         let mut freed = 0u64;
+        // Room for every page up front: the heap is small, and running out half way would
+        // leave pages nobody holds.
+        let pages: u64 = self.filled.iter().map(|b| b.order.frames()).sum();
         let mut kept = Vec::new();
+        if usize::try_from(pages)
+            .ok()
+            .and_then(|n| kept.try_reserve_exact(n).ok())
+            .is_none()
+        {
+            println!("HVMEM ERR free heap too small for {pages} pages");
+            return;
+        }
         let blocks = core::mem::take(&mut self.filled);
         for b in blocks {
             // Take the block apart into single pages: free it, then allocate each of its

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use hvmem::PageOrder;
 use hvmem::buddy::Block;
-use hvmem_virtio_balloon::{HintError, HintState, ReportError};
+use hvmem_virtio_balloon::{HintState, ReportError};
 
 use crate::cmd::Guest;
 use crate::phys::PAGE;

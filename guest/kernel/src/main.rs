@@ -75,7 +75,7 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
     let Some(balloon) = mem::carve_balloon(&mut carver, base, frames) else {
         fail("no room for the balloon books")
     };
-    if !carver.heap(mem::HEAP_BYTES) {
+    if !carver.heap(mem::heap_bytes(frames)) {
         fail("no room for the heap");
     }
     match paging::build_and_switch(&mut carver, &info) {

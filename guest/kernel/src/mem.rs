@@ -30,8 +30,13 @@ pub fn buddy() -> Option<&'static Frames> {
     BUDDY.get()
 }
 
-/// Heap bytes for the global allocator.
-pub const HEAP_BYTES: usize = 2 << 20;
+/// Heap bytes for the global allocator: 2 MiB plus 1/128 of the RAM window, enough for
+/// the commands' lists of held blocks (16 bytes per block; `free holes` keeps one block per
+/// two pages) and virtio-drivers' buffers.
+pub fn heap_bytes(window_frames: u64) -> usize {
+    let extra = (window_frames * PAGE / 128).next_multiple_of(PAGE);
+    (2 << 20) + usize::try_from(extra).unwrap_or(0)
+}
 
 /// The first frame the buddy's window covers (1 MiB).
 const WINDOW_BASE: u64 = (1 << 20) / PAGE;
