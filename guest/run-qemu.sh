@@ -1,5 +1,5 @@
 #!/bin/sh
-# Ad-hoc launcher for the guest under the QEMU the runner fetches (development aid).
+# Ad-hoc launcher for the guest (a development aid; the real runner is examples/qemu_balloon).
 # Usage: QEMU_ROOT=... guest/run-qemu.sh [extra qemu args]; commands on stdin.
 set -eu
 root=${QEMU_ROOT:-/work/qemu-cache/root}

@@ -296,7 +296,10 @@ impl Guest {
     }
 
     fn touch(&mut self, mib: u64) {
-        let want = (mib << 20) / PAGE;
+        let Some(want) = mib.checked_mul((1 << 20) / PAGE) else {
+            println!("HVMEM ERR touch short of memory bytes=0");
+            return;
+        };
         let mut got: Vec<Block> = Vec::new();
         let mut frames = 0u64;
         let mut bad: Option<u64> = None;

@@ -7,6 +7,8 @@
 //! `hvmem-virtio-balloon` driver, then serves the runner's command protocol ([`cmd`]) and
 //! the device's background requests ([`duties`]) from one polling loop (no interrupts).
 //!
+//! `guest/README.md` has the build command and the serial protocol.
+//!
 //! Unsafe code and assembly live only in the hardware-facing files: [`boot`], [`cpu`],
 //! [`phys`] (physical memory through the identity map), [`hal`] (the virtio `Hal`) and the
 //! CR3 switch in [`paging`].
