@@ -17,8 +17,10 @@ use crate::ring::{Buf, RamMapping, Ring, Used};
 /// Frame numbers per inflate or deflate message (Linux `VIRTIO_BALLOON_ARRAY_PFNS_MAX`).
 pub const PFNS_PER_MESSAGE: usize = 256;
 
-/// How many times a wait that may give up polls the used ring by default (about seconds
-/// under TCG; QEMU answers inflate and deflate during the notify itself).
+/// How many times a wait that may give up polls the used ring by default. QEMU 7.2 handles
+/// inflate and deflate messages during the notification itself (in the vCPU thread under
+/// TCG), so the first poll normally finds the answer; the bound only catches a device that
+/// never answers.
 pub const DEFAULT_SPIN_LIMIT: u64 = 1 << 28;
 
 /// Counters over the life of the driver.

@@ -22,6 +22,8 @@ pub enum RingError {
     Empty,
     /// A block whose address and length don't fit the address space.
     BadBlock,
+    /// A chain of more than 32 buffers.
+    TooLong,
 }
 
 impl fmt::Display for RingError {
@@ -32,6 +34,7 @@ impl fmt::Display for RingError {
             Self::Broken => f.write_str("virtqueue unusable after a device error"),
             Self::Empty => f.write_str("empty buffer"),
             Self::BadBlock => f.write_str("block outside the address space"),
+            Self::TooLong => f.write_str("chain of more than 32 buffers"),
         }
     }
 }

@@ -103,10 +103,12 @@ pub mod queue_size {
     pub const INFLATE: usize = 128;
     /// See [`INFLATE`].
     pub const DEFLATE: usize = 128;
-    /// The free-page-hint queue. QEMU offers 1024; the driver uses 256, because
-    /// virtio-drivers keeps a 32-byte shadow per entry inside the queue object (1024 entries
-    /// would be 32 KiB moved through a guest kernel's stack) and 256 hinted blocks of 4 MiB
-    /// in flight (1 GiB) keep the host busy between two polls. Used entries are recycled.
+    /// The free-page-hint queue. QEMU offers 1024; the driver uses 256 (a driver may choose
+    /// any power of two up to the maximum), because virtio-drivers keeps a 32-byte shadow per
+    /// entry inside the queue object (1024 entries would be 32 KiB built on a guest kernel's
+    /// stack). 255 blocks may be in flight (one entry stays free for STOP); 255 blocks of
+    /// 4 MiB are more than the 256 MiB guest of QEMU's scenarios has. Used entries are
+    /// recycled.
     pub const HINT: usize = 256;
     /// The reporting queue: QEMU 7.2's size, 32; with indirect descriptors one batch takes
     /// one entry, so up to 32 batches can be in flight.

@@ -44,6 +44,18 @@
 //! [`queue_size`]. Indirect descriptors (`RING_INDIRECT_DESC`) let a 32-block batch take one
 //! of the reporting queue's 32 entries, so several batches can be in flight.
 //!
+//! # Checked against QEMU 7.2
+//! Besides the unit tests' fake device, the driver ran in the `hvmem-guest` unikernel on
+//! QEMU 7.2 (`-M microvm`, virtio-mmio, `free-page-reporting=on,free-page-hint=on`). Two
+//! behaviours of the real stack shaped it:
+//! - virtio-drivers 0.13 decodes device id 5 as `DeviceType::MemoryBalloon` (its name for id
+//!   13 too), never as `MemoryBallooning`: [`VirtIOBalloon::new`] accepts both.
+//! - While a hint run is under way QEMU's config shows command id 0 (its START state has no
+//!   id to show) without announcing a change; a host STOP is announced (the config
+//!   generation moves). The driver tells the two apart by the generation; Linux instead
+//!   rereads the id only on a config interrupt. And QEMU's hint thread turns queue
+//!   notifications off while it polls, so waiting for hint buffers kicks the queue anyway.
+//!
 //! # Polling
 //! No interrupts: every operation that waits spins on the used ring
 //! ([`VirtIOBalloon::set_spin_limit`] bounds the waits that may give up), and the embedder

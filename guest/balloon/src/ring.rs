@@ -91,6 +91,58 @@ pub(crate) enum Buf {
     Ram { pa: u64, len: u32 },
 }
 
+/// The most buffers in one chain: a full report batch (hvmem's `CAP`, Linux
+/// `PAGE_REPORTING_CAPACITY`).
+pub(crate) const MAX_CHAIN: usize = 32;
+
+/// A chain's buffers as the slices virtio-drivers takes, on the stack (no allocation per
+/// `add` or `pop`).
+struct Lists<'a> {
+    ins: [&'a [u8]; MAX_CHAIN],
+    n_in: usize,
+    outs: [&'a mut [u8]; MAX_CHAIN],
+    n_out: usize,
+}
+
+impl<'a> Lists<'a> {
+    /// The slices over `bufs` (`Out` as device-readable, `Ram` as device-writable, in
+    /// order), or `None` if a block doesn't fit the address space or the chain is longer
+    /// than [`MAX_CHAIN`].
+    ///
+    /// # Safety
+    /// Every `Ram` buffer is a block handed to the driver under the [`RamMapping`] contract,
+    /// and no other slice over it is alive while the result is.
+    unsafe fn new(bufs: &'a [Buf], mem: &RamMapping) -> Option<Self> {
+        let mut l = Self {
+            ins: [&[]; MAX_CHAIN],
+            n_in: 0,
+            outs: core::array::from_fn(|_| <&mut [u8]>::default()),
+            n_out: 0,
+        };
+        for b in bufs {
+            match b {
+                Buf::Out(bytes) => {
+                    *l.ins.get_mut(l.n_in)? = bytes;
+                    l.n_in += 1;
+                }
+                Buf::Ram { pa, len } => {
+                    // SAFETY: the caller's contract: a block under `RamMapping`'s, with no
+                    // other slice over it.
+                    let s = unsafe { mem.block(*pa, *len) }?;
+                    *l.outs.get_mut(l.n_out)? = s;
+                    l.n_out += 1;
+                }
+            }
+        }
+        Some(l)
+    }
+
+    /// The device-readable and device-writable lists.
+    fn split(&mut self) -> (&[&'a [u8]], &mut [&'a mut [u8]]) {
+        (&self.ins[..self.n_in], &mut self.outs[..self.n_out])
+    }
+}
+
 /// A chain in flight: its buffers and the caller's tag (a batch id, a kind of hint buffer).
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -175,32 +227,25 @@ impl<H: Hal, const SIZE: usize> Ring<H, SIZE> {
         if self.broken {
             return Err(RingError::Broken);
         }
-        if bufs.is_empty() {
+        if bufs.is_empty()
+            || bufs
+                .iter()
+                .any(|b| matches!(b, Buf::Out(o) if o.is_empty()))
+        {
             return Err(RingError::Empty);
         }
-        let mut inputs: Vec<&[u8]> = Vec::new();
-        let mut outputs: Vec<&mut [u8]> = Vec::new();
-        for b in &bufs {
-            match b {
-                Buf::Out(bytes) => {
-                    if bytes.is_empty() {
-                        return Err(RingError::Empty);
-                    }
-                    inputs.push(bytes);
-                }
-                Buf::Ram { pa, len } => {
-                    // SAFETY: a `Ram` buffer is a block the embedder handed the driver under
-                    // the `RamMapping` contract; this is the only slice over it until `add`
-                    // returns (virtio-drivers keeps only its physical address).
-                    let s = unsafe { mem.block(*pa, *len) }.ok_or(RingError::BadBlock)?;
-                    outputs.push(s);
-                }
-            }
+        if bufs.len() > MAX_CHAIN {
+            return Err(RingError::TooLong);
         }
+        // SAFETY: a `Ram` buffer is a block the embedder handed the driver under the
+        // `RamMapping` contract; these are the only slices over it until `add` returns
+        // (virtio-drivers keeps only its physical address).
+        let mut l = unsafe { Lists::new(&bufs, mem) }.ok_or(RingError::BadBlock)?;
+        let (inputs, outputs) = l.split();
         // SAFETY: the `Out` buffers are boxes the slot below owns until `pop` returns this
         // token, so their heap memory stays valid and unread by us meanwhile; the `Ram` blocks
         // belong to the device until then under the `RamMapping` contract.
-        let token = unsafe { self.queue.add(&inputs, &mut outputs) }.map_err(RingError::Queue)?;
+        let token = unsafe { self.queue.add(inputs, outputs) }.map_err(RingError::Queue)?;
         match self.slots.get_mut(usize::from(token)) {
             Some(s @ None) => *s = Some(Slot { tag, bufs }),
             // virtio-drivers hands out a head index below SIZE that is not in use; anything
@@ -236,29 +281,21 @@ impl<H: Hal, const SIZE: usize> Ring<H, SIZE> {
             self.broken = true;
             return Err(RingError::UnknownToken(token));
         };
-        let mut inputs: Vec<&[u8]> = Vec::new();
-        let mut outputs: Vec<&mut [u8]> = Vec::new();
-        for b in &slot.bufs {
-            match b {
-                Buf::Out(bytes) => inputs.push(bytes),
-                Buf::Ram { pa, len } => {
-                    // SAFETY: the same block `add` made a slice over, still the device's until
-                    // `pop_used` returns; the slice made in `add` is gone.
-                    match unsafe { mem.block(*pa, *len) } {
-                        Some(s) => outputs.push(s),
-                        // `add` built the same slice, so this can't fail; if it did, popping
-                        // with other buffers would break virtio-drivers' bookkeeping.
-                        None => {
-                            self.broken = true;
-                            return Err(RingError::Broken);
-                        }
-                    }
-                }
+        // SAFETY: the same blocks `add` made slices over, still the device's until `pop_used`
+        // returns; the slices made in `add` are gone.
+        let Some(mut l) = (unsafe { Lists::new(&slot.bufs, mem) }) else {
+            // `add` built the same slices, so this can't fail; if it did, popping with other
+            // buffers would break virtio-drivers' bookkeeping: keep the chain, refuse all.
+            self.broken = true;
+            if let Some(s) = self.slots.get_mut(usize::from(token)) {
+                *s = Some(slot);
             }
-        }
+            return Err(RingError::Broken);
+        };
+        let (inputs, outputs) = l.split();
         // SAFETY: these are the buffers `add` queued under `token` (the slot kept them, in
         // the same order and direction), and `peek_used` says `token` is next.
-        let len = unsafe { self.queue.pop_used(token, &inputs, &mut outputs) };
+        let len = unsafe { self.queue.pop_used(token, inputs, outputs) };
         match len {
             Ok(len) => {
                 self.in_flight -= 1;
