@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 use arrayvec::ArrayVec;
 use hvmem::PageOrder;
 use hvmem::buddy::Block;
-use hvmem_virtio_balloon::{HintState, ReportError};
+use hvmem_virtio_balloon::{HintError, HintState, ReportError};
 
 use crate::cmd::Guest;
 use crate::phys::PAGE;
@@ -22,6 +22,9 @@ const MAX_PASSES: u32 = 256;
 const REPORT_SPIN: u64 = 1 << 28;
 /// The largest block a hint run allocates: 4 MiB, the buddy's largest order.
 const HINT_TOP_ORDER: u8 = 10;
+/// Attempts to queue one hint block while the hint queue is full (each recycles returned
+/// buffers and kicks the queue) before the run gives up on the rest of its blocks.
+const HINT_FULL_RETRIES: u64 = 1 << 22;
 
 impl Guest {
     /// `report`: pipelined passes over the reporting queue until a pass reports nothing.
@@ -215,7 +218,20 @@ fn hint_run(
                 return bytes;
             }
             let Ok(b) = buddy.alloc(order) else { break };
-            match dev.hint_block(b.pfn.addr().get(), b.order.bytes()) {
+            // A full queue means the host's hint thread has not caught up yet: the driver
+            // recycled what came back and kicked the queue, so wait and retry the same block
+            // (a bounded number of times) instead of ending the run early.
+            let mut retries = 0u64;
+            let result = loop {
+                match dev.hint_block(b.pfn.addr().get(), b.order.bytes()) {
+                    Err(HintError::QueueFull) if retries < HINT_FULL_RETRIES => {
+                        retries += 1;
+                        core::hint::spin_loop();
+                    }
+                    r => break r,
+                }
+            };
+            match result {
                 Ok(()) => {
                     bytes += b.order.bytes();
                     held.push(b);
