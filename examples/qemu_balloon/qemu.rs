@@ -116,6 +116,23 @@ impl QemuBin {
     }
 }
 
+/// QEMU gets SIGKILL when the runner dies, even by a signal no destructor sees (a CI
+/// timeout's SIGTERM, Ctrl-C).
+#[allow(unsafe_code)]
+fn kill_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Every folder under `dir` that holds a shared library.
 fn lib_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = fs::read_dir(dir) else {
@@ -136,8 +153,25 @@ fn lib_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 pub(crate) struct TempDir(PathBuf);
 
 impl TempDir {
+    /// `hvmem-<tag>-<our pid>-<n>` in the system's temporary folder; folders left by
+    /// runs killed before their destructors ran (their pid is gone) are removed first.
     pub(crate) fn new(tag: &str) -> Result<TempDir, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!("hvmem-{tag}-");
+        if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if let Some(pid) = pid {
+                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
+        }
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("hvmem-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
@@ -211,6 +245,7 @@ impl Vm {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
+        kill_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.path.display()))?;
