@@ -174,6 +174,9 @@ fn main() -> ExitCode {
             eprintln!("{name}: {:.1} s", t.elapsed().as_secs_f64());
         }
         rows.append(&mut ctx.rows);
+        if !opts.linux && !rows.is_empty() {
+            table::report_table(&rows).print();
+        }
     }
     if opts.linux {
         println!("\n== linux (reference) ==");
@@ -188,7 +191,7 @@ fn main() -> ExitCode {
         }
         eprintln!("linux: {:.1} s", t.elapsed().as_secs_f64());
     }
-    if !rows.is_empty() {
+    if opts.linux && !rows.is_empty() {
         table::report_table(&rows).print();
     }
     println!(

@@ -330,8 +330,17 @@ pub(crate) fn balloon(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// One migration to a local sink; returns (transferred bytes, total ms, hinted bytes).
-fn migrate_once(ctx: &mut Ctx, hint: bool, bandwidth: u64) -> Result<(u64, u64, u64), String> {
+/// What one migration moved.
+struct Migration {
+    transferred: u64,
+    /// Pages sent in full (`ram.normal`): neither zero nor skipped.
+    normal: u64,
+    total_ms: u64,
+    hinted: u64,
+}
+
+/// One migration to a local sink.
+fn migrate_once(ctx: &mut Ctx, hint: bool, bandwidth: u64) -> Result<Migration, String> {
     let mut g = ctx.boot(hint)?;
     // Most of RAM free, with the fill pattern still in it: a free page not hinted is sent
     // in full (QEMU sends a zero page as a few bytes, so zero pages would prove nothing).
@@ -371,15 +380,20 @@ fn migrate_once(ctx: &mut Ctx, hint: bool, bandwidth: u64) -> Result<(u64, u64, 
     let transferred = info["ram"]["transferred"]
         .as_u64()
         .ok_or_else(|| format!("query-migrate: no ram.transferred in {info}"))?;
-    let total = info["total-time"].as_u64().unwrap_or(0);
-    Ok((transferred, total, hinted))
+    Ok(Migration {
+        transferred,
+        normal: info["ram"]["normal"].as_u64().unwrap_or(0),
+        total_ms: info["total-time"].as_u64().unwrap_or(0),
+        hinted,
+    })
 }
 
 /// Free page hinting during migration, with and without `free-page-hint`.
 pub(crate) fn migrate(ctx: &mut Ctx) -> Result<(), String> {
     let bandwidth = 128 * MIB;
-    let (with, with_ms, hinted) = migrate_once(ctx, true, bandwidth)?;
-    let (without, without_ms, _) = migrate_once(ctx, false, bandwidth)?;
+    let on = migrate_once(ctx, true, bandwidth)?;
+    let off = migrate_once(ctx, false, bandwidth)?;
+    let (with, without, hinted) = (on.transferred, off.transferred, on.hinted);
     let mut t = Table::new(
         &format!(
             "Migration to exec:cat > /dev/null ({} MiB guest, most of it free with non-zero content, max-bandwidth {} MiB/s)",
@@ -390,21 +404,23 @@ pub(crate) fn migrate(ctx: &mut Ctx) -> Result<(), String> {
             "free-page-hint",
             "guest hinted",
             "transferred",
+            "pages sent in full",
             "total time",
         ],
     );
-    t.row(vec![
-        "on".into(),
-        mib(hinted),
-        mib(with),
-        format!("{with_ms} ms"),
-    ]);
-    t.row(vec![
-        "off".into(),
-        "—".into(),
-        mib(without),
-        format!("{without_ms} ms"),
-    ]);
+    for (name, m) in [("on", &on), ("off", &off)] {
+        t.row(vec![
+            name.into(),
+            if name == "on" {
+                mib(m.hinted)
+            } else {
+                "—".into()
+            },
+            mib(m.transferred),
+            m.normal.to_string(),
+            format!("{} ms", m.total_ms),
+        ]);
+    }
     t.print();
     ctx.claim(
         hinted > 0,
