@@ -12,10 +12,10 @@ use crate::rss::{self, MIB, mib, mib_signed};
 use crate::table::{ReportRow, Table, ms};
 
 const PAGE: u64 = 4096;
-const BOOT: Duration = Duration::from_secs(120);
-const CMD: Duration = Duration::from_secs(120);
+const BOOT: Duration = Duration::from_secs(60);
+const CMD: Duration = Duration::from_secs(60);
 /// `fill` writes most of the guest's RAM under TCG.
-const FILL: Duration = Duration::from_secs(300);
+const FILL: Duration = Duration::from_secs(180);
 /// How long RSS may take to follow a report or a balloon change.
 const RSS_WAIT: Duration = Duration::from_secs(10);
 
