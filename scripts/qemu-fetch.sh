@@ -9,7 +9,7 @@
 # kernel that `linux-image-amd64` depends on (vmlinuz + modules) and `busybox-static`.
 #
 # Usage: scripts/qemu-fetch.sh [--linux] [--env]
-#   DIR is ${HVMEM_QEMU_DIR:-target/qemu} (relative to the current directory).
+#   DIR is $HVMEM_QEMU_DIR, else target/qemu of this repository (where the runner looks).
 #   Idempotent: a second run with the same package versions downloads nothing.
 #   Writes $DIR/env.sh (source it) and prints it; `--env` prints only that file's lines.
 #   Needs apt-get and dpkg-deb (any Debian bookworm); no root unless the package lists
@@ -40,7 +40,8 @@ for tool in apt-get apt-cache dpkg-deb; do
     fi
 done
 
-dir=${HVMEM_QEMU_DIR:-target/qemu}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+dir=${HVMEM_QEMU_DIR:-$repo/target/qemu}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 log() { [ "$env_only" = 1 ] || echo "qemu-fetch: $*" >&2; }
