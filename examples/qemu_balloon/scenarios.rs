@@ -423,6 +423,24 @@ fn migrate_once(ctx: &mut Ctx, hint: bool, bandwidth: u64) -> Result<Migration, 
     let transferred = info["ram"]["transferred"]
         .as_u64()
         .ok_or_else(|| format!("query-migrate: no ram.transferred in {info}"))?;
+    if hint {
+        // The source VM paused at completion; resumed, it must get its hinted blocks back
+        // (QEMU set the cmd id to DONE) and find them usable.
+        g.vm.qmp.execute("cont", json!({}))?;
+        let done = g.event("hint-done", CMD, |_| true)?;
+        let free = g.cmd("status", CMD)?.num("free")?;
+        let touch_mib = free.saturating_sub(8 * MIB) / MIB;
+        let touch = g.cmd(&format!("touch {touch_mib}"), FILL);
+        ctx.claim(
+            touch.is_ok() && free >= hinted,
+            format!(
+                "after `cont` the guest freed its hinted blocks ({}) and can use them (free {}, touch {touch_mib} MiB {})",
+                done.line,
+                mib(free),
+                if touch.is_ok() { "ok" } else { "FAILED" }
+            ),
+        );
+    }
     Ok(Migration {
         transferred,
         normal: info["ram"]["normal"].as_u64().unwrap_or(0),
