@@ -124,6 +124,8 @@ pub use memory::{
     TableLinks, TableMapping, TableMemory, TableSlot, Tables, Unlinked, WithAlloc,
 };
 pub use ops::{EntrySplit, MapSize, SplitChild, SplitDone, SplitTo, Translation, split_entry};
+// The rmap-driven splitter (behind `alloc`) names gfns in the walker's address type.
+#[cfg(feature = "alloc")]
 pub(crate) use walk::in_addr;
 pub use walk::{
     Action, EntryError, EntryRef, Subtree, VisitCtx, VisitKind, Visitor, WalkError, WalkFlags,

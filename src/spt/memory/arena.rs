@@ -421,8 +421,10 @@ impl<'a, H> LockedArena<'a, H> {
         self.frames
     }
 
-    /// The entries of the frame at `table`, when it is one of the arena's frames.
+    /// The entries of the frame at `table`, when it is one of the arena's frames (read by
+    /// the walk-driven splitter, which needs `alloc`).
     #[inline]
+    #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
     pub(crate) fn table(&self, table: Hpa) -> Option<&Table> {
         let index = frame_index(self.phys_base, self.frames, table)?;
         // SAFETY: `index < frames`, inside the arena's slice of frames, which is borrowed
