@@ -246,6 +246,45 @@ impl RmapHead {
         self.add_to_nonempty(e, store, cache)
     }
 
+    /// Adds entry `i` of `table` to `heads[i]`, for every head, when all of them are empty
+    /// (a split's fresh child: its 512 leaves map 512 frames that had no 4 KiB mapping):
+    /// each head takes its entry itself, no descriptor, and the loop is a plain store of
+    /// `tag | table | i` the compiler vectorises. `false`, with nothing changed, when a head
+    /// is not empty or `heads` is longer than a table ([`ENTRIES`](crate::spt::ENTRIES));
+    /// the caller then adds the entries one by one with [`add`](Self::add).
+    pub fn fill_empty(heads: &mut [Self], table: Hpa) -> bool {
+        if heads.len() > crate::spt::ENTRIES {
+            return false;
+        }
+        // Eight at a time, so the loops unroll into wide loads and stores with constant
+        // offsets.
+        let mut chunks = heads.chunks_exact(8);
+        let mut any = [0u64; 8];
+        for c in &mut chunks {
+            for (a, h) in any.iter_mut().zip(c) {
+                *a |= h.0;
+            }
+        }
+        let rest = chunks.remainder().iter().fold(0, |acc, h| acc | h.0);
+        if any.iter().fold(rest, |acc, a| acc | a) != 0 {
+            return false;
+        }
+        // A table is 4 KiB aligned, so `table | i` is the handle of its entry `i`.
+        let tagged = ONE | (table.get() & !(PAGE_SIZE - 1));
+        let mut chunks = heads.chunks_exact_mut(8);
+        let mut base = tagged;
+        for c in &mut chunks {
+            for (j, h) in c.iter_mut().enumerate() {
+                h.0 = base | j as u64;
+            }
+            base += 8;
+        }
+        for (j, h) in chunks.into_remainder().iter_mut().enumerate() {
+            h.0 = base | j as u64;
+        }
+        true
+    }
+
     /// [`add`](Self::add) past the empty case.
     #[inline(never)]
     fn add_to_nonempty<const N: usize>(

@@ -75,6 +75,39 @@ fn one_entry_needs_no_descriptor_and_every_handle_is_representable() {
 }
 
 #[test]
+fn fill_empty_gives_each_head_its_entry_or_changes_nothing() {
+    let (mut store, _pool, mut cache) = setup(4);
+    let table = Hpa::new(0x7_6543_2000).unwrap();
+    // All empty: head i holds entry i of the table, as 512 adds would leave it.
+    let mut heads = vec![RmapHead::EMPTY; 512];
+    assert!(RmapHead::fill_empty(&mut heads, table));
+    let mut added = vec![RmapHead::EMPTY; 512];
+    for (i, h) in added.iter_mut().enumerate() {
+        h.add(EntryRef::new(table, i).unwrap(), &mut store, &mut cache)
+            .unwrap();
+    }
+    assert_eq!(heads, added);
+    for (i, h) in heads.iter().enumerate() {
+        assert_eq!(h.single(), EntryRef::new(table, i));
+        assert_eq!(h.check(&store), Ok(1));
+    }
+    // One head already holds an entry: nothing changes.
+    let mut heads = vec![RmapHead::EMPTY; 512];
+    heads[300].add(e(9, 3), &mut store, &mut cache).unwrap();
+    let before = heads.clone();
+    assert!(!RmapHead::fill_empty(&mut heads, table));
+    assert_eq!(heads, before);
+    // More heads than a table has entries: refused.
+    let mut heads = vec![RmapHead::EMPTY; 513];
+    assert!(!RmapHead::fill_empty(&mut heads, table));
+    assert!(heads.iter().all(|h| h.is_empty()));
+    // A shorter run is entries 0.. of the table.
+    let mut heads = vec![RmapHead::EMPTY; 3];
+    assert!(RmapHead::fill_empty(&mut heads, table));
+    assert_eq!(heads[2].single(), EntryRef::new(table, 2));
+}
+
+#[test]
 fn second_entry_without_descriptor_changes_nothing() {
     let (mut store, _pool, _) = setup(4);
     let mut empty = Cache::new();

@@ -26,7 +26,8 @@
 //!   [`VisitCtx`] to act on the entry later without a walk.
 //! - [`split_entry`] splits one huge leaf into a child the caller provides (fresh from a
 //!   cache, or an existing one to reuse) and reports each new leaf's handle (KVM
-//!   `shadow_mmu_split_huge_page`); [`PageTable::split`] does a range with it.
+//!   `shadow_mmu_split_huge_page`), or with [`split_entry_run`] the whole run of new leaves
+//!   at once; [`PageTable::split`] does a range with it.
 //! - Each operation is a visitor on that walker: [`PageTable::map`] (largest page size
 //!   alignment allows, or a forced one; KVM `kvm_tdp_mmu_map`, x86_64 `Mapper::map_to`),
 //!   [`PageTable::unmap`] (KVM `kvm_tdp_mmu_zap_leafs`), [`PageTable::protect`],
@@ -123,7 +124,10 @@ pub use memory::{
     ArenaError, ENTRIES, FreeError, LockedArena, Table, TableAlloc, TableArena, TableFrame,
     TableLinks, TableMapping, TableMemory, TableSlot, Tables, Unlinked, WithAlloc,
 };
-pub use ops::{EntrySplit, MapSize, SplitChild, SplitDone, SplitTo, Translation, split_entry};
+pub use ops::{
+    EntrySplit, MapSize, SplitChild, SplitDone, SplitLeaves, SplitTo, Translation, split_entry,
+    split_entry_run,
+};
 // The rmap-driven splitter (behind `alloc`) names gfns in the walker's address type.
 #[cfg(feature = "alloc")]
 pub(crate) use walk::in_addr;

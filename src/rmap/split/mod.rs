@@ -6,12 +6,14 @@
 //! Splitting moves off the vCPU fault path into the thread that enables dirty logging (or
 //! clears the log): one rmap walk per huge level, top-down (1 GiB, then 2 MiB), over the
 //! slot's range. Each huge entry the rmap names is split in place by
-//! [`split_entry`](crate::spt::split_entry) into a child that is either found by
+//! [`split_entry_run`](crate::spt::split_entry_run) into a child that is either found by
 //! `(gfn, child role)` (another alias split it already, or an older page survived: reused,
 //! flushing only if it holds tables) or taken fresh from the splitter's caches; every new
-//! leaf goes into the level-below rmap from the split's callback, with no second walk. The
-//! huge entry leaves its rmap, the child gains it as a parent. A second pass over a split
-//! slot finds the huge levels' rmaps empty and costs one read per huge frame.
+//! leaf goes into the level-below rmap from the split's callback, with no second walk; the
+//! callback gets all 512 leaves at once and, when their heads are all empty (a fresh
+//! child), fills them in one vectorised loop. The huge entry leaves its rmap, the child
+//! gains it as a parent. A second pass over a split slot finds the huge levels' rmaps
+//! empty and costs one read per huge frame.
 //!
 //! Before each huge page the caches must hold 513 descriptors (512 rmap heads may each
 //! need one, and the parent list one) and one table; if not, or if someone waits for the
@@ -23,8 +25,11 @@
 use core::fmt;
 
 use crate::addr::{Gfn, Level, PAGE_SHIFT};
+use crate::rmap::RmapHead;
 use crate::spt::mmu::{ForeignCaches, MIN_FREE_PAGES, Mmu, MmuCaches, SlotId, State, TopUpFailed};
-use crate::spt::{EntryRef, PteFormat, SplitChild, TableAlloc, TlbFlush, WalkFlags, split_entry};
+use crate::spt::{
+    EntryRef, PteFormat, SplitChild, SplitLeaves, TableAlloc, TlbFlush, WalkFlags, split_entry_run,
+};
 use crate::sync::RwLockWriteGuard;
 
 mod walk;
@@ -308,16 +313,26 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             .and_then(|f| heads.get_mut(f..f.checked_add(crate::spt::ENTRIES)?))
             .unwrap_or(&mut []);
         let step = below.shift() - PAGE_SHIFT;
-        let done = split_entry(&mem, &mut ctx, child, |leaf, at, _| {
-            let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
-            // A leaf outside the slot's heads (cannot happen for a huge leaf the slot's
-            // rmap named) is counted as an inconsistency, like a failed add.
-            let k = g.wrapping_sub(gfn) >> step;
-            let added = usize::try_from(k)
-                .ok()
-                .and_then(|k| heads.get_mut(k))
-                .is_some_and(|head| head.add(leaf, store, descs).is_ok());
-            lost += u64::from(!added);
+        let done = split_entry_run(&mem, &mut ctx, child, |run: &SplitLeaves<F>| {
+            // A fresh child over frames with no mapping at this level yet (the common
+            // case): every head takes its leaf at once, without a call per leaf.
+            if run.all_written()
+                && heads.len() == crate::spt::ENTRIES
+                && RmapHead::fill_empty(heads, run.table())
+            {
+                return;
+            }
+            for (leaf, at, _) in run.iter() {
+                let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
+                // A leaf outside the slot's heads (cannot happen for a huge leaf the
+                // slot's rmap named) is counted as an inconsistency, like a failed add.
+                let k = g.wrapping_sub(gfn) >> step;
+                let added = usize::try_from(k)
+                    .ok()
+                    .and_then(|k| heads.get_mut(k))
+                    .is_some_and(|head| head.add(leaf, store, descs).is_ok());
+                lost += u64::from(!added);
+            }
         });
         let done = match done {
             Ok(done) => done,

@@ -293,6 +293,50 @@ fn the_walk_splits_the_same_as_the_rmaps() {
     );
 }
 
+/// A fresh child whose frames already have 4 KiB mappings elsewhere (here one page in a
+/// second address space): its heads are not all empty, so the split adds its leaves one
+/// by one and the rmaps stay exact (a head filled over would lose the other entry).
+#[test]
+fn a_fresh_child_over_mapped_frames_adds_to_their_heads() {
+    let mut f = fx();
+    let config = MmuConfig {
+        address_spaces: 2,
+        ..MmuConfig::default()
+    };
+    let m = mmu(&mut f, config);
+    m.add_slot(SlotId(0), Gfn::new(0).unwrap(), 1 << 18, SlotFlags::empty())
+        .unwrap();
+    let mut c = FaultCaches::new();
+    for g in [0u64, 512] {
+        m.page_fault(&mut c, &Host(Level::L2), gpa(g), true, &mut Tlb::default())
+            .unwrap();
+    }
+    m.page_fault_in(
+        1,
+        &mut c,
+        &Host(Level::L1),
+        gpa(7),
+        false,
+        &mut Tlb::default(),
+    )
+    .unwrap();
+    c.release(&m).unwrap();
+    let mut caches = SplitCaches::new();
+    let s = m
+        .eager_split(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        .unwrap();
+    assert_eq!((s.split, s.aliases, s.reused), (2, 0, 0));
+    let counts = m.check().unwrap();
+    assert_eq!(counts.leaves, 2 * 512 + 1);
+    assert_eq!(m.stats().inconsistencies, 0);
+    let st = m.state.read();
+    let rmaps = &st.slots[0].rmaps;
+    let head = |g: u64| *rmaps.head(Gfn::new(g).unwrap(), Level::L1).unwrap();
+    assert_eq!(head(7).count(&st.store), 2);
+    assert_eq!(head(6).count(&st.store), 1);
+    assert_eq!(head(512 + 7).count(&st.store), 1);
+}
+
 #[test]
 fn every_alias_is_split() {
     for walk in [false, true] {

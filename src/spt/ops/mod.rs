@@ -8,7 +8,9 @@ mod translate;
 mod unmap;
 
 pub use map::MapSize;
-pub use split::{EntrySplit, SplitChild, SplitDone, SplitTo, split_entry};
+pub use split::{
+    EntrySplit, SplitChild, SplitDone, SplitLeaves, SplitTo, split_entry, split_entry_run,
+};
 pub use translate::Translation;
 
 use super::format::PteFormat;

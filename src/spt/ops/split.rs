@@ -63,12 +63,85 @@ pub struct SplitDone<F: PteFormat> {
     pub resume_at: Option<F::In>,
 }
 
+/// The leaves one [`split_entry_run`] wrote, handed to its callback in one piece (KVM
+/// `shadow_mmu_split_huge_page` adds each child's rmap entry in the same loop that writes
+/// it; here the caller gets the whole run and can do its bookkeeping for all 512 leaves at
+/// once). Leaf `i` is entry `i` of [`table`](Self::table), maps input address
+/// `base + i * child page size` and holds `first + i * step`.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitLeaves<F: PteFormat> {
+    table: Hpa,
+    /// Raw input address of entry 0.
+    base: u64,
+    /// The child level's shift.
+    shift: u32,
+    /// Entry 0's value and the increment per entry.
+    first: u64,
+    step: u64,
+    /// Which entries were written (every bit set for a fresh child).
+    written: [u64; ENTRIES / 64],
+    _format: core::marker::PhantomData<F>,
+}
+
+impl<F: PteFormat> SplitLeaves<F> {
+    /// The child table the leaves are in (4 KiB aligned).
+    #[inline]
+    pub fn table(&self) -> Hpa {
+        self.table
+    }
+
+    /// Whether every one of the 512 entries was written (always, for a fresh child): then
+    /// leaf `i` is entry `i` for every `i < 512`.
+    #[inline]
+    pub fn all_written(&self) -> bool {
+        self.written.iter().all(|&w| w == u64::MAX)
+    }
+
+    /// Leaves written.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.written.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether no leaf was written (an existing child that was already full).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.written.iter().all(|&w| w == 0)
+    }
+
+    /// Whether entry `i` was written.
+    #[inline]
+    pub fn is_written(&self, i: usize) -> bool {
+        self.written
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    /// The input address of entry 0 (raw).
+    #[inline]
+    pub fn raw_base(&self) -> u64 {
+        self.base
+    }
+
+    /// Each leaf written, in entry order: its handle, input address and value.
+    pub fn iter(&self) -> impl Iterator<Item = (EntryRef, F::In, u64)> + '_ {
+        (0..ENTRIES).filter(|&i| self.is_written(i)).map(|i| {
+            (
+                EntryRef::from_parts(self.table, i),
+                in_addr::<F>(self.base + ((i as u64) << self.shift)),
+                self.first + i as u64 * self.step,
+            )
+        })
+    }
+}
+
 /// Splits the huge leaf at `at` into the child table `child` (KVM
 /// `shadow_mmu_split_huge_page`, arm64 `stage2_split_walker` for one entry), then calls
 /// `on_leaf(handle, input address, entry)` once for every leaf it wrote, so the caller can
-/// add rmap entries without a second walk. The child is filled first and published last,
-/// by one release store (or compare-exchange in shared mode) of the table entry; the link
-/// is recorded with [`TableLinks::link`]. The callbacks run after the publish.
+/// add rmap entries without a second walk. [`split_entry_run`] is the same with one call
+/// for all the leaves. The child is filled first and published last, by one release store
+/// (or compare-exchange in shared mode) of the table entry; the link is recorded with
+/// [`TableLinks::link`]. The callbacks run after the publish.
 ///
 /// Refused, changing nothing: an entry that is not a huge leaf, a child outside table
 /// memory, an existing child whose leaves map other pages. In shared mode a lost race is
@@ -86,6 +159,29 @@ where
     M: TableMapping + TableLinks + ?Sized,
     C: FnMut(EntryRef, F::In, u64),
 {
+    split_entry_run(mem, at, child, |run| {
+        for (e, a, v) in run.iter() {
+            on_leaf(e, a, v);
+        }
+    })
+}
+
+/// [`split_entry`] with one callback for the whole run of leaves written, after the
+/// publish (not called when the split is refused). A caller that keeps one record per leaf
+/// in an array indexed like the child's entries (an rmap level) can fill it for all 512
+/// at once when [`SplitLeaves::all_written`].
+#[inline]
+pub fn split_entry_run<F, M, C>(
+    mem: &M,
+    at: &mut VisitCtx<'_, F>,
+    child: SplitChild,
+    on_leaves: C,
+) -> Result<EntrySplit, SplitEntryError>
+where
+    F: PteFormat,
+    M: TableMapping + TableLinks + ?Sized,
+    C: FnOnce(&SplitLeaves<F>),
+{
     let level = at.level();
     let huge = at.old();
     if !F::is_huge(huge, level) {
@@ -96,6 +192,10 @@ where
         SplitChild::Existing(t) => (t, true),
     };
     let entries = table_ref(mem, table).ok_or(SplitEntryError::BadChild)?;
+    // `table_ref` only maps 4 KiB aligned tables; the handles below rely on it.
+    if table.get() % PAGE_SIZE != 0 {
+        return Err(SplitEntryError::BadChild);
+    }
     let below = child_level(level);
     let shift = below.shift();
     let step = 1u64 << shift;
@@ -146,30 +246,15 @@ where
         return Err(SplitEntryError::NotHuge);
     }
     mem.link(table, below);
-    let base = at.raw_addr();
-    let mut value = first;
-    if existing {
-        for i in 0..ENTRIES {
-            if written[i / 64] & (1 << (i % 64)) != 0 {
-                // `table` is 4 KiB aligned (it mapped) and `i < 512`.
-                if let Some(handle) = EntryRef::new(table, i) {
-                    on_leaf(handle, in_addr::<F>(base + ((i as u64) << shift)), value);
-                }
-            }
-            value += step;
-        }
-    } else if table.get() % PAGE_SIZE == 0 {
-        // A fresh child: every entry was written, no bitmap to consult, and the handles
-        // are `table | i` (the alignment checked once, not per leaf).
-        for i in 0..ENTRIES {
-            on_leaf(
-                EntryRef::from_parts(table, i),
-                in_addr::<F>(base + ((i as u64) << shift)),
-                value,
-            );
-            value += step;
-        }
-    }
+    on_leaves(&SplitLeaves {
+        table,
+        base: at.raw_addr(),
+        shift,
+        first,
+        step,
+        written,
+        _format: core::marker::PhantomData,
+    });
     Ok(out)
 }
 
@@ -210,7 +295,7 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for SplitVisitor {
                 self.stopped = Some(ctx.raw_addr());
                 return Ok(Action::Stop);
             };
-            match split_entry(tables.memory(), ctx, SplitChild::Fresh(table), |_, _, _| {}) {
+            match split_entry_run(tables.memory(), ctx, SplitChild::Fresh(table), |_| {}) {
                 Ok(_) => {
                     self.split += 1;
                     break;
