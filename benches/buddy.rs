@@ -15,7 +15,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use buddy_system_allocator::FrameAllocator;
-use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
 use hvmem::buddy::{Buddy, FrameMeta};
 use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
@@ -147,6 +147,37 @@ fn order0_pair_pristine(c: &mut Criterion) {
     g.finish();
 }
 
+/// Fills `a` with blocks of random orders until ~70 % of the gigabyte is held; returns the
+/// held blocks and the random sequence, ready for `churn_step`.
+fn churn_setup<A: Frames>(a: &mut A) -> (Rng, Vec<(u64, u32)>) {
+    let mut rng = Rng::new(0x5eed);
+    let mut held = Vec::new();
+    let mut frames = 0u64;
+    while frames < GIB * 7 / 10 {
+        let o = (rng.next_u64() % 10) as u32;
+        if let Some(f) = a.alloc(o) {
+            held.push((f, o));
+            frames += 1 << o;
+        }
+    }
+    (rng, held)
+}
+
+/// One `mixed_churn` iteration: free a random held block, allocate a random order.
+#[inline(always)]
+fn churn_step<A: Frames>(a: &mut A, rng: &mut Rng, held: &mut Vec<(u64, u32)>) {
+    let r = rng.next_u64();
+    // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
+    // costs more than our free + alloc and would hide both allocators' speed.
+    let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
+    let (f, o) = held.swap_remove(i);
+    a.free(f, o);
+    let o = (r % 10) as u32;
+    if let Some(f) = a.alloc(o) {
+        held.push((f, o));
+    }
+}
+
 /// Steady-state churn: `held` blocks of random orders make up ~70 % of the arena; each
 /// iteration frees a random one and allocates a new random order.
 fn mixed_churn(c: &mut Criterion) {
@@ -157,29 +188,9 @@ fn mixed_churn(c: &mut Criterion) {
         name: &str,
         mut a: A,
     ) {
-        let mut rng = Rng::new(0x5eed);
-        let mut held = Vec::new();
-        let mut frames = 0u64;
-        while frames < GIB * 7 / 10 {
-            let o = (rng.next_u64() % 10) as u32;
-            if let Some(f) = a.alloc(o) {
-                held.push((f, o));
-                frames += 1 << o;
-            }
-        }
+        let (mut rng, mut held) = churn_setup(&mut a);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let r = rng.next_u64();
-                // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
-                // costs more than our free + alloc and would hide both allocators' speed.
-                let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
-                let (f, o) = held.swap_remove(i);
-                a.free(f, o);
-                let o = (r % 10) as u32;
-                if let Some(f) = a.alloc(o) {
-                    held.push((f, o));
-                }
-            })
+            b.iter(|| churn_step(&mut a, &mut rng, &mut held))
         });
     }
     run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
@@ -219,6 +230,27 @@ fn fragmented(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` iterations of `mixed_churn` outside criterion, for callgrind.
+#[inline(never)]
+fn measured_churn<A: Frames>(a: &mut A, n: u64) {
+    let (mut rng, mut held) = churn_setup(a);
+    for _ in 0..n {
+        churn_step(a, &mut rng, &mut held);
+    }
+    black_box(held.len());
+}
+
+/// Runs one workload a fixed number of times for callgrind and prints the iterations.
+fn callgrind(workload: &str) {
+    const N: u64 = 1_000_000;
+    match workload {
+        "churn_hvmem" => measured_churn(&mut ours::<MAX_ORDER>(GIB), N),
+        "churn_peer" => measured_churn(&mut peer(GIB), N),
+        other => return eprintln!("unknown workload {other}"),
+    }
+    println!("{workload}: {N} iterations");
+}
+
 criterion_group!(
     benches,
     order0_pair,
@@ -226,4 +258,12 @@ criterion_group!(
     mixed_churn,
     fragmented
 );
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(workload) = std::env::var("HVMEM_CALLGRIND") {
+        callgrind(&workload);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -11,14 +11,16 @@
 //!   iterations the reported flags are reset outside the timed region (`iter_custom`).
 //! - `order0_pair_reporting`: one order-0 alloc + free in a warm 1 GiB arena (as
 //!   `order0_pair` of `benches/buddy.rs`). IDs: `locked` (a `LockedBuddy`, no reporter),
-//!   `locked_reporter_attached` (the same, and every free goes through `free_merged` +
-//!   `Reporter::on_free`, as a guest with a reporter does; target <= 1 % over `locked`),
+//!   `locked_reporter_attached` (the same with the reporter registered on the arena and
+//!   every free going through `Reporter::free`, as a guest with a reporter does; target
+//!   <= 1 % over `locked`),
 //!   and `buddy` (the plain `Buddy`, for reference: the lock's own cost).
 //!
 //! Deterministic instruction counts: `HVMEM_CALLGRIND=<workload> valgrind --tool=callgrind
 //! --toggle-collect='*measured_*' target/release/deps/reporting-<hash>` runs a workload a
 //! fixed number of times outside criterion (workloads: `pass_default`, `pass_whole_list`,
-//! `pipeline`, `pair_locked`, `pair_attached`) and prints how many iterations and blocks it
+//! `pipeline`, `pair_plain`, `pair_locked`, `pair_attached`, `pair_merged_on_free`: the
+//! attached pair written as `free_merged` + `on_free`) and prints how many iterations and blocks it
 //! ran; divide callgrind's instruction count by them.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
@@ -216,8 +218,19 @@ fn measured_pair_locked(a: &Arena) {
     a.free(black_box(x.pfn), x.order).unwrap();
 }
 
+/// A guest with a reporter frees through `Reporter::free` (the reporter is registered on
+/// the arena, so the order check rides on the allocator's own).
 #[inline(never)]
 fn measured_pair_attached(a: &Arena, r: &Reporter<32>) {
+    let x = a.alloc(PageOrder::BASE).unwrap();
+    if r.free(a, black_box(x.pfn), x.order).unwrap() {
+        black_box(());
+    }
+}
+
+/// The same with `free_merged` + `on_free` (the check after the free; callgrind only).
+#[inline(never)]
+fn measured_pair_merged_on_free(a: &Arena, r: &Reporter<32>) {
     let x = a.alloc(PageOrder::BASE).unwrap();
     let merged = a.free_merged(black_box(x.pfn), x.order).unwrap();
     if r.on_free(merged) {
@@ -233,6 +246,7 @@ fn order0_pair(c: &mut Criterion) {
     let locked = LockedBuddy::new(plain.clone());
     let attached = LockedBuddy::new(plain.clone());
     let r = reporter(16);
+    r.register(&attached);
     g.bench_function(BenchmarkId::from_parameter("locked"), |b| {
         b.iter(|| measured_pair_locked(&locked))
     });
@@ -272,15 +286,17 @@ fn callgrind(workload: &str) {
             }
             println!("{workload}: {N} passes, {blocks} blocks");
         }
-        "pair_locked" | "pair_attached" | "pair_plain" => {
+        "pair_locked" | "pair_attached" | "pair_merged_on_free" | "pair_plain" => {
             let mut plain = buddy(GIB);
             let _held = warm(&mut plain);
             let arena = LockedBuddy::new(plain.clone());
             let r = reporter(16);
+            r.register(&arena);
             for _ in 0..N * 100 {
                 match workload {
                     "pair_locked" => measured_pair_locked(&arena),
                     "pair_attached" => measured_pair_attached(&arena, &r),
+                    "pair_merged_on_free" => measured_pair_merged_on_free(&arena, &r),
                     _ => measured_pair_plain(&mut plain),
                 }
             }

@@ -87,19 +87,70 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             Locate::OutOfRange => FreeError::OutOfRange,
         })?;
         let m = self.meta[idx as usize];
-        let state = match m.state {
-            State::Allocated if m.order as usize == o => {
-                return Ok(self.release(idx, o, false, Placement::Hot));
+        if m.state == State::Allocated && m.order as usize == o {
+            return Ok(self.release(idx, o, false, Placement::Hot));
+        }
+        Err(self.free_error(idx))
+    }
+
+    /// Frees like [`free`](Self::free) and returns the order of the block the freed one
+    /// merged into when it is at least the [notify order](Self::set_notify_order), `None`
+    /// otherwise (always `None` while no notify order is set). Linux `__free_one_page`
+    /// ending in `page_reporting_notify_free(order)`: a free reporter's
+    /// [`on_free`](crate::hint::guest::Reporter::on_free) wants exactly those frees.
+    ///
+    /// The check costs nothing on the common path: a free below the notify order whose buddy
+    /// is not free links the block and returns `None` after the same compares as `free`
+    /// (the one against `MAX_ORDER` becomes one against `min(notify order, MAX_ORDER)`);
+    /// every other free, which merges or is large, takes an out-of-line path that compares
+    /// the merged order.
+    #[inline]
+    pub fn free_notify(
+        &mut self,
+        pfn: Pfn,
+        order: PageOrder,
+    ) -> Result<Option<PageOrder>, FreeError> {
+        let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
+            Locate::OrderTooLarge => FreeError::OrderTooLarge,
+            Locate::Unaligned => FreeError::Unaligned,
+            Locate::OutOfRange => FreeError::OutOfRange,
+        })?;
+        let m = self.meta[idx as usize];
+        if m.state == State::Allocated && m.order as usize == o {
+            // `o < quiet_below <= MAX_ORDER`: the block has a buddy order, and ending at `o`
+            // it stays below the notify order.
+            if o < usize::from(self.quiet_below) && self.free_buddy(u64::from(idx), o).is_none() {
+                self.area.link_head(&mut self.meta, o, idx);
+                return Ok(None);
             }
+            return Ok(self.release_notify(idx, o));
+        }
+        Err(self.free_error(idx))
+    }
+
+    /// The slow path of `free_notify`: the block merges, or is at least `quiet_below`.
+    #[inline(never)]
+    fn release_notify(&mut self, idx: u32, o: usize) -> Option<PageOrder> {
+        let merged = self.release(idx, o, false, Placement::Hot);
+        (merged >= usize::from(self.notify_order)).then_some(PageOrder::from_raw(merged as u8))
+    }
+
+    /// Why freeing the block at `idx` was refused (it is not an allocated head of the order
+    /// asked for).
+    #[cold]
+    #[inline(never)]
+    fn free_error(&self, idx: u32) -> FreeError {
+        let m = self.meta[idx as usize];
+        let state = match m.state {
             State::Tail => self.enclosing(idx).map(|info| info.state),
             _ => Some(m.state),
         };
-        Err(match state {
+        match state {
             Some(State::Free | State::FreeReported) => FreeError::DoubleFree,
             Some(State::Isolated) => FreeError::Isolated,
             Some(State::Allocated) => FreeError::WrongOrder,
             Some(State::Hole | State::Tail) | None => FreeError::OutOfRange,
-        })
+        }
     }
 
     /// Takes up to `max` unreported free blocks of `order` off the head of their list, as many
