@@ -183,22 +183,36 @@ impl FreeArea {
     /// Writes the head of an unreported free block and links it at the head of its list.
     #[inline(always)]
     pub(super) fn link_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        self.push_head(meta, order, idx);
+        meta[idx as usize].order = order as u8;
+    }
+
+    /// `link_head` for an allocated head of `order` that is being freed: its `order` field
+    /// already says `order`, so only the links and the state are written.
+    #[inline(always)]
+    pub(super) fn link_freed(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        self.push_head(meta, order, idx);
+    }
+
+    /// `link_head` without writing the head's `order`.
+    #[inline(always)]
+    fn push_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
         let list = &mut self.lists[slot(order)];
         let old = list.head;
         list.head = idx;
         list.free += 1;
-        if old == NIL {
+        // `NIL` is never a metadata index (windows are shorter), so the bounds check is the
+        // empty-list check.
+        if let Some(m) = meta.get_mut(old as usize) {
+            m.prev = idx;
+        } else {
             list.tail = idx;
             self.nonempty |= 1 << order;
-        } else {
-            meta[old as usize].prev = idx;
         }
-        meta[idx as usize] = FrameMeta {
-            next: old,
-            prev: NIL,
-            order: order as u8,
-            state: State::Free,
-        };
+        let m = &mut meta[idx as usize];
+        m.next = old;
+        m.prev = NIL;
+        m.state = State::Free;
     }
 
     /// Writes the head of a free block and links it at the tail; a reported block there
@@ -290,18 +304,19 @@ impl FreeArea {
     ) {
         let FrameMeta { next, prev, .. } = meta[idx as usize];
         let list = &mut self.lists[slot(order)];
-        if prev == NIL {
+        // As in `link_head`: a link is `NIL` exactly when it is no index.
+        if let Some(p) = meta.get_mut(prev as usize) {
+            p.next = next;
+        } else {
             list.head = next;
             if next == NIL {
                 self.nonempty &= !(1 << order);
             }
-        } else {
-            meta[prev as usize].next = next;
         }
-        if next == NIL {
-            list.tail = prev;
+        if let Some(n) = meta.get_mut(next as usize) {
+            n.prev = prev;
         } else {
-            meta[next as usize].prev = prev;
+            list.tail = prev;
         }
         if reported {
             list.reported -= 1;
@@ -332,11 +347,12 @@ impl FreeArea {
                 list.first_reported = next;
             }
         }
-        if next == NIL {
+        // As in `link_head`: `next` is `NIL` exactly when it is no index.
+        if let Some(m) = meta.get_mut(next as usize) {
+            m.prev = NIL;
+        } else {
             list.tail = NIL;
             self.nonempty &= !(1 << order);
-        } else {
-            meta[next as usize].prev = NIL;
         }
     }
 

@@ -85,7 +85,12 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             return Err(self.free_error(pfn, order));
         };
         let o = order.get() as usize;
-        Ok(self.release(idx, o, false, Placement::Hot))
+        // `release`, with the head's order already right when nothing merges.
+        if o < MAX_ORDER && self.free_buddy(u64::from(idx), o).is_some() {
+            return Ok(self.merge(idx, o, false, Placement::Hot));
+        }
+        self.area.link_freed(&mut self.meta, o, idx);
+        Ok(o)
     }
 
     /// The index of `pfn` if it is the head of an allocated block of `order`: the one check
@@ -125,7 +130,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         // `o < quiet_below <= MAX_ORDER`: the block has a buddy order, and ending at `o` it
         // stays below the notify order.
         if o < usize::from(self.quiet_below) && self.free_buddy(u64::from(idx), o).is_none() {
-            self.area.link_head(&mut self.meta, o, idx);
+            self.area.link_freed(&mut self.meta, o, idx);
             return Ok(None);
         }
         Ok(self.release_notify(idx, o))
