@@ -21,7 +21,10 @@
 //! fixed number of times outside criterion (workloads: `pass_default`, `pass_whole_list`,
 //! `pipeline`, `pair_plain`, `pair_locked`, `pair_attached`, `pair_merged_on_free`: the
 //! attached pair written as `free_merged` + `on_free`) and prints how many iterations and blocks it
-//! ran; divide callgrind's instruction count by them.
+//! ran; divide callgrind's instruction count by them. `HVMEM_CALLGRIND=pair_interleaved`
+//! (no valgrind) times `locked` and `locked_reporter_attached` in 40 alternating rounds of
+//! 10^6 pairs and prints the minimum and median of each and the overhead: steadier than two
+//! criterion estimates on a shared machine.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -302,8 +305,46 @@ fn callgrind(workload: &str) {
             }
             println!("{workload}: {} pairs", N * 100);
         }
+        "pair_interleaved" => pair_interleaved(40, 1_000_000),
         other => eprintln!("unknown workload {other}"),
     }
+}
+
+/// `locked` and `locked_reporter_attached` in alternating rounds of `n` pairs, in one
+/// process, on two copies of the same warm arena: on a shared machine the fastest round of
+/// each is the least disturbed, and the overhead is read from the minima and the medians.
+fn pair_interleaved(rounds: usize, n: u64) {
+    let mut plain = buddy(GIB);
+    let _held = warm(&mut plain);
+    let locked = LockedBuddy::new(plain.clone());
+    let attached = LockedBuddy::new(plain);
+    let r = reporter(16);
+    r.register(&attached);
+    let (mut tl, mut ta) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..n {
+            measured_pair_locked(&locked);
+        }
+        tl.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+        let t = Instant::now();
+        for _ in 0..n {
+            measured_pair_attached(&attached, &r);
+        }
+        ta.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+    }
+    for t in [&mut tl, &mut ta] {
+        t.sort_by(f64::total_cmp);
+    }
+    let (ml, ma) = (tl[rounds / 2], ta[rounds / 2]);
+    println!(
+        "order0 pair interleaved, {rounds} rounds of {n}: locked min {:.3} ns median {ml:.3} ns; \
+         attached min {:.3} ns median {ma:.3} ns; overhead {:+.2} % (minima), {:+.2} % (medians)",
+        tl[0],
+        ta[0],
+        (ta[0] / tl[0] - 1.0) * 100.0,
+        (ma / ml - 1.0) * 100.0
+    );
 }
 
 criterion_group!(benches, report_pass, order0_pair);
