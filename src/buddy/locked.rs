@@ -97,7 +97,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> LockedBuddy<S, M
 
     /// [`Buddy::free_notify`] under the lock: frees, and says the merged order when it
     /// reaches the notify order.
-    #[inline]
+    #[inline(always)]
     pub fn free_notify(&self, pfn: Pfn, order: PageOrder) -> Result<Option<PageOrder>, FreeError> {
         self.lock().free_notify(pfn, order)
     }

@@ -117,7 +117,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// (the one against `MAX_ORDER` becomes one against `min(notify order, MAX_ORDER)`);
     /// every other free, which merges or is large, takes an out-of-line path that compares
     /// the merged order.
-    #[inline]
+    #[inline(always)]
     pub fn free_notify(
         &mut self,
         pfn: Pfn,

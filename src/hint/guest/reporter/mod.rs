@@ -222,8 +222,8 @@ impl<const CAP: usize> Reporter<CAP> {
     /// [`register`](Self::register) has set the notify order; cheaper, because the order
     /// check is folded into the allocator's own: a free below `min_order` that merges nothing
     /// costs what [`LockedBuddy::free`] does. Without `register` (or with a notify order
-    /// above `min_order`) qualifying frees go unheard.
-    #[inline]
+    /// above `min_order`) qualifying frees go unheard. Always inlined: it is the free path.
+    #[inline(always)]
     pub fn free<S, const M: usize>(
         &self,
         buddy: &LockedBuddy<S, M>,
