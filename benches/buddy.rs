@@ -11,11 +11,19 @@
 //!   `usemem --punch-holes` pattern of Hildenbrand, "VIRTIO_BALLOON_F_THP_ORDER to
 //!   handle THP spilt issue", 2020); one iteration allocates order-9 blocks until
 //!   none is left and frees them again.
+//!
+//! Deterministic instruction counts: `HVMEM_CALLGRIND=<workload> valgrind --tool=callgrind
+//! --toggle-collect='*measured_*' target/release/deps/buddy-<hash>` runs 1,000,000
+//! `mixed_churn` iterations outside criterion (workloads `churn_hvmem`, `churn_peer`; the
+//! count includes the loop's own work and the setup of ~1,800 blocks); divide by 10^6.
+//! `HVMEM_CALLGRIND=churn_interleaved target/release/deps/buddy-<hash>` (no valgrind) times
+//! `mixed_churn` for both allocators in 40 alternating rounds of 200,000 iterations and
+//! prints the minimum and median of each and their ratios: steadier on a shared machine.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use buddy_system_allocator::FrameAllocator;
-use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
 use hvmem::buddy::{Buddy, FrameMeta};
 use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
@@ -147,6 +155,37 @@ fn order0_pair_pristine(c: &mut Criterion) {
     g.finish();
 }
 
+/// Fills `a` with blocks of random orders until ~70 % of the gigabyte is held; returns the
+/// held blocks and the random sequence, ready for `churn_step`.
+fn churn_setup<A: Frames>(a: &mut A) -> (Rng, Vec<(u64, u32)>) {
+    let mut rng = Rng::new(0x5eed);
+    let mut held = Vec::new();
+    let mut frames = 0u64;
+    while frames < GIB * 7 / 10 {
+        let o = (rng.next_u64() % 10) as u32;
+        if let Some(f) = a.alloc(o) {
+            held.push((f, o));
+            frames += 1 << o;
+        }
+    }
+    (rng, held)
+}
+
+/// One `mixed_churn` iteration: free a random held block, allocate a random order.
+#[inline(always)]
+fn churn_step<A: Frames>(a: &mut A, rng: &mut Rng, held: &mut Vec<(u64, u32)>) {
+    let r = rng.next_u64();
+    // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
+    // costs more than our free + alloc and would hide both allocators' speed.
+    let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
+    let (f, o) = held.swap_remove(i);
+    a.free(f, o);
+    let o = (r % 10) as u32;
+    if let Some(f) = a.alloc(o) {
+        held.push((f, o));
+    }
+}
+
 /// Steady-state churn: `held` blocks of random orders make up ~70 % of the arena; each
 /// iteration frees a random one and allocates a new random order.
 fn mixed_churn(c: &mut Criterion) {
@@ -157,29 +196,9 @@ fn mixed_churn(c: &mut Criterion) {
         name: &str,
         mut a: A,
     ) {
-        let mut rng = Rng::new(0x5eed);
-        let mut held = Vec::new();
-        let mut frames = 0u64;
-        while frames < GIB * 7 / 10 {
-            let o = (rng.next_u64() % 10) as u32;
-            if let Some(f) = a.alloc(o) {
-                held.push((f, o));
-                frames += 1 << o;
-            }
-        }
+        let (mut rng, mut held) = churn_setup(&mut a);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                let r = rng.next_u64();
-                // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
-                // costs more than our free + alloc and would hide both allocators' speed.
-                let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
-                let (f, o) = held.swap_remove(i);
-                a.free(f, o);
-                let o = (r % 10) as u32;
-                if let Some(f) = a.alloc(o) {
-                    held.push((f, o));
-                }
-            })
+            b.iter(|| churn_step(&mut a, &mut rng, &mut held))
         });
     }
     run(&mut g, "hvmem", ours::<MAX_ORDER>(GIB));
@@ -219,6 +238,65 @@ fn fragmented(c: &mut Criterion) {
     g.finish();
 }
 
+/// `n` iterations of `mixed_churn` outside criterion, for callgrind.
+#[inline(never)]
+fn measured_churn<A: Frames>(a: &mut A, n: u64) {
+    let (mut rng, mut held) = churn_setup(a);
+    for _ in 0..n {
+        churn_step(a, &mut rng, &mut held);
+    }
+    black_box(held.len());
+}
+
+/// `mixed_churn` for both allocators in alternating rounds of `n` iterations, in one
+/// process: on a shared machine the fastest round of each is the one least disturbed, so
+/// the ratio of the two minima is steadier than two criterion estimates taken seconds apart.
+fn churn_interleaved(rounds: usize, n: u64) {
+    use std::time::Instant;
+    let mut a = ours::<MAX_ORDER>(GIB);
+    let mut p = peer(GIB);
+    let (mut ra, mut ha) = churn_setup(&mut a);
+    let (mut rp, mut hp) = churn_setup(&mut p);
+    let (mut ta, mut tp) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..n {
+            churn_step(&mut a, &mut ra, &mut ha);
+        }
+        ta.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+        let t = Instant::now();
+        for _ in 0..n {
+            churn_step(&mut p, &mut rp, &mut hp);
+        }
+        tp.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+    }
+    for t in [&mut ta, &mut tp] {
+        t.sort_by(f64::total_cmp);
+    }
+    let (ma, mp) = (ta[rounds / 2], tp[rounds / 2]);
+    println!(
+        "mixed_churn interleaved, {rounds} rounds of {n}: hvmem min {:.2} ns median {ma:.2} ns; \
+         buddy_system_allocator min {:.2} ns median {mp:.2} ns; ratio of minima {:.2}x, \
+         of medians {:.2}x",
+        ta[0],
+        tp[0],
+        tp[0] / ta[0],
+        mp / ma
+    );
+}
+
+/// Runs one workload a fixed number of times for callgrind and prints the iterations.
+fn callgrind(workload: &str) {
+    const N: u64 = 1_000_000;
+    match workload {
+        "churn_hvmem" => measured_churn(&mut ours::<MAX_ORDER>(GIB), N),
+        "churn_peer" => measured_churn(&mut peer(GIB), N),
+        "churn_interleaved" => return churn_interleaved(40, 200_000),
+        other => return eprintln!("unknown workload {other}"),
+    }
+    println!("{workload}: {N} iterations");
+}
+
 criterion_group!(
     benches,
     order0_pair,
@@ -226,4 +304,12 @@ criterion_group!(
     mixed_churn,
     fragmented
 );
-criterion_main!(benches);
+
+fn main() {
+    if let Ok(workload) = std::env::var("HVMEM_CALLGRIND") {
+        callgrind(&workload);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -9,7 +9,8 @@
 //! - free + allocated + isolated frames = managed frames after every operation, and every
 //!   block is back on the lists at the end;
 //! - a qualifying free is never lost: either `on_free` asked for a pass, or the pass that
-//!   was running ends asking to be rescheduled.
+//!   was running ends asking to be rescheduled; the same when the free goes through
+//!   `Reporter::free`, whose order check is inside the allocator's free.
 #![cfg(loom)]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -84,9 +85,29 @@ impl ReportTransport for Checking {
     }
 }
 
+/// How the other CPU frees and tells the reporter.
+#[derive(Clone, Copy)]
+enum FreePath {
+    /// `free_merged`, then `on_free` with the merged order.
+    MergedOnFree,
+    /// `Reporter::free` on an allocator whose notify order is the reporter's `min_order`
+    /// (what `register` sets): the order check inside the allocator's free.
+    ReporterFree,
+}
+
+/// The allocator and reporter, set up for `path`.
+fn setup(path: FreePath) -> (Arc<Shared>, Arc<Reporter<1>>) {
+    let (buddy, reporter) = (shared(), reporter());
+    if let FreePath::ReporterFree = path {
+        // `register` also asks for a pass; the model starts from an idle reporter.
+        buddy.lock().set_notify_order(Some(order(2)));
+    }
+    (buddy, reporter)
+}
+
 /// The other CPU: allocate a page, check it against the batch out, free it, tell the
-/// reporter. Returns whether `on_free` asked for a pass.
-fn alloc_and_free(buddy: &Shared, reporter: &Reporter<1>, out: &AtomicU64) -> bool {
+/// reporter. Returns whether the reporter asked for a pass.
+fn alloc_and_free(buddy: &Shared, reporter: &Reporter<1>, out: &AtomicU64, path: FreePath) -> bool {
     let page = {
         let mut b = buddy.lock();
         let page = b.alloc(order(0)).unwrap();
@@ -101,6 +122,11 @@ fn alloc_and_free(buddy: &Shared, reporter: &Reporter<1>, out: &AtomicU64) -> bo
         conserved(&b);
         page
     };
+    if let FreePath::ReporterFree = path {
+        let asked = reporter.free(buddy, page.pfn, page.order).unwrap();
+        conserved(&buddy.lock());
+        return asked;
+    }
     let merged = buddy.free_merged(page.pfn, page.order).unwrap();
     assert_eq!(
         merged,
@@ -113,13 +139,21 @@ fn alloc_and_free(buddy: &Shared, reporter: &Reporter<1>, out: &AtomicU64) -> bo
 
 #[test]
 fn a_report_pass_races_alloc_and_free() {
-    loom::model(|| {
-        let buddy = shared();
-        let reporter = reporter();
+    report_pass_races(FreePath::MergedOnFree);
+}
+
+#[test]
+fn a_report_pass_races_alloc_and_reporter_free() {
+    report_pass_races(FreePath::ReporterFree);
+}
+
+fn report_pass_races(path: FreePath) {
+    loom::model(move || {
+        let (buddy, reporter) = setup(path);
         let out = Arc::new(AtomicU64::new(0));
         let other = {
             let (buddy, reporter, out) = (buddy.clone(), reporter.clone(), out.clone());
-            thread::spawn(move || alloc_and_free(&buddy, &reporter, &out))
+            thread::spawn(move || alloc_and_free(&buddy, &reporter, &out, path))
         };
         let mut transport = Checking {
             buddy: buddy.clone(),
@@ -154,9 +188,17 @@ impl PipelinedTransport for Queue {
 
 #[test]
 fn a_completion_races_alloc_and_free() {
-    loom::model(|| {
-        let buddy = shared();
-        let reporter = reporter();
+    completion_races(FreePath::MergedOnFree);
+}
+
+#[test]
+fn a_completion_races_alloc_and_reporter_free() {
+    completion_races(FreePath::ReporterFree);
+}
+
+fn completion_races(path: FreePath) {
+    loom::model(move || {
+        let (buddy, reporter) = setup(path);
         let mut pipeline = Pipeline::<1, 1>::new();
         let mut queue = Queue(Vec::new());
         let fill = pipeline.start_pass(&reporter, &buddy, &mut queue).unwrap();
@@ -165,7 +207,7 @@ fn a_completion_races_alloc_and_free() {
         let out = Arc::new(AtomicU64::new(frame_mask(&batch)));
         let other = {
             let (buddy, reporter, out) = (buddy.clone(), reporter.clone(), out.clone());
-            thread::spawn(move || alloc_and_free(&buddy, &reporter, &out))
+            thread::spawn(move || alloc_and_free(&buddy, &reporter, &out, path))
         };
         // The host completes the batch while the other CPU allocates: clear the mask first,
         // as the transport would before the blocks can come back.

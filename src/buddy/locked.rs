@@ -95,6 +95,13 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> LockedBuddy<S, M
         self.lock().free_merged(pfn, order)
     }
 
+    /// [`Buddy::free_notify`] under the lock: frees, and says the merged order when it
+    /// reaches the notify order.
+    #[inline(always)]
+    pub fn free_notify(&self, pfn: Pfn, order: PageOrder) -> Result<Option<PageOrder>, FreeError> {
+        self.lock().free_notify(pfn, order)
+    }
+
     /// The allocator, through exclusive access to the wrapper (no locking needed).
     pub fn get_mut(&mut self) -> &mut Buddy<S, MAX_ORDER> {
         self.inner.get_mut()

@@ -21,12 +21,13 @@ pub(super) enum State {
     Tail = 1,
     /// Head of a block handed out by `alloc`.
     Allocated = 2,
-    /// Head of a free block the host has not taken back.
-    Free = 3,
-    /// Head of a free block the host has discarded (Linux `PageReported`).
-    FreeReported = 4,
     /// Head of a block taken off its free list for a report in flight (Linux: isolated page).
-    Isolated = 5,
+    Isolated = 3,
+    /// Head of a free block the host has not taken back.
+    Free = 4,
+    /// Head of a free block the host has discarded (Linux `PageReported`). Differs from
+    /// `Free` only in bit 0, so "free, reported or not" is one masked compare.
+    FreeReported = 5,
 }
 
 impl State {
@@ -62,7 +63,24 @@ pub struct FrameMeta {
 const_assert!(core::mem::size_of::<FrameMeta>() <= 16);
 const_assert!(core::mem::size_of::<FrameMeta>() == 12);
 
+/// A head's `order` and `state` as one number, as [`FrameMeta::order_state`] reads them: the
+/// free path checks both with one compare.
+#[inline(always)]
+pub(super) const fn order_state(order: u8, state: State) -> u16 {
+    u16::from_le_bytes([order, state as u8])
+}
+
+/// Set in an [`order_state`] to read `Free` and `FreeReported` alike.
+pub(super) const REPORTED_BIT: u16 = 1 << 8;
+const_assert!(State::Free as u16 | 1 == State::FreeReported as u16);
+
 impl FrameMeta {
+    /// The frame's `order` and `state` (adjacent bytes, so one 16-bit load).
+    #[inline(always)]
+    pub(super) const fn order_state(&self) -> u16 {
+        order_state(self.order, self.state)
+    }
+
     /// An unmanaged frame: the value to initialise a metadata array with.
     pub const HOLE: Self = Self {
         next: NIL,
@@ -130,8 +148,21 @@ pub(super) enum Placement {
     Cold,
 }
 
-/// Free-list slots: one per order up to the largest any allocator may be built with.
-pub(super) const ORDER_SLOTS: usize = crate::addr::PageOrder::LIMIT as usize + 1;
+/// Free-list slots: one per order up to the largest any allocator may be built with, rounded
+/// up to a power of two so that [`slot`] bounds an order with a mask instead of a compare and
+/// a branch (on the free and alloc paths, where the order comes from memory and the compiler
+/// cannot see it is at most `MAX_ORDER`).
+pub(super) const ORDER_SLOTS: usize = 32;
+const_assert!(ORDER_SLOTS.is_power_of_two());
+const_assert!(ORDER_SLOTS > crate::addr::PageOrder::LIMIT as usize);
+const_assert!(ORDER_SLOTS <= u32::BITS as usize); // `FreeArea::nonempty` has a bit per slot
+
+/// The list slot of `order`: the order itself, as every order is at most
+/// [`PageOrder::LIMIT`](crate::addr::PageOrder::LIMIT) `< ORDER_SLOTS`.
+#[inline(always)]
+pub(super) const fn slot(order: usize) -> usize {
+    order & (ORDER_SLOTS - 1)
+}
 
 /// All free lists plus a bitmap of the non-empty ones, so the smallest usable order is one
 /// `trailing_zeros` away. The metadata slice is passed in by the caller (a separate borrow,
@@ -152,22 +183,36 @@ impl FreeArea {
     /// Writes the head of an unreported free block and links it at the head of its list.
     #[inline(always)]
     pub(super) fn link_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
-        let list = &mut self.lists[order];
+        self.push_head(meta, order, idx);
+        meta[idx as usize].order = order as u8;
+    }
+
+    /// `link_head` for an allocated head of `order` that is being freed: its `order` field
+    /// already says `order`, so only the links and the state are written.
+    #[inline(always)]
+    pub(super) fn link_freed(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        self.push_head(meta, order, idx);
+    }
+
+    /// `link_head` without writing the head's `order`.
+    #[inline(always)]
+    fn push_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+        let list = &mut self.lists[slot(order)];
         let old = list.head;
         list.head = idx;
         list.free += 1;
-        if old == NIL {
+        // `NIL` is never a metadata index (windows are shorter), so the bounds check is the
+        // empty-list check.
+        if let Some(m) = meta.get_mut(old as usize) {
+            m.prev = idx;
+        } else {
             list.tail = idx;
             self.nonempty |= 1 << order;
-        } else {
-            meta[old as usize].prev = idx;
         }
-        meta[idx as usize] = FrameMeta {
-            next: old,
-            prev: NIL,
-            order: order as u8,
-            state: State::Free,
-        };
+        let m = &mut meta[idx as usize];
+        m.next = old;
+        m.prev = NIL;
+        m.state = State::Free;
     }
 
     /// Writes the head of a free block and links it at the tail; a reported block there
@@ -180,7 +225,7 @@ impl FreeArea {
         idx: u32,
         reported: bool,
     ) {
-        let list = &mut self.lists[order];
+        let list = &mut self.lists[slot(order)];
         let old = list.tail;
         list.tail = idx;
         list.free += 1;
@@ -207,7 +252,7 @@ impl FreeArea {
     /// Writes the head of an unreported free block and links it at the end of the
     /// unreported segment.
     pub(super) fn link_before_reported(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
-        let list = &mut self.lists[order];
+        let list = &mut self.lists[slot(order)];
         let at = list.first_reported;
         if at == NIL {
             return self.link_tail(meta, order, idx, false);
@@ -258,19 +303,20 @@ impl FreeArea {
         reported: bool,
     ) {
         let FrameMeta { next, prev, .. } = meta[idx as usize];
-        let list = &mut self.lists[order];
-        if prev == NIL {
+        let list = &mut self.lists[slot(order)];
+        // As in `link_head`: a link is `NIL` exactly when it is no index.
+        if let Some(p) = meta.get_mut(prev as usize) {
+            p.next = next;
+        } else {
             list.head = next;
             if next == NIL {
                 self.nonempty &= !(1 << order);
             }
-        } else {
-            meta[prev as usize].next = next;
         }
-        if next == NIL {
-            list.tail = prev;
+        if let Some(n) = meta.get_mut(next as usize) {
+            n.prev = prev;
         } else {
-            meta[next as usize].prev = prev;
+            list.tail = prev;
         }
         if reported {
             list.reported -= 1;
@@ -279,6 +325,35 @@ impl FreeArea {
             }
         }
         list.free -= 1;
+    }
+
+    /// Takes the head `idx` of list `order` off it, given its `next` link and whether it is
+    /// reported: `unlink` for the one block whose `prev` is known to be [`NIL`].
+    #[inline(always)]
+    pub(super) fn pop_head(
+        &mut self,
+        meta: &mut [FrameMeta],
+        order: usize,
+        idx: u32,
+        next: u32,
+        reported: bool,
+    ) {
+        let list = &mut self.lists[slot(order)];
+        list.head = next;
+        list.free -= 1;
+        if reported {
+            list.reported -= 1;
+            if list.first_reported == idx {
+                list.first_reported = next;
+            }
+        }
+        // As in `link_head`: `next` is `NIL` exactly when it is no index.
+        if let Some(m) = meta.get_mut(next as usize) {
+            m.prev = NIL;
+        } else {
+            list.tail = NIL;
+            self.nonempty &= !(1 << order);
+        }
     }
 
     /// Sums `count(list) << order` over the orders.

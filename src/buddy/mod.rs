@@ -41,7 +41,10 @@
 //!   [`Buddy::put_back_hot`] returns a failed block to the head, so the unreported blocks form
 //!   a ring the reporter walks from its cold end, each pass starting where the previous one
 //!   stopped. [`Buddy::free_merged`] says which order a freed block merged into, for the
-//!   reporter's `on_free` threshold.
+//!   reporter's `on_free` threshold; [`Buddy::free_notify`] says it only when that order
+//!   reaches the one set by [`Buddy::set_notify_order`] (Linux `__free_one_page` calling
+//!   `page_reporting_notify_free`), a check folded into the free path's own so that a free
+//!   that merges nothing below that order costs what a plain `free` does.
 //! - **Range API** for the THP-order balloon: [`Buddy::free_frames_within`] counts the free
 //!   frames of one naturally aligned range (a host huge page) and [`Buddy::alloc_within`]
 //!   allocates inside it, so a balloon can take small blocks from a host page it already
@@ -143,7 +146,16 @@ pub struct Buddy<S, const MAX_ORDER: usize = DEFAULT_MAX_ORDER> {
     base: u64,
     area: FreeArea,
     managed_frames: u64,
+    /// [`free_notify`](Self::free_notify) reports a free that ends in a block of this order
+    /// or larger (Linux `page_reporting_order`); [`NO_NOTIFY`] when nobody listens.
+    notify_order: u8,
+    /// `min(notify_order, MAX_ORDER)`: a free below this order that merges nothing is the
+    /// fast path of `free_notify`, which then needs no check of its own.
+    quiet_below: u8,
 }
+
+/// `notify_order` when no reporter is registered: above every order.
+const NO_NOTIFY: u8 = u8::MAX;
 
 impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORDER> {
     /// An allocator whose metadata `meta[i]` describes frame `base + i`. It manages nothing
@@ -162,6 +174,8 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             base: base.get(),
             area: FreeArea::EMPTY,
             managed_frames: 0,
+            notify_order: NO_NOTIFY,
+            quiet_below: MAX_ORDER as u8,
         })
     }
 
@@ -294,6 +308,19 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         self.managed_frames - self.area.frames(|l| l.free + l.isolated)
     }
 
+    /// Sets the order from which [`free_notify`](Self::free_notify) reports a free (Linux
+    /// `page_reporting_register` setting `page_reporting_order`); `None` turns it off, as
+    /// a new allocator starts. A free reporter sets it with its `register`.
+    pub fn set_notify_order(&mut self, order: Option<PageOrder>) {
+        self.notify_order = order.map_or(NO_NOTIFY, PageOrder::get);
+        self.quiet_below = self.notify_order.min(MAX_ORDER as u8);
+    }
+
+    /// The order set by [`set_notify_order`](Self::set_notify_order).
+    pub fn notify_order(&self) -> Option<PageOrder> {
+        (self.notify_order != NO_NOTIFY).then(|| PageOrder::from_raw(self.notify_order))
+    }
+
     /// Gives the metadata storage back.
     pub fn into_meta(self) -> S {
         self.meta
@@ -306,6 +333,7 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             && self.base == other.base
             && self.area == other.area
             && self.managed_frames == other.managed_frames
+            && self.notify_order == other.notify_order
     }
 }
 

@@ -4,7 +4,7 @@ use core::ops::DerefMut;
 
 use arrayvec::ArrayVec;
 
-use super::meta::{NIL, State};
+use super::meta::{NIL, REPORTED_BIT, State, order_state, slot};
 use super::{
     AllocError, Block, BlockInfo, BlockState, Buddy, FrameMeta, FreeError, IsolateError, Placement,
     PutBackError,
@@ -81,25 +81,90 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// it was before it had to say the merged order.
     #[inline(always)]
     fn free_inner(&mut self, pfn: Pfn, order: PageOrder) -> Result<usize, FreeError> {
-        let (idx, o) = self.locate(pfn, order).map_err(|e| match e {
-            Locate::OrderTooLarge => FreeError::OrderTooLarge,
-            Locate::Unaligned => FreeError::Unaligned,
-            Locate::OutOfRange => FreeError::OutOfRange,
-        })?;
+        let Some(idx) = self.allocated_head(pfn, order) else {
+            return Err(self.free_error(pfn, order));
+        };
+        let o = order.get() as usize;
+        // `release`, with the head's order already right when nothing merges.
+        if o < MAX_ORDER && self.free_buddy(u64::from(idx), o).is_some() {
+            return Ok(self.merge(idx, o, false, Placement::Hot));
+        }
+        self.area.link_freed(&mut self.meta, o, idx);
+        Ok(o)
+    }
+
+    /// The index of `pfn` if it is the head of an allocated block of `order`: the one check
+    /// a free needs. The allocator's invariants (`check_invariants`) make every allocated
+    /// head of order `o` a block of order at most `MAX_ORDER`, naturally aligned and inside
+    /// the window, so the checks of `locate` (order, alignment, range) hold for it already
+    /// and are left to [`free_error`](Self::free_error), which says what was wrong otherwise.
+    #[inline(always)]
+    fn allocated_head(&self, pfn: Pfn, order: PageOrder) -> Option<u32> {
+        // Through `u32` so the compiler sees that later `meta[idx]`s are in bounds.
+        let idx = u32::try_from(pfn.get().wrapping_sub(self.base)).ok()?;
+        let m = self.meta.get(idx as usize)?;
+        (m.order_state() == order_state(order.get(), State::Allocated)).then_some(idx)
+    }
+
+    /// Frees like [`free`](Self::free) and returns the order of the block the freed one
+    /// merged into when it is at least the [notify order](Self::set_notify_order), `None`
+    /// otherwise (always `None` while no notify order is set). Linux `__free_one_page`
+    /// ending in `page_reporting_notify_free(order)`: a free reporter's
+    /// [`on_free`](crate::hint::guest::Reporter::on_free) wants exactly those frees.
+    ///
+    /// The check costs nothing on the common path: a free below the notify order whose buddy
+    /// is not free links the block and returns `None` after the same compares as `free`
+    /// (the one against `MAX_ORDER` becomes one against `min(notify order, MAX_ORDER)`);
+    /// every other free, which merges or is large, takes an out-of-line path that compares
+    /// the merged order.
+    #[inline(always)]
+    pub fn free_notify(
+        &mut self,
+        pfn: Pfn,
+        order: PageOrder,
+    ) -> Result<Option<PageOrder>, FreeError> {
+        let Some(idx) = self.allocated_head(pfn, order) else {
+            return Err(self.free_error(pfn, order));
+        };
+        let o = order.get() as usize;
+        // `o < quiet_below <= MAX_ORDER`: the block has a buddy order, and ending at `o` it
+        // stays below the notify order.
+        if o < usize::from(self.quiet_below) && self.free_buddy(u64::from(idx), o).is_none() {
+            self.area.link_freed(&mut self.meta, o, idx);
+            return Ok(None);
+        }
+        Ok(self.release_notify(idx, o))
+    }
+
+    /// The slow path of `free_notify`: the block merges, or is at least `quiet_below`.
+    #[inline(never)]
+    fn release_notify(&mut self, idx: u32, o: usize) -> Option<PageOrder> {
+        let merged = self.release(idx, o, false, Placement::Hot);
+        (merged >= usize::from(self.notify_order)).then_some(PageOrder::from_raw(merged as u8))
+    }
+
+    /// Why freeing `pfn` at `order` was refused (it is not an allocated head of that order):
+    /// the checks of `locate` first, then the state of the block that holds the frame.
+    #[cold]
+    #[inline(never)]
+    fn free_error(&self, pfn: Pfn, order: PageOrder) -> FreeError {
+        let idx = match self.locate(pfn, order) {
+            Ok((idx, _)) => idx,
+            Err(Locate::OrderTooLarge) => return FreeError::OrderTooLarge,
+            Err(Locate::Unaligned) => return FreeError::Unaligned,
+            Err(Locate::OutOfRange) => return FreeError::OutOfRange,
+        };
         let m = self.meta[idx as usize];
         let state = match m.state {
-            State::Allocated if m.order as usize == o => {
-                return Ok(self.release(idx, o, false, Placement::Hot));
-            }
             State::Tail => self.enclosing(idx).map(|info| info.state),
             _ => Some(m.state),
         };
-        Err(match state {
+        match state {
             Some(State::Free | State::FreeReported) => FreeError::DoubleFree,
             Some(State::Isolated) => FreeError::Isolated,
             Some(State::Allocated) => FreeError::WrongOrder,
             Some(State::Hole | State::Tail) | None => FreeError::OutOfRange,
-        })
+        }
     }
 
     /// Takes up to `max` unreported free blocks of `order` off the head of their list, as many
@@ -281,17 +346,18 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     #[inline(always)]
     fn take(&mut self, k: usize, o: usize) -> Block {
         let meta = &mut *self.meta;
-        let idx = self.area.lists[k].head;
-        let reported = meta[idx as usize].state == State::FreeReported;
-        self.area.unlink(meta, k, idx, reported);
+        let idx = self.area.lists[slot(k)].head;
+        let m = &mut meta[idx as usize];
+        let reported = m.state == State::FreeReported;
+        // An allocated head needs only its state and order; its links are dead until the
+        // block is freed and linked again. The split below never touches this head.
+        m.state = State::Allocated;
+        m.order = o as u8;
+        let next = m.next;
+        self.area.pop_head(meta, k, idx, next, reported);
         if k != o {
             self.split(idx, k, o, reported);
         }
-        // An allocated head needs only its state and order; its links are dead until the
-        // block is freed and linked again.
-        let m = &mut self.meta[idx as usize];
-        m.state = State::Allocated;
-        m.order = o as u8;
         Block {
             pfn: Pfn::from_raw(self.base + u64::from(idx)),
             order: PageOrder::from_raw(o as u8),
@@ -338,11 +404,9 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     fn free_buddy(&self, idx: u64, order: usize) -> Option<(u64, bool)> {
         let buddy = ((idx + self.base) ^ (1 << order)).wrapping_sub(self.base);
         let b = self.meta.get(buddy as usize)?;
-        match b.state {
-            State::Free if b.order as usize == order => Some((buddy, false)),
-            State::FreeReported if b.order as usize == order => Some((buddy, true)),
-            _ => None,
-        }
+        let key = b.order_state();
+        (key | REPORTED_BIT == order_state(order as u8, State::FreeReported))
+            .then_some((buddy, key & REPORTED_BIT != 0))
     }
 
     /// The merge loop of `release`, out of line so the no-merge path stays small.

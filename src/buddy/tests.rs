@@ -620,6 +620,84 @@ fn free_merged_says_the_order_the_block_ended_in() {
 }
 
 #[test]
+fn free_notify_says_the_merged_order_only_from_the_notify_order() {
+    let mut b = buddy::<10>(0, 1024);
+    assert_eq!(b.notify_order(), None);
+    let pages: Vec<_> = (0..1024).map(|_| b.alloc(ord(0)).unwrap()).collect();
+    // No notify order: nothing is said, even for a free that completes the 2 MiB block.
+    for p in pages.iter().filter(|p| p.pfn.get() < 512) {
+        assert_eq!(b.free_notify(p.pfn, p.order), Ok(None));
+    }
+    assert_eq!(b.order_stats(ord(9)).free, 1);
+    b.set_notify_order(Some(ord(9)));
+    assert_eq!(b.notify_order(), Some(ord(9)));
+    let mut said = Vec::new();
+    for p in pages.iter().filter(|p| p.pfn.get() >= 512) {
+        said.push(b.free_notify(p.pfn, p.order).unwrap());
+    }
+    assert!(said[..511].iter().all(Option::is_none));
+    assert_eq!(
+        said[511],
+        Some(ord(10)),
+        "the last page completes the whole block"
+    );
+    b.check_invariants().unwrap();
+    // A block at or above the notify order is said even when it merges nothing.
+    let x = b.alloc(ord(9)).unwrap();
+    let y = b.alloc(ord(9)).unwrap();
+    assert_eq!(b.free_notify(x.pfn, x.order), Ok(Some(ord(9))));
+    assert_eq!(b.free_notify(y.pfn, y.order), Ok(Some(ord(10))));
+    let z = b.alloc(ord(10)).unwrap();
+    assert_eq!(b.free_notify(z.pfn, z.order), Ok(Some(ord(10))));
+    // A notify order above MAX_ORDER never says anything.
+    b.set_notify_order(Some(ord(11)));
+    let z = b.alloc(ord(10)).unwrap();
+    assert_eq!(b.free_notify(z.pfn, z.order), Ok(None));
+    b.set_notify_order(None);
+    assert_eq!(b.notify_order(), None);
+}
+
+#[test]
+fn free_notify_frees_like_free_merged() {
+    // The same random alloc/free sequence on two allocators, one freeing with `free_merged`
+    // and one with `free_notify` (notify order 3): same results, same state, always.
+    let mut a = buddy::<10>(0, 4096);
+    let mut n = buddy::<10>(0, 4096);
+    n.set_notify_order(Some(ord(3)));
+    let mut rng = Rng::new(11);
+    let mut live = Vec::new();
+    for _ in 0..20_000 {
+        if live.is_empty() || rng.below(2) == 0 {
+            let o = ord((rng.below(4) * rng.below(4)) as u8);
+            let x = a.alloc(o);
+            assert_eq!(n.alloc(o), x);
+            live.extend(x.ok());
+        } else {
+            let x = live.swap_remove(rng.below(live.len() as u64) as usize);
+            let merged = a.free_merged(x.pfn, x.order).unwrap();
+            let said = n.free_notify(x.pfn, x.order).unwrap();
+            assert_eq!(said, (merged >= ord(3)).then_some(merged));
+        }
+        // Errors are the same too, and change nothing.
+        let garbage = pfn(rng.below(4200));
+        let o = ord(rng.below(12) as u8);
+        let before = n.clone();
+        let e = a.free_merged(garbage, o);
+        if e.is_ok() {
+            // The garbage happened to be a live block: undo by freeing it in `n` too.
+            live.retain(|b| b.pfn != garbage);
+            assert_eq!(n.free_notify(garbage, o).map(|_| ()), Ok(()));
+            continue;
+        }
+        assert_eq!(n.free_notify(garbage, o), e.map(Some));
+        assert!(n.same_state(&before));
+    }
+    a.check_invariants().unwrap();
+    n.check_invariants().unwrap();
+    assert_eq!(a.free_frames(), n.free_frames());
+}
+
+#[test]
 fn put_back_errors_are_typed_and_change_nothing() {
     let mut b = buddy::<4>(32, 64);
     let mut out = ArrayVec::<Block, 2>::new();

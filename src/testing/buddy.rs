@@ -100,6 +100,9 @@ fn pfn(raw: u64) -> Pfn {
     Pfn::from_raw(raw)
 }
 
+/// The notify order the harness sets for `free_notify`.
+const NOTIFY_ORDER: PageOrder = PageOrder::from_raw(3);
+
 fn order(raw: u8) -> PageOrder {
     PageOrder::from_raw(raw % 12)
 }
@@ -118,10 +121,13 @@ impl BuddyHarness {
     /// An allocator over the test window with nothing managed yet.
     pub fn new() -> Self {
         let meta = vec![FrameMeta::HOLE; WINDOW_FRAMES as usize];
-        let buddy = match Buddy::new(meta, pfn(WINDOW_BASE)) {
+        let mut buddy = match Buddy::new(meta, pfn(WINDOW_BASE)) {
             Ok(b) => b,
             Err(e) => unreachable!("test window refused: {e}"),
         };
+        // Half the frees go through `free_notify` (see `free`): a low notify order makes
+        // both its fast path (orders 0..=2, no merge) and its slow path common.
+        buddy.set_notify_order(Some(NOTIFY_ORDER));
         Self {
             buddy,
             cells: vec![Cell::Hole; WINDOW_FRAMES as usize],
@@ -467,19 +473,30 @@ impl BuddyHarness {
 
     fn free(&mut self, p: u64, o: u8) -> Result<bool, String> {
         let want = self.expected_free(p, o);
-        let merged = self.buddy.free_merged(pfn(p), PageOrder::from_raw(o));
-        let got = merged.map(|_| ());
+        // `free_merged` or `free_notify`, by a bit of the frame number.
+        let notify = p.count_ones() % 2 == 1;
+        let said = if notify {
+            self.buddy.free_notify(pfn(p), PageOrder::from_raw(o))
+        } else {
+            self.buddy
+                .free_merged(pfn(p), PageOrder::from_raw(o))
+                .map(Some)
+        };
+        let got = said.map(|_| ());
         check(got == want, || {
-            format!("free({p:#x}, {o}) = {got:?}, model {want:?}")
+            format!("free({p:#x}, {o}, notify {notify}) = {got:?}, model {want:?}")
         })?;
-        if let Ok(m) = merged {
-            // The merged order is the order of the free block that now holds the frame.
+        if let Ok(said) = said {
+            // The merged order is the order of the free block that now holds the frame;
+            // `free_notify` says it only when it reaches the notify order.
             let info = self.buddy.block_info(pfn(p));
-            check(
-                matches!(info, Some(i) if i.order == m && m.get() >= o
-                    && matches!(i.state, BlockState::Free { .. })),
-                || format!("free_merged({p:#x}, {o}) = {m:?}, block now {info:?}"),
-            )?;
+            let merged = info
+                .filter(|i| i.order.get() >= o && matches!(i.state, BlockState::Free { .. }))
+                .map(|i| i.order);
+            let expected = merged.filter(|&m| !notify || m >= NOTIFY_ORDER);
+            check(merged.is_some() && said == expected, || {
+                format!("free({p:#x}, {o}, notify {notify}) said {said:?}, block now {info:?}")
+            })?;
         }
         if got.is_ok() {
             self.set((p, o), Cell::Free { reported: false });

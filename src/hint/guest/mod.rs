@@ -40,7 +40,10 @@
 //! - **When to run**: [`Reporter::on_free`] on the free path (Linux
 //!   `page_reporting_notify_free`) returns `true` when a pass is worth scheduling, once per
 //!   idle period (Linux's IDLE / REQUESTED / ACTIVE state machine); the embedder owns the
-//!   timing (Linux debounces 2 s).
+//!   timing (Linux debounces 2 s). [`Reporter::free`] frees and calls it for the frees that
+//!   reach `min_order`, with the check folded into the allocator's own once
+//!   [`Reporter::register`] has set the allocator's notify order, so a small free costs
+//!   nothing extra.
 //! - **Two transports**: [`ReportTransport`] reports one batch and waits
 //!   ([`Reporter::report_pass`]); [`PipelinedTransport`] queues batches without waiting, and a
 //!   [`Pipeline`] keeps a window of them in flight, each batch's blocks returning only on
@@ -65,7 +68,8 @@
 //!
 //! # Linux names
 //! [`Reporter::report_pass`] = `page_reporting_process_zone` + `page_reporting_cycle`;
-//! [`Reporter::on_free`] = `page_reporting_notify_free`; [`Reporter::request`] =
+//! [`Reporter::on_free`] = `page_reporting_notify_free`; [`Reporter::register`] =
+//! `page_reporting_register`; [`Reporter::request`] =
 //! `__page_reporting_request`; [`ReportTransport::report`] =
 //! `page_reporting_dev_info::report`; isolate / put back = `__isolate_free_page` /
 //! `__putback_isolated_page`; [`poison::negotiate`] = `virtballoon_validate`.

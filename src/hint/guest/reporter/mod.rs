@@ -8,8 +8,8 @@ use arrayvec::ArrayVec;
 
 use super::policy::{PolicyError, ReportPolicy};
 use super::transport::ReportTransport;
-use crate::addr::PageOrder;
-use crate::buddy::{Block, Buddy, FrameMeta, LockedBuddy, PutBackError};
+use crate::addr::{PageOrder, Pfn};
+use crate::buddy::{Block, Buddy, FrameMeta, FreeError, LockedBuddy, PutBackError};
 use crate::sync::{AtomicUsize, Ordering};
 
 /// No pass requested or running (Linux `PAGE_REPORTING_IDLE`).
@@ -176,7 +176,8 @@ impl<const CAP: usize> Reporter<CAP> {
     ///
     /// Call it on every free with the order of the block **after merging**
     /// ([`LockedBuddy::free_merged`] returns it): freeing a 4 KiB page can complete a 2 MiB
-    /// block. Orders below `min_order` return at once (one compare: the cost on the
+    /// block. [`free`](Self::free) does both, and calls this only for the frees that
+    /// reach `min_order`. Orders below `min_order` return at once (one compare: the cost on the
     /// allocator's hot path). Otherwise the freed frames count towards
     /// [`ReportPolicy::notify_frames`]; past it, the reporter asks for a pass: `true` exactly
     /// once while idle. While a pass runs it returns `false` and that pass ends with
@@ -198,6 +199,44 @@ impl<const CAP: usize> Reporter<CAP> {
             return false;
         }
         self.request()
+    }
+
+    /// Attaches the reporter to `buddy`'s free path (Linux `page_reporting_register`): sets
+    /// the allocator's [notify order](Buddy::set_notify_order) to the policy's `min_order`,
+    /// so [`free`](Self::free) hears about the frees `on_free` counts, and asks for a pass
+    /// for the memory already free. `true` means "schedule a pass".
+    pub fn register<S, const M: usize>(&self, buddy: &LockedBuddy<S, M>) -> bool
+    where
+        S: DerefMut<Target = [FrameMeta]>,
+    {
+        buddy.lock().set_notify_order(Some(self.policy.min_order));
+        self.request()
+    }
+
+    /// Frees a block and tells the reporter (Linux `__free_one_page` +
+    /// `page_reporting_notify_free`): [`LockedBuddy::free_notify`], then
+    /// [`on_free`](Self::on_free) with the merged order when the free reached the notify
+    /// order. `Ok(true)` means "schedule a pass now", as `on_free`'s `true`.
+    ///
+    /// The same as [`LockedBuddy::free_merged`] followed by `on_free`, once
+    /// [`register`](Self::register) has set the notify order; cheaper, because the order
+    /// check is folded into the allocator's own: a free below `min_order` that merges nothing
+    /// costs what [`LockedBuddy::free`] does. Without `register` (or with a notify order
+    /// above `min_order`) qualifying frees go unheard. Always inlined: it is the free path.
+    #[inline(always)]
+    pub fn free<S, const M: usize>(
+        &self,
+        buddy: &LockedBuddy<S, M>,
+        pfn: Pfn,
+        order: PageOrder,
+    ) -> Result<bool, FreeError>
+    where
+        S: DerefMut<Target = [FrameMeta]>,
+    {
+        match buddy.free_notify(pfn, order)? {
+            Some(merged) => Ok(self.on_free(merged)),
+            None => Ok(false),
+        }
     }
 
     /// Asks for a pass whatever was freed (Linux `__page_reporting_request`; Linux's

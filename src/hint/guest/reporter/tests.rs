@@ -484,6 +484,64 @@ fn on_free_asks_once_per_idle_period_and_ignores_small_orders() {
 }
 
 #[test]
+fn free_asks_for_a_pass_as_free_merged_and_on_free_do() {
+    // The same frees through `free_merged` + `on_free` and through a registered reporter's
+    // `free`: the same answers and the same request state after every one, so moving the
+    // order check into the allocator loses no request.
+    let (a, held) = checkerboard::<10>(64, 3);
+    let (n, _) = checkerboard::<10>(64, 3);
+    let ra = Reporter::<4>::new(policy(4, 1, 0)).unwrap();
+    let rn = Reporter::<4>::new(policy(4, 1, 0)).unwrap();
+    assert!(
+        rn.register(&n),
+        "register asks for a pass for the memory free at boot"
+    );
+    assert!(ra.request());
+    assert_eq!(n.lock().notify_order(), Some(ord(4)));
+    let mut asked = 0;
+    for (i, x) in held.iter().enumerate() {
+        // Free order 0 pages of the held block one by one, then what is left whole.
+        let x = *x;
+        a.free(x.pfn, x.order).unwrap();
+        n.free(x.pfn, x.order).unwrap();
+        let pages: Vec<_> = (0..8).map(|_| a.alloc(ord(0)).unwrap()).collect();
+        for &p in &pages {
+            assert_eq!(n.alloc(ord(0)), Ok(p));
+        }
+        for p in pages {
+            let want = ra.on_free(a.free_merged(p.pfn, p.order).unwrap());
+            assert_eq!(rn.free(&n, p.pfn, p.order), Ok(want), "free {i}: {p:?}");
+            asked += usize::from(want);
+            assert_eq!(ra.state(), rn.state());
+        }
+        if i % 8 == 7 {
+            // A pass now and then: back to idle, so later frees ask again.
+            ra.report_pass(&a, &mut Recorder::new(&a)).unwrap();
+            rn.report_pass(&n, &mut Recorder::new(&n)).unwrap();
+            assert_eq!(ra.state(), rn.state());
+        }
+    }
+    assert!(asked > 0, "some frees asked for a pass");
+    let (a, n) = (a.lock(), n.lock());
+    for o in 0..=10 {
+        assert_eq!(a.order_stats(ord(o)), n.order_stats(ord(o)));
+    }
+}
+
+#[test]
+fn free_without_register_hears_nothing() {
+    let (buddy, held) = checkerboard::<10>(2, 9);
+    let r = Reporter::<4>::new(policy(9, 16, 0)).unwrap();
+    assert_eq!(r.free(&buddy, held[0].pfn, held[0].order), Ok(false));
+    assert_eq!(r.state(), RequestState::Idle);
+    assert!(r.register(&buddy));
+    r.report_pass(&buddy, &mut Recorder::new(&buddy)).unwrap();
+    assert_eq!(r.state(), RequestState::Idle);
+    assert_eq!(r.free(&buddy, held[1].pfn, held[1].order), Ok(true));
+    assert_eq!(r.state(), RequestState::Requested);
+}
+
+#[test]
 fn notify_frames_is_a_threshold() {
     let p = ReportPolicy {
         notify_frames: 4 * 512,
