@@ -214,10 +214,13 @@ fn hvmem_pipeline_reports_through_the_driver() {
     use hvmem::hint::guest::{Pipeline, ReportPolicy, Reporter};
 
     const FRAMES: u64 = 1024;
-    const BASE_PFN: u64 = 0x1_0000;
     let arena = Arena::new(FRAMES as usize * 4096);
-    // Guest "physical" address BASE_PFN << 12 maps to the arena.
-    let offset = arena.addr(0) - (BASE_PFN << 12);
+    // Guest "physical" address base_pfn << 12 maps to the arena. The window starts at or
+    // below the arena's address (16-frame aligned, the buddy's largest block), so the
+    // linear offset is never negative, wherever the allocator put the arena (Miri's
+    // addresses are low: a fixed 0x1_0000 underflowed there).
+    let base_pfn: u64 = (arena.addr(0) >> 12) & !0xf;
+    let offset = arena.addr(0) - (base_pfn << 12);
     // SAFETY: the reporter only hands the driver isolated blocks of the buddy's window, which
     // is the arena, kept alive; nobody touches them.
     #[allow(unsafe_code)]
@@ -226,7 +229,7 @@ fn hvmem_pipeline_reports_through_the_driver() {
     let mut b = Balloon::new(t, mem, Features::SUPPORTED).unwrap();
     s.borrow_mut().modes[4] = Mode::Manual;
 
-    let base = Pfn::new(BASE_PFN).unwrap();
+    let base = Pfn::new(base_pfn).unwrap();
     let mut buddy = Buddy::<_, 4>::new(vec![FrameMeta::HOLE; FRAMES as usize], base).unwrap();
     buddy.add_range(base, FRAMES).unwrap();
     let buddy = LockedBuddy::new(buddy);
@@ -249,7 +252,7 @@ fn hvmem_pipeline_reports_through_the_driver() {
                 assert!(buf.writable);
                 assert_eq!(buf.len, 16 << 12);
                 let pa = buf.addr - offset;
-                assert!(((BASE_PFN << 12)..((BASE_PFN + FRAMES) << 12)).contains(&pa));
+                assert!(((base_pfn << 12)..((base_pfn + FRAMES) << 12)).contains(&pa));
             }
             s.borrow_mut().push_used(4, u32::from(c.head), 0);
         }
