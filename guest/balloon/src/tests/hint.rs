@@ -13,6 +13,16 @@ fn hint_chains(s: &Shared) -> Vec<Chain> {
         .collect()
 }
 
+/// A QEMU-like device whose hint queue the test drives by hand, QEMU asking for run 2, the
+/// driver having begun it, and four pages of RAM for blocks.
+fn run_2_begun() -> (Balloon, Shared, Arena) {
+    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
+    s.borrow_mut().modes[3] = Mode::Manual;
+    s.borrow_mut().set_config_u32(8, 2);
+    b.hint_begin(CmdId::new(2)).unwrap();
+    (b, s, Arena::new(4 << 12))
+}
+
 #[test]
 fn a_hint_run_sends_the_id_the_blocks_then_stop() {
     let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
@@ -66,11 +76,7 @@ fn a_hint_run_sends_the_id_the_blocks_then_stop() {
 
 #[test]
 fn hint_done_waits_for_every_buffer() {
-    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
-    s.borrow_mut().modes[3] = Mode::Manual;
-    s.borrow_mut().set_config_u32(8, 2);
-    let arena = Arena::new(4 << 12);
-    b.hint_begin(CmdId::new(2)).unwrap();
+    let (mut b, s, arena) = run_2_begun();
     b.hint_block(arena.addr(0), 4096).unwrap();
     b.hint_end().unwrap();
     s.borrow_mut().set_config_u32(8, 1);
@@ -184,11 +190,7 @@ fn hint_blocks_recycle_used_buffers_and_keep_an_entry_for_stop() {
 
 #[test]
 fn a_full_queue_still_takes_stop() {
-    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
-    s.borrow_mut().modes[3] = Mode::Manual;
-    s.borrow_mut().set_config_u32(8, 2);
-    let arena = Arena::new(4 << 12);
-    b.hint_begin(CmdId::new(2)).unwrap();
+    let (mut b, _s, arena) = run_2_begun();
     while b.hint_block(arena.addr(0), 4096).is_ok() {}
     b.hint_end().unwrap();
     assert_eq!(b.hint_in_flight(), queue_size::HINT);
@@ -196,11 +198,7 @@ fn a_full_queue_still_takes_stop() {
 
 #[test]
 fn bad_hint_used_lengths_and_tokens_are_errors() {
-    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
-    s.borrow_mut().modes[3] = Mode::Manual;
-    s.borrow_mut().set_config_u32(8, 2);
-    let arena = Arena::new(4 << 12);
-    b.hint_begin(CmdId::new(2)).unwrap();
+    let (mut b, s, arena) = run_2_begun();
     b.hint_block(arena.addr(0), 4096).unwrap();
     let chains = s.borrow_mut().take(3);
     // The id buffer is device-readable: any length is impossible.
@@ -230,11 +228,7 @@ fn hinting_not_negotiated_is_refused() {
 fn waiting_for_buffers_kicks_the_device_even_when_it_suppressed_notifications() {
     // QEMU's hint iothread turns notifications off while it polls and back on after its last
     // pop; a buffer queued in between is seen only at the next notification.
-    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
-    s.borrow_mut().modes[3] = Mode::Manual;
-    s.borrow_mut().set_config_u32(8, 2);
-    let arena = Arena::new(4 << 12);
-    b.hint_begin(CmdId::new(2)).unwrap();
+    let (mut b, s, arena) = run_2_begun();
     b.hint_block(arena.addr(0), 4096).unwrap();
     b.hint_end().unwrap();
     s.borrow_mut().set_config_u32(8, 1);
