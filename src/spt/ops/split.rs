@@ -228,7 +228,10 @@ where
             if written[i / 64] & (1 << (i % 64)) != 0 {
                 entry.store(value, Ordering::Relaxed);
             }
-            value += step;
+            // Wrapping: the value after the last child is never stored, and for a leaf
+            // at the top of the address space with its high flag bits set it carries
+            // out of the word. Up to child 511 the sum stays inside the huge page.
+            value = value.wrapping_add(step);
         }
     } else {
         // Child i is child 0 plus i pages of the child size (KVM
@@ -237,7 +240,8 @@ where
         for chunk in entries.chunks_exact(8) {
             for entry in chunk {
                 entry.store(value, Ordering::Relaxed);
-                value += step;
+                // Wrapping for the one past the last child, as above.
+                value = value.wrapping_add(step);
             }
         }
     }

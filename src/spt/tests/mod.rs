@@ -145,6 +145,7 @@ per_format!(
     ops::protect_leaves,
     ops::split_keeps_translations,
     ops::split_1g_to_4k,
+    ops::split_at_the_top_of_the_address_space,
     ops::collapse_back,
     ops::collapse_refuses_mismatch,
     walker::walker_orders_and_rereads,

@@ -464,6 +464,52 @@ pub(super) fn split_1g_to_4k<F: PteFormat>() {
     assert_eq!(mem.allocated(), pt.table_count(&mem).unwrap());
 }
 
+/// Regression (found by the `pt_raw` fuzz target in CI): a huge leaf at the top of the
+/// physical address space whose flag bits are all set. Child `i` is child 0 plus `i`
+/// steps, and the fill loop computed one step past the last child: that carried out of
+/// the address field through the set flag bits and overflowed `u64` (a panic in debug
+/// builds, a needless wrap in release).
+pub(super) fn split_at_the_top_of_the_address_space<F: PteFormat>() {
+    let mut f = frames(520);
+    let (mut mem, pt) = setup::<F>(&f.frames, &mut f.slots);
+    let top = super::super::format::ADDR_MASK & !(GIB1 - 1);
+    // Every settable bit a caller may give (including NX / software bits 52..=63).
+    let flags = <F::Flags as bitflags::Flags>::from_bits_retain(F::FLAGS_MASK | F::REQUIRED);
+    pt.map(
+        &mut mem,
+        va(GIB1),
+        pa(top),
+        GIB1,
+        flags,
+        MapSize::Largest,
+        WalkFlags::empty(),
+    )
+    .unwrap();
+    let before = pt.translate(&mem, va(GIB1 + GIB1 - KIB4)).unwrap();
+    assert_eq!(
+        split_n(
+            &pt,
+            &mut mem,
+            GIB1,
+            GIB1,
+            SplitTo::Level(Level::L1),
+            WalkFlags::empty()
+        ),
+        Ok(513)
+    );
+    for i in [0, 1, 511, 512, GIB1 / KIB4 - 1] {
+        assert_maps(&pt, &mem, GIB1 + i * KIB4, top + i * KIB4, Level::L1);
+    }
+    let after = pt.translate(&mem, va(GIB1 + GIB1 - KIB4)).unwrap();
+    assert_eq!(after.pa, before.pa);
+    assert_eq!(
+        bits::<F>(after.flags),
+        bits::<F>(before.flags),
+        "{}",
+        F::NAME
+    );
+}
+
 pub(super) fn collapse_back<F: PteFormat>() {
     let mut f = frames(700);
     let (mut mem, mut pt) = setup::<F>(&f.frames, &mut f.slots);
