@@ -153,26 +153,26 @@ impl<F: PteFormat> Mmu<'_, F> {
         for slot in &st.slots {
             let mut level = Level::L1;
             loop {
-                let n = frames(level);
-                let mut g = slot.base & !(n - 1);
-                while g < slot.end() {
-                    if let Some(head) = Gfn::new(g).ok().and_then(|x| slot.rmaps.head(x, level)) {
-                        for e in head.iter(&st.store) {
-                            counts.rmap_entries += 1;
-                            let pid = st.pages.live_id(e.table()).ok_or(err(
-                                "rmap entry outside live pages",
-                                g,
-                                level,
-                            ))?;
-                            let sp = st.pages.get(pid).ok_or(err("no header", g, level))?;
-                            let v = e.load(&tables).unwrap_or(0);
-                            let egfn = sp.gfn.get() + e.index() as u64 * frames(level);
-                            if sp.role.level() != level || !F::is_leaf(v, level) || egfn != g {
-                                return Err(err("rmap entry names no leaf of its gfn", g, level));
-                            }
+                // Straight through the level's head array, skipping empty heads in a tight
+                // loop: most of a slot's heads are empty, and this loop was 90 % of a check.
+                let heads = slot.rmaps.heads(level);
+                let first = slot.base >> (level.shift() - crate::addr::PAGE_SHIFT);
+                for (i, head) in heads.iter().enumerate().filter(|(_, h)| !h.is_empty()) {
+                    let g = (first + i as u64) << (level.shift() - crate::addr::PAGE_SHIFT);
+                    for e in head.iter(&st.store) {
+                        counts.rmap_entries += 1;
+                        let pid = st.pages.live_id(e.table()).ok_or(err(
+                            "rmap entry outside live pages",
+                            g,
+                            level,
+                        ))?;
+                        let sp = st.pages.get(pid).ok_or(err("no header", g, level))?;
+                        let v = e.load(&tables).unwrap_or(0);
+                        let egfn = sp.gfn.get() + e.index() as u64 * frames(level);
+                        if sp.role.level() != level || !F::is_leaf(v, level) || egfn != g {
+                            return Err(err("rmap entry names no leaf of its gfn", g, level));
                         }
                     }
-                    g += n;
                 }
                 match level.upper() {
                     Some(up) if up <= slot.max_level() => level = up,

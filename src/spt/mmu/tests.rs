@@ -976,3 +976,101 @@ fn edge_configurations_build_or_refuse() {
         );
     }
 }
+
+/// `check` is what the model test and the fuzz target trust to see a broken MMU: each kind
+/// of damage here must be reported, with the gfn and level where it is. The slot does not
+/// start at gfn 0 and the 2 MiB case has a slot base that is not 2 MiB aligned, so the
+/// head-index-to-gfn arithmetic of the rmap scan is checked too.
+#[test]
+fn check_reports_damaged_state() {
+    const BASE: u64 = 0x1100;
+    fn setup<'f>(f: &'f mut Fx, host: &Host, log: bool) -> Mmu<'f, Ept> {
+        let m = mmu::<Ept>(f, MmuConfig::default());
+        let mut c = FaultCaches::new();
+        m.add_slot(SlotId(0), gfn(BASE), 4096, SlotFlags::empty())
+            .unwrap();
+        for g in [BASE + 3, BASE + 0x100, BASE + 0x300, BASE + 0x700] {
+            fault(&m, &mut c, host, g, true);
+        }
+        if log {
+            m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut Tlb::default())
+                .unwrap();
+        }
+        m.check().unwrap();
+        m
+    }
+    let small = Host::new(Level::L1);
+    let huge = Host::new(Level::L2);
+
+    // A leaf whose rmap entry went missing.
+    let mut f = fx();
+    let m = setup(&mut f, &small, false);
+    {
+        let mut st = m.state.write();
+        st.slots[0].rmaps.heads_mut(Level::L1)[3] = RmapHead::default();
+    }
+    let e = m.check().unwrap_err();
+    assert_eq!(
+        (e.what, e.gfn, e.level),
+        ("leaf missing from its rmap", BASE + 3, 1)
+    );
+
+    // A stray rmap entry at a gfn whose leaf it does not name (head 0x200 is gfn BASE + 0x200).
+    let mut f = fx();
+    let m = setup(&mut f, &small, false);
+    {
+        let mut st = m.state.write();
+        let heads = st.slots[0].rmaps.heads_mut(Level::L1);
+        heads[0x200] = heads[3];
+    }
+    let e = m.check().unwrap_err();
+    assert_eq!(
+        (e.what, e.gfn, e.level),
+        ("rmap entry names no leaf of its gfn", BASE + 0x200, 1)
+    );
+
+    // The same at 2 MiB: the slot's first 2 MiB head covers gfn 0x1000 (BASE rounded down),
+    // so head 3 covers 0x1600; the leaves are at 0x1200 (head 1), 0x1400 and 0x1800.
+    let mut f = fx();
+    let m = setup(&mut f, &huge, false);
+    assert_eq!(m.translate(gpa(BASE + 0x300)).unwrap().level, Level::L2);
+    {
+        let mut st = m.state.write();
+        let heads = st.slots[0].rmaps.heads_mut(Level::L2);
+        assert!(heads[3].is_empty() && !heads[1].is_empty());
+        heads[3] = heads[1];
+    }
+    let e = m.check().unwrap_err();
+    assert_eq!(
+        (e.what, e.gfn, e.level),
+        ("rmap entry names no leaf of its gfn", 0x1600, 2)
+    );
+
+    // A leaf cleared behind the MMU's back: its rmap entry names nothing.
+    let mut f = fx();
+    let m = setup(&mut f, &small, false);
+    m.find_leaf(0, BASE + 0x100)
+        .unwrap()
+        .0
+        .store(0, Ordering::Relaxed);
+    let e = m.check().unwrap_err();
+    assert_eq!(
+        (e.what, e.gfn, e.level),
+        ("rmap entry names no leaf of its gfn", BASE + 0x100, 1)
+    );
+
+    // Write access restored behind the log's back: a write it would not see.
+    let mut f = fx();
+    let m = setup(&mut f, &small, true);
+    let (leaf, _) = m.find_leaf(0, BASE + 0x300).unwrap();
+    leaf.fetch_or(Ept::WRITABLE, Ordering::Relaxed);
+    let e = m.check().unwrap_err();
+    assert_eq!(
+        (e.what, e.gfn, e.level),
+        (
+            "writable leaf in a logged slot not marked dirty",
+            BASE + 0x300,
+            1
+        )
+    );
+}
