@@ -18,7 +18,7 @@ use arrayvec::ArrayVec;
 use super::Rng;
 use crate::addr::{PageOrder, Pfn};
 use crate::buddy::{Block, Buddy, FrameMeta, LockedBuddy};
-use crate::hint::guest::{Balloon, BalloonConfig, FallbackPolicy};
+use crate::hint::guest::{Balloon, BalloonConfig, FallbackPolicy, InflateOutcome};
 
 /// The buddy's largest order.
 pub const MAX_ORDER: usize = 10;
@@ -55,6 +55,13 @@ pub enum BalloonOp {
     Free { k: u16 },
     /// The workload frees every other block it holds, from the k-th on (punch holes).
     PunchHoles { k: u16 },
+    /// The embedder frees the balloon's k-th block behind its back; the workload allocates a
+    /// block of `order % 4` (which may take part of it), and the balloon inflates by
+    /// `inflate` frames (which may get the rest). Every held block the new ones overlap
+    /// must be dropped from the books and counted in `dropped_stale`; a lost block nothing
+    /// overlapped is then released with `release_lost`, as an embedder would after `deflate`
+    /// refused it.
+    LoseBlock { k: u16, order: u8, inflate: u16 },
 }
 
 /// Buddy, balloon and workload.
@@ -66,7 +73,7 @@ pub struct BalloonHarness {
     setup: BalloonSetup,
 }
 
-fn err(what: impl Into<String>) -> Result<(), String> {
+fn err<T>(what: impl Into<String>) -> Result<T, String> {
     Err(what.into())
 }
 
@@ -143,38 +150,12 @@ impl BalloonHarness {
     pub fn apply(&mut self, op: BalloonOp) -> Result<(), String> {
         match op {
             BalloonOp::Inflate { frames } => {
-                let want = u64::from(frames) % WINDOW_FRAMES;
-                let mut out = ArrayVec::<Block, BATCH>::new();
-                let before = self.balloon.frames();
-                let r = self
-                    .balloon
-                    .inflate(&self.buddy, want, &mut out)
-                    .map_err(|e| format!("inflate: {e}"))?;
-                if r.frames > want || r.frames != self.balloon.frames() - before {
-                    return err(format!("inflate({want}) = {r:?}"));
-                }
-                if !r.out_of_memory && !out.is_full() && r.frames != want {
-                    return err(format!("inflate({want}) stopped early: {r:?}"));
-                }
-                if out.len() != r.blocks as usize
-                    || out.iter().map(|b| b.order.frames()).sum::<u64>() != r.frames
-                {
-                    return err("inflate's batch disagrees with its outcome");
-                }
-                for b in &out {
-                    if self.live.iter().any(|l| overlap(l, b)) {
-                        return err(format!("ballooned {b:?} overlaps a workload block"));
-                    }
-                }
-                self.ballooned.extend_from_slice(&out);
-                if !self.setup.naive && r.broke > 0 {
-                    let n = self.broken_pages_with_free_memory();
-                    if n > 1 {
-                        return err(format!(
-                            "broke {} pages while {n} broken pages have free memory",
-                            r.broke
-                        ));
-                    }
+                let (r, _) = self.inflate(u64::from(frames) % WINDOW_FRAMES, true)?;
+                if r.dropped_stale != 0 {
+                    return err(format!(
+                        "dropped {} stale blocks, none was lost",
+                        r.dropped_stale
+                    ));
                 }
             }
             BalloonOp::Deflate { frames } => {
@@ -229,8 +210,98 @@ impl BalloonHarness {
                 }
                 self.live = kept;
             }
+            BalloonOp::LoseBlock { k, order, inflate } => self.lose_block(k, order, inflate)?,
         }
         self.audit()
+    }
+
+    fn lose_block(&mut self, k: u16, order: u8, inflate: u16) -> Result<(), String> {
+        if self.ballooned.is_empty() {
+            return Ok(());
+        }
+        let lost = self
+            .ballooned
+            .swap_remove(usize::from(k) % self.ballooned.len());
+        self.buddy
+            .free(lost.pfn, lost.order)
+            .map_err(|e| format!("freeing {lost:?} behind the balloon's back: {e}"))?;
+        if let Ok(b) = self
+            .buddy
+            .alloc(PageOrder::new(order % 4).unwrap_or(PageOrder::BASE))
+        {
+            if (b.pfn, b.order) == (lost.pfn, lost.order) {
+                // Exactly the lost block again: to the balloon's books it is its own block
+                // (ABA; `release_lost` would say `StillHeld`). Not a case it can tell apart.
+                self.buddy
+                    .free(b.pfn, b.order)
+                    .map_err(|e| format!("workload free: {e}"))?;
+            } else {
+                self.live.push(b);
+            }
+        }
+        let (r, out) = self.inflate(u64::from(inflate) % WINDOW_FRAMES, false)?;
+        let reclaimed = out.iter().any(|b| overlap(b, &lost));
+        let expect = if reclaimed {
+            (1, lost.order.frames())
+        } else {
+            (0, 0)
+        };
+        if (r.dropped_stale, r.dropped_frames) != expect {
+            return err(format!(
+                "lost {lost:?}, inflate got it back: {reclaimed}, dropped {} stale blocks",
+                r.dropped_stale
+            ));
+        }
+        if !reclaimed {
+            let got = self.balloon.release_lost(&self.buddy, lost.pfn);
+            if got != Ok(lost.order) {
+                return err(format!("release_lost({lost:?}) = {got:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Inflates by `want` frames and checks the outcome; returns it and the new blocks.
+    /// `policy`: also check the fewest-broken-pages property (not while the balloon's books
+    /// hold a block lost behind its back: it cannot know that block's frames are free).
+    fn inflate(
+        &mut self,
+        want: u64,
+        policy: bool,
+    ) -> Result<(InflateOutcome, ArrayVec<Block, BATCH>), String> {
+        let mut out = ArrayVec::<Block, BATCH>::new();
+        let before = self.balloon.frames();
+        let r = self
+            .balloon
+            .inflate(&self.buddy, want, &mut out)
+            .map_err(|e| format!("inflate: {e}"))?;
+        if r.frames > want || before + r.frames - r.dropped_frames != self.balloon.frames() {
+            return err(format!("inflate({want}) = {r:?}"));
+        }
+        if !r.out_of_memory && !out.is_full() && r.frames != want {
+            return err(format!("inflate({want}) stopped early: {r:?}"));
+        }
+        if out.len() != r.blocks as usize
+            || out.iter().map(|b| b.order.frames()).sum::<u64>() != r.frames
+        {
+            return err("inflate's batch disagrees with its outcome");
+        }
+        for b in &out {
+            if self.live.iter().any(|l| overlap(l, b)) {
+                return err(format!("ballooned {b:?} overlaps a workload block"));
+            }
+        }
+        self.ballooned.extend_from_slice(&out);
+        if policy && !self.setup.naive && r.broke > 0 {
+            let n = self.broken_pages_with_free_memory();
+            if n > 1 {
+                return err(format!(
+                    "broke {} pages while {n} broken pages have free memory",
+                    r.broke
+                ));
+            }
+        }
+        Ok((r, out))
     }
 
     /// The buddy's and the balloon's invariants, and the balloon's holdings.
@@ -295,7 +366,12 @@ pub fn random_op(rng: &mut Rng) -> BalloonOp {
         10 => BalloonOp::PunchHoles {
             k: rng.next_u64() as u16,
         },
-        11..=16 => BalloonOp::Inflate {
+        11 => BalloonOp::LoseBlock {
+            k: rng.next_u64() as u16,
+            order: (rng.below(4) * rng.below(2)) as u8,
+            inflate: rng.below(600) as u16,
+        },
+        12..=16 => BalloonOp::Inflate {
             frames: rng.below(1500) as u16,
         },
         _ => BalloonOp::Deflate {

@@ -178,6 +178,14 @@ pub struct InflateOutcome {
     pub broke: u32,
     /// The buddy had nothing more to give ("Out of puff").
     pub out_of_memory: bool,
+    /// Blocks dropped from the books because a block this call received overlaps them:
+    /// blocks the embedder freed behind the balloon's back (see
+    /// [`release_lost`](Balloon::release_lost)), whose frames the buddy has now handed out
+    /// again — to the balloon, so they are certainly no longer the old blocks. Without
+    /// this the balloon would count those frames twice.
+    pub dropped_stale: u32,
+    /// Frames of those blocks: [`Balloon::frames`] grew by `frames - dropped_frames`.
+    pub dropped_frames: u64,
 }
 
 /// What one [`Balloon::deflate`] did.
@@ -238,6 +246,9 @@ pub struct Balloon<S> {
     current: Option<usize>,
     fresh: bool,
     stamped: bool,
+    /// The largest order ever recorded: how far back a held block can start and still reach
+    /// a given frame.
+    max_order: u8,
 }
 
 impl<S: DerefMut<Target = [u64]>> Balloon<S> {
@@ -299,6 +310,7 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
             current: None,
             fresh: false,
             stamped: false,
+            max_order: 0,
         })
     }
 
@@ -393,15 +405,21 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     }
 
     /// Records a block the buddy gave the balloon, stamping the intact host pages it breaks.
-    fn record(&mut self, b: &Block) -> Result<(), InflateError> {
+    /// Returns how many stale blocks it dropped on the way, and their frames
+    /// ([`drop_overlapping`]).
+    ///
+    /// [`drop_overlapping`]: Self::drop_overlapping
+    fn record(&mut self, b: &Block) -> Result<(u32, u64), InflateError> {
         let (first, n) = (b.pfn.get(), b.order.frames());
         if first < self.base || first + n > self.base + self.window {
             return Err(InflateError::OutsideWindow);
         }
         let i = first - self.base;
-        self.words[(i / 64) as usize] |= 1 << (i % 64);
         let e = i + n - 1;
+        let dropped = self.drop_overlapping(i, e);
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
         self.words[self.bitmap_words + (e / 64) as usize] |= 1 << (e % 64);
+        self.max_order = self.max_order.max(b.order.get());
         let mut f = first;
         while f < first + n {
             let p = self.hp_of(f);
@@ -418,7 +436,64 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
         }
         self.held += n;
         self.blocks += 1;
-        Ok(())
+        Ok(dropped)
+    }
+
+    /// Drops from the books every held block that overlaps window frames `[i, e]` and returns
+    /// how many, and their frames. The buddy has just handed out those frames, so any such block is one the
+    /// embedder freed behind the balloon's back. Held blocks are disjoint (this keeps them
+    /// so): only the nearest head before `i` can reach into the range, and only from at most
+    /// `2^max_order - 1` frames back; every other overlapping block has its head inside.
+    fn drop_overlapping(&mut self, i: u64, e: u64) -> (u32, u64) {
+        let mut dropped = (0, 0);
+        let reach = (1u64 << self.max_order) - 1;
+        if let Some(h) = self.head_before(i, reach) {
+            if let Some(order) = self.order_at(h).filter(|o| h + o.frames() > i) {
+                self.forget(Pfn::from_raw(self.base + h), order);
+                dropped = (dropped.0 + 1, dropped.1 + order.frames());
+            }
+        }
+        let mut j = i;
+        while j <= e {
+            let word = self.words[(j / 64) as usize] >> (j % 64);
+            if word == 0 {
+                j = (j / 64 + 1) * 64;
+                continue;
+            }
+            j += u64::from(word.trailing_zeros());
+            if j > e {
+                break;
+            }
+            if let Some(order) = self.order_at(j) {
+                self.forget(Pfn::from_raw(self.base + j), order);
+                dropped = (dropped.0 + 1, dropped.1 + order.frames());
+            }
+            j += 1;
+        }
+        dropped
+    }
+
+    /// The last head bit in window frames `[i - reach, i)`, if any.
+    fn head_before(&self, i: u64, reach: u64) -> Option<u64> {
+        let lo = i.saturating_sub(reach);
+        let mut j = i;
+        while j > lo {
+            // Bits of word `(j - 1) / 64` below `j`, and at or above `lo`.
+            let w = (j - 1) / 64;
+            let top = j - w * 64;
+            let mut word = self.words[w as usize];
+            if top < 64 {
+                word &= (1 << top) - 1;
+            }
+            if lo > w * 64 {
+                word &= !((1 << (lo - w * 64)) - 1);
+            }
+            if word != 0 {
+                return Some(w * 64 + 63 - u64::from(word.leading_zeros()));
+            }
+            j = w * 64;
+        }
+        None
     }
 
     /// Host pages that were intact when this inflation started and are broken now; clears
@@ -475,11 +550,17 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
                 res.out_of_memory = true;
                 break;
             };
-            if let Err(e) = self.record(&block) {
-                // Not ours to keep: give it back untouched.
-                let _ = buddy.free(block.pfn, block.order);
-                self.count_breaks();
-                return Err(e);
+            match self.record(&block) {
+                Ok((blocks, frames)) => {
+                    res.dropped_stale += blocks;
+                    res.dropped_frames += frames;
+                }
+                Err(e) => {
+                    // Not ours to keep: give it back untouched.
+                    let _ = buddy.free(block.pfn, block.order);
+                    self.count_breaks();
+                    return Err(e);
+                }
             }
             res.frames += block.order.frames();
             res.blocks += 1;

@@ -422,3 +422,81 @@ fn storage_words_is_total() {
         BalloonNewError::OutOfRange
     );
 }
+
+/// Regression (adversarial audit): the embedder frees a ballooned block behind the
+/// balloon's back and the next inflate gets the very same block from the buddy. The
+/// balloon recorded it a second time and counted one 4 KiB block as two.
+#[test]
+fn reinflating_a_block_freed_behind_its_back_drops_the_stale_record() {
+    let g = guest(1024);
+    let mut b = balloon(1024, 0, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut b, &g, 1);
+    let x = blocks[0];
+    g.free(x.pfn, x.order).unwrap();
+    let mut out = ArrayVec::<Block, 8>::new();
+    let r = b.inflate(&g, 1, &mut out).unwrap();
+    assert_eq!(out[0], x, "the buddy hands the same block out again");
+    assert_eq!((r.frames, r.dropped_stale, r.dropped_frames), (1, 1, 1));
+    assert_eq!((b.frames(), b.blocks()), (1, 1));
+    b.check(&g.lock()).unwrap();
+}
+
+/// Regression (adversarial audit): after a stale block was recorded twice, `release_lost`
+/// read the wrong order from the end bits and `adjust` underflowed ("attempt to subtract
+/// with overflow"). Every step is public API.
+#[test]
+fn release_lost_after_a_reinflated_stale_block_keeps_the_books() {
+    let g = guest(1024);
+    let mut b = balloon(1024, 1, FallbackPolicy::Naive);
+    let g0 = g.alloc(ord(0)).unwrap();
+    assert_eq!(g0.pfn, pfn(0));
+    let mut out = ArrayVec::<Block, 8>::new();
+    b.inflate(&g, 1, &mut out).unwrap();
+    b.inflate(&g, 1, &mut out).unwrap();
+    let got: Vec<(u64, u8)> = out.iter().map(|x| (x.pfn.get(), x.order.get())).collect();
+    assert_eq!(got, [(1, 0), (2, 0)]);
+    // The guest frees its page; the embedder frees the balloon's page at 1 behind its back.
+    g.free(g0.pfn, g0.order).unwrap();
+    g.free(pfn(1), ord(0)).unwrap();
+    // The balloon gets the merged 8 KiB block at 0: the stale record at 1 goes.
+    let mut out = ArrayVec::<Block, 8>::new();
+    let r = b.inflate(&g, 2, &mut out).unwrap();
+    assert_eq!((out[0].pfn.get(), out[0].order.get()), (0, 1));
+    assert_eq!((r.dropped_stale, r.dropped_frames), (1, 1));
+    assert_eq!((b.frames(), b.blocks()), (3, 2));
+    b.check(&g.lock()).unwrap();
+    // Everything deflates; nothing is lost any more.
+    let mut out = ArrayVec::<Block, 8>::new();
+    let r = b.deflate(&g, u64::MAX, &mut out).unwrap();
+    assert_eq!((r.frames, r.blocks), (3, 2));
+    assert_eq!(
+        b.release_lost(&g, pfn(1)),
+        Err(DeflateError::NotHeld { pfn: pfn(1) })
+    );
+    assert_eq!(
+        b.release_lost(&g, pfn(2)),
+        Err(DeflateError::NotHeld { pfn: pfn(2) })
+    );
+    assert_eq!((b.frames(), b.blocks(), b.broken_host_pages()), (0, 0, 0));
+    assert_eq!(g.lock().free_frames(), 1024);
+}
+
+/// A stale block that starts before the new block and reaches into it is dropped too (the
+/// backward search for the nearest head).
+#[test]
+fn a_stale_block_reaching_into_a_new_one_is_dropped() {
+    let g = guest(1024);
+    let mut b = balloon(1024, 1, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut b, &g, 2);
+    assert_eq!((blocks[0].pfn.get(), blocks[0].order.get()), (0, 1));
+    // Lost behind the balloon's back; the guest takes frame 0 of it.
+    g.free(blocks[0].pfn, blocks[0].order).unwrap();
+    assert_eq!(g.alloc(ord(0)).unwrap().pfn, pfn(0));
+    let mut out = ArrayVec::<Block, 8>::new();
+    let r = b.inflate(&g, 1, &mut out).unwrap();
+    assert_eq!(out[0].pfn, pfn(1));
+    assert_eq!((r.dropped_stale, r.dropped_frames), (1, 2));
+    assert_eq!((b.frames(), b.blocks()), (1, 1));
+    assert!(!b.holds(pfn(0)) && b.holds(pfn(1)));
+    b.check(&g.lock()).unwrap();
+}
