@@ -90,11 +90,16 @@ impl<const N: usize> FlushGather<N> {
         }
     }
 
-    /// Adds `[start, start + len)` (raw input addresses) holding pages of `level`.
+    /// Adds `[start, start + len)` (raw input addresses) holding pages of `level`. A range
+    /// that runs past the end of the `u64` space is no range a flush can name: the gather
+    /// turns into "flush everything", which covers it.
     #[inline]
     pub fn add_raw(&mut self, start: u64, len: u64, level: Level) {
         if self.all || len == 0 {
             return;
+        }
+        if start.checked_add(len).is_none() {
+            return self.degrade();
         }
         let new = FlushRange { start, len, level };
         let end = new.end();

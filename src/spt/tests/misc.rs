@@ -66,6 +66,31 @@ fn gather_dedups_and_keeps_page_sizes() {
     assert_eq!((tlb.ranges, tlb.pages, tlb.bytes), (1, 1, GIB1));
 }
 
+/// Regression (adversarial audit): a range touching the last one and reaching past the end
+/// of the address space extended it with `last.len += len`, which overflowed ("attempt to
+/// add with overflow"). It now turns the gather into a full flush, which covers anything.
+#[test]
+fn gather_takes_a_range_past_the_end_of_the_address_space() {
+    let mut g = FlushGather::<4>::new();
+    g.add_raw(0, KIB4, Level::L1);
+    g.add_raw(KIB4, u64::MAX, Level::L1);
+    assert!(g.is_flush_all());
+    let mut g = FlushGather::<4>::new();
+    // Ending just below 2^64 is a range; reaching 2^64 or past it is not.
+    g.add_raw(u64::MAX - 2 * KIB4 + 1, KIB4, Level::L1);
+    assert_eq!(g.ranges().len(), 1);
+    g.add_raw(u64::MAX - KIB4 + 1, KIB4, Level::L1);
+    assert!(g.is_flush_all());
+    // Through `merge` and `add_table_raw` too.
+    let mut h = FlushGather::<4>::new();
+    h.add_raw(0, KIB4, Level::L1);
+    h.add_table_raw(KIB4, u64::MAX, Level::L2);
+    assert!(h.is_flush_all());
+    let mut m = FlushGather::<4>::new();
+    m.merge(&h);
+    assert!(m.is_flush_all());
+}
+
 /// Unmapping a 2 MiB range of 4 KiB pages once gave the same range twice (the leaves, then
 /// their emptied table).
 #[test]
