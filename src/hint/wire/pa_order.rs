@@ -62,12 +62,12 @@ impl PaOrderHint {
         Ok(Self { addr, order })
     }
 
-    /// The hint for a buddy block (always representable).
-    pub fn from_block(block: &Block) -> Self {
-        Self {
-            addr: block.pfn.addr().get(),
-            order: block.order.get(),
-        }
+    /// The hint for a buddy block. Every block the buddy hands out is representable; a
+    /// hand-made [`Block`] (its fields are public) whose frame is not aligned to its order
+    /// is refused like [`new`](Self::new) refuses it, rather than becoming a hint whose own
+    /// wire form does not decode.
+    pub const fn from_block(block: &Block) -> Result<Self, HintError> {
+        Self::new(block.pfn.addr().get(), block.order.get())
     }
 
     /// The address of the block's first byte.

@@ -171,10 +171,22 @@ fn walk_chain_refuses_bad_tables_and_chains() {
     assert_eq!(collect(&t, 1), vec![ok(0xb000), ok(0xa000)]);
 }
 
+/// Regression (adversarial audit): `from_block` trusted the block's alignment, so a
+/// hand-made block (its fields are public) gave a hint its own decoder refuses.
+#[test]
+fn pa_order_hint_from_an_unaligned_block_is_refused() {
+    assert_eq!(
+        PaOrderHint::from_block(&block(1, 9)),
+        Err(HintError::Unaligned)
+    );
+    let h = PaOrderHint::from_block(&block(0x200, 9)).unwrap();
+    assert_eq!(PaOrderHint::decode(h.encode()), Ok(h));
+}
+
 #[test]
 fn pa_order_hint_matches_page_to_hints_pa_order() {
     // A 2 MiB block at 1 GiB: pa | 9.
-    let h = PaOrderHint::from_block(&block(0x4_0000, 9));
+    let h = PaOrderHint::from_block(&block(0x4_0000, 9)).unwrap();
     assert_eq!(h.encode(), 0x4000_0000 | 9);
     assert_eq!(h.to_bytes(), (0x4000_0009u64).to_le_bytes());
     assert_eq!(PaOrderHint::decode(h.encode()), Ok(h));
