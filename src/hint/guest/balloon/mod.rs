@@ -40,7 +40,10 @@
 //! the buddy's — and how many frames it holds in each host page. It frees only a block the
 //! buddy still has allocated with that head and that order: a block the embedder freed behind
 //! its back, even one the guest has since allocated again as part of a larger block, is refused
-//! with [`DeflateError::NotHeld`], and nothing changes. Deflating returns fully ballooned host
+//! with [`DeflateError::NotHeld`], and nothing changes ([`Balloon::release_lost`] then drops
+//! it from the books). If the buddy hands such a block's frames to the balloon again before
+//! that, the new record replaces the stale one ([`InflateOutcome::dropped_stale`]): held
+//! records never overlap. Deflating returns fully ballooned host
 //! pages first (the host refaults each as a fresh huge page), then pieces of broken ones, never
 //! more than asked. The blocks of each call go to the embedder, which sends them as PFN arrays
 //! ([`crate::hint::wire::block_pfns`]).
