@@ -124,11 +124,36 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         target: Level,
         tlb: &mut T,
     ) -> Result<SplitStats, SplitError> {
+        // Refusals that depend only on the arguments come before the top-up: a refused call
+        // must not fill the caller's caches (and bind them to this MMU).
+        Self::check_split_args(&self.state.read(), slot, range, target, self.max_leaf())?;
         self.top_up_split(caches)?;
         let st = self.state.write();
         let (st, result) = self.split_locked(st, caches, slot, range, target, tlb);
         drop(st);
         result
+    }
+
+    /// The slot's index and the gfn range `[lo, hi)` to split, or why the arguments are
+    /// refused: no such slot, an empty range once clipped to the slot, a target level not
+    /// below the largest leaf.
+    fn check_split_args(
+        st: &State,
+        slot: SlotId,
+        range: Option<(Gfn, Gfn)>,
+        target: Level,
+        max_leaf: Level,
+    ) -> Result<(usize, u64, u64), SplitError> {
+        let i = st.slot_by_id(slot).ok_or(SplitError::NotFound)?;
+        let (base, end) = (st.slots[i].base, st.slots[i].end());
+        let (lo, hi) = match range {
+            Some((s, e)) => (s.get().max(base), e.get().min(end)),
+            None => (base, end),
+        };
+        if lo >= hi || target >= max_leaf {
+            return Err(SplitError::BadRange);
+        }
+        Ok((i, lo, hi))
     }
 
     /// Fills the splitter's caches with no MMU lock held.
@@ -152,17 +177,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         tlb: &mut T,
     ) -> (RwLockWriteGuard<'s, State>, Result<SplitStats, SplitError>) {
         let mut stats = SplitStats::default();
-        let Some(i) = st.slot_by_id(slot) else {
-            return (st, Err(SplitError::NotFound));
+        let (i, lo, hi) = match Self::check_split_args(&st, slot, range, target, self.max_leaf()) {
+            Ok(found) => found,
+            Err(e) => return (st, Err(e)),
         };
         let (base, end) = (st.slots[i].base, st.slots[i].end());
-        let (lo, hi) = match range {
-            Some((s, e)) => (s.get().max(base), e.get().min(end)),
-            None => (base, end),
-        };
-        if lo >= hi || target >= self.max_leaf() {
-            return (st, Err(SplitError::BadRange));
-        }
         let mut level = self.max_leaf();
         while level > target {
             let n = crate::spt::mmu::frames(level);

@@ -447,3 +447,37 @@ fn forced_lock_drops_restart_and_change_nothing() {
         m.check().unwrap();
     }
 }
+
+/// Regression (misuse audit): a refused `eager_split` (no such slot, an empty range, a
+/// target not below the largest leaf) topped the caller's caches up first, so the MMU's
+/// table and descriptor counts moved and fresh caches got bound to this MMU by a call
+/// that did nothing.
+#[test]
+fn a_refused_split_takes_nothing() {
+    let mut f = fx();
+    let m = mmu(&mut f, MmuConfig::default());
+    populated(&m);
+    let mut tlb = Tlb::default();
+    m.delete_slot(SlotId(0), &mut tlb).unwrap();
+    m.add_slot(SlotId(1), Gfn::new(0).unwrap(), 1 << 10, SlotFlags::empty())
+        .unwrap();
+    let before = (m.tables_allocated(), m.descriptors_free(), m.stats());
+    let mut caches = SplitCaches::new();
+    let far = Gfn::new(1 << 20).unwrap();
+    for (slot, range, target, want) in [
+        (SlotId(0), None, Level::L1, SplitError::NotFound),
+        (SlotId(1), Some((far, far)), Level::L1, SplitError::BadRange),
+        (SlotId(1), None, Level::L3, SplitError::BadRange),
+    ] {
+        assert_eq!(
+            m.eager_split(&mut caches, slot, range, target, &mut tlb),
+            Err(want)
+        );
+        assert_eq!((caches.tables(), caches.descriptors()), (0, 0));
+        assert_eq!(
+            (m.tables_allocated(), m.descriptors_free(), m.stats()),
+            before
+        );
+    }
+    m.check().unwrap();
+}
