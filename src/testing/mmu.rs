@@ -658,10 +658,24 @@ impl<'a, F: PteFormat> MmuHarness<'a, F> {
             return Ok(true);
         }
         if let Some(i) = i {
+            // The log moves with the slot (KVM reuses the old bitmap): page by page, a page
+            // whose old unit was dirty makes its new unit dirty.
+            let old = self.slots[i].clone();
             let s = &mut self.slots[i];
             s.base = base;
-            if let Some(log) = s.log.as_mut() {
-                *log = MLog::new(base, s.npages, log.mode);
+            if let Some(mode) = old.log.as_ref().map(|l| l.mode) {
+                let fresh = LogMode {
+                    initially_set: false,
+                    ..mode
+                };
+                let mut log = MLog::new(base, s.npages, fresh);
+                log.mode = mode;
+                s.log = Some(log);
+                for off in 0..s.npages {
+                    if old.is_set(old.unit(old.base + off, mode.granularity)) {
+                        s.mark(base + off);
+                    }
+                }
             }
             self.slots.sort_by_key(|s| s.base);
         }

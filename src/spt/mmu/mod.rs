@@ -560,7 +560,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         Ok(())
     }
 
-    /// Moves a slot to start at `new_base`, keeping its size, flags and logging mode; every
+    /// Moves a slot to start at `new_base`, keeping its size, flags, logging mode and dirty
+    /// log (KVM `kvm_prepare_memory_region` reuses the old bitmap on `KVM_MR_MOVE`: a write
+    /// logged before the move is reported after it; with 2 MiB units and a move by less
+    /// than a unit, every new unit that holds a page of a dirty old unit is dirty); every
     /// entry of the old range is zapped (KVM `KVM_MR_MOVE`). Refused with nothing changed
     /// when the new range overlaps another slot or its metadata cannot be allocated.
     pub fn move_slot<T: TlbFlush + ?Sized>(
@@ -571,9 +574,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     ) -> Result<(), SlotError> {
         let mut st = self.state.write();
         let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
-        let (npages, flags, mode) = {
+        let (npages, flags, old_base) = {
             let s = &st.slots[i];
-            (s.npages, s.flags, s.log.as_ref().map(|l| l.mode))
+            (s.npages, s.flags, s.base)
         };
         let end = new_base
             .get()
@@ -591,9 +594,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         }
         let mut moved = MemSlot::new(id, new_base, npages, flags, self.max_leaf)
             .ok_or(SlotError::OutOfMemory)?;
-        if let Some(mode) = mode {
-            moved.log =
-                Some(slot::DirtyLog::new(new_base, npages, mode).ok_or(SlotError::OutOfMemory)?);
+        if let Some(log) = st.slots[i].log.as_ref() {
+            moved.log = Some(
+                log.moved(old_base, new_base.get(), npages)
+                    .ok_or(SlotError::OutOfMemory)?,
+            );
             moved.flags |= SlotFlags::LOG_DIRTY_PAGES;
         }
         let mut z = self.zapper();

@@ -86,6 +86,50 @@ impl DirtyLog {
         }
     }
 
+    /// The log of a slot of `npages` frames moved from `old_base` to `new_base`, keeping
+    /// every bit: KVM's `kvm_prepare_memory_region` reuses the old bitmap on
+    /// `KVM_MR_MOVE`, so a write logged before the move is still reported after it. With
+    /// 4 KiB units, or a move by a whole number of units, the bits are the same; otherwise
+    /// a unit of the new layout is set when any of its pages was in a set unit of the old
+    /// one (a superset: no write is lost). `initially_set` does not set anything again.
+    pub(crate) fn moved(&self, old_base: u64, new_base: u64, npages: u64) -> Option<Self> {
+        let g = self.mode.granularity;
+        let empty = LogMode {
+            initially_set: false,
+            ..self.mode
+        };
+        let mut out = Self::new(crate::addr::Gfn::new(new_base).ok()?, npages, empty)?;
+        out.mode = self.mode;
+        let shift = g.shift() - crate::addr::PAGE_SHIFT;
+        let n = 1u64 << shift;
+        if (old_base ^ new_base) & (n - 1) == 0 {
+            for (to, from) in out.bits.iter_mut().zip(&self.bits) {
+                *to.get_mut() = from.load(Ordering::Relaxed);
+            }
+            return Some(out);
+        }
+        let old_end = old_base + npages;
+        for (w, word) in self.bits.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let u = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                // The slot's pages in old unit `u`, as offsets into the slot.
+                let start = (((old_base >> shift) + u) << shift).max(old_base);
+                let end = ((((old_base >> shift) + u) << shift) + n).min(old_end);
+                if start >= end {
+                    continue;
+                }
+                let first = ((new_base + start - old_base) >> shift) - (new_base >> shift);
+                let last = ((new_base + end - 1 - old_base) >> shift) - (new_base >> shift);
+                for v in first..=last {
+                    out.mark(v);
+                }
+            }
+        }
+        Some(out)
+    }
+
     pub(crate) fn is_set(&self, unit: u64) -> bool {
         self.bits
             .get((unit / 64) as usize)

@@ -1074,3 +1074,49 @@ fn check_reports_damaged_state() {
         )
     );
 }
+
+/// Regression (misuse audit): `move_slot` built a fresh dirty log, so a write logged before
+/// the move was never reported. KVM `kvm_prepare_memory_region` reuses the old bitmap on
+/// `KVM_MR_MOVE`; the log moves with the slot.
+#[test]
+fn moving_a_slot_keeps_its_dirty_log() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L1);
+    m.add_slot(SlotId(0), gfn(0), 2048, SlotFlags::LOG_DIRTY_PAGES)
+        .unwrap();
+    fault(&m, &mut c, &h, 3, true);
+    fault(&m, &mut c, &h, 700, true);
+    m.move_slot(SlotId(0), gfn(4096), &mut tlb).unwrap();
+    m.check().unwrap();
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    assert_eq!(bits_to_gfns(0, &log), vec![3, 700]);
+    // Writes after the move add to it.
+    fault(&m, &mut c, &h, 4096 + 9, true);
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    assert_eq!(bits_to_gfns(0, &log), vec![3, 9, 700]);
+
+    // 2 MiB units, moved by half a unit: the new units holding pages of the dirty old
+    // unit are dirty, no other.
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    m.add_slot(SlotId(0), gfn(0), 2048, SlotFlags::empty())
+        .unwrap();
+    let mode = LogMode {
+        initially_set: false,
+        granularity: Level::L2,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    fault(&m, &mut c, &h, 600, true); // unit 1: pages 512..1024
+    m.move_slot(SlotId(0), gfn(8192 + 256), &mut tlb).unwrap();
+    m.check().unwrap();
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    // Pages 512..1024 are now at 8192 + 768 .. 8192 + 1280: units 1 and 2 of the new layout.
+    assert_eq!(log[0], 0b110);
+}
