@@ -200,6 +200,14 @@ impl<T, const CAP: usize> MemoryCache<T, CAP> {
         self.objects.pop()
     }
 
+    /// Whether the cache holds `obj` (a linear scan of at most `CAP` objects).
+    pub fn contains(&self, obj: &T) -> bool
+    where
+        T: PartialEq,
+    {
+        self.objects.contains(obj)
+    }
+
     /// Puts an unused object back if there is room; gives it back when the cache is full.
     #[inline]
     pub fn put(&mut self, obj: T) -> Result<(), T> {
@@ -418,8 +426,13 @@ impl<const CAP: usize> TableAlloc for TableCache<CAP> {
 
     /// Keeps the table for reuse, or in the overflow when the cache is full. Refused with
     /// [`FreeError::Full`] only when the overflow is full too (the caller still owns
-    /// the table then): call [`release_overflow`](Self::release_overflow) first.
+    /// the table then): call [`release_overflow`](Self::release_overflow) first. A table
+    /// the cache already holds is refused with [`FreeError::NotAllocated`] (a double free,
+    /// which would hand the same table out twice), as the arena refuses it.
     fn free_table(&mut self, table: Hpa) -> Result<(), FreeError> {
+        if self.tables.contains(&table) || self.overflow.contains(&table) {
+            return Err(FreeError::NotAllocated);
+        }
         match self.tables.put(table) {
             Ok(()) => Ok(()),
             Err(table) => self.overflow.try_push(table).map_err(|_| FreeError::Full),

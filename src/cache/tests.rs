@@ -334,3 +334,38 @@ fn table_cache_full_overflow_refuses() {
         Err(FreeError::Full)
     );
 }
+
+/// Regression (misuse audit): freeing the same table into a `TableCache` twice was
+/// accepted, and the cache then handed the table out twice (two splits would have filled
+/// one child). A table the cache holds, in its stack or its overflow, is refused as the
+/// arena refuses a double free, and nothing changes.
+#[test]
+fn table_cache_refuses_a_double_free() {
+    let (f, mut s) = frames(8);
+    let mut arena = TableArena::new(&f, &mut s, Hpa::new(TABLES_AT).unwrap()).unwrap();
+    let mut cache = TableCache::<4>::new();
+    cache.top_up(&mut arena, 4).unwrap();
+    let t = cache.alloc_table_to_fill(Level::L1).unwrap();
+    let u = cache.alloc_table_to_fill(Level::L1).unwrap();
+    cache.free_table(t).unwrap();
+    assert_eq!(cache.free_table(t), Err(FreeError::NotAllocated));
+    assert_eq!(cache.len(), 3);
+    // Into the overflow too: fill the stack, then free `u` twice.
+    let extra = arena.alloc_table_to_fill(Level::L1).unwrap();
+    cache.free_table(extra).unwrap();
+    cache.free_table(u).unwrap();
+    assert_eq!(cache.overflow(), 1);
+    assert_eq!(cache.free_table(u), Err(FreeError::NotAllocated));
+    assert_eq!(cache.overflow(), 1);
+    let mut out: Vec<Hpa> = (0..4)
+        .map(|_| cache.alloc_table_to_fill(Level::L1).unwrap())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    assert_eq!(out.len(), 4, "a table handed out twice");
+    for t in out {
+        cache.free_table(t).unwrap();
+    }
+    cache.drain_into(&mut arena).unwrap();
+    assert_eq!(arena.allocated(), 0);
+}
