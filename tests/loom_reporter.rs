@@ -10,7 +10,8 @@
 //!   block is back on the lists at the end;
 //! - a qualifying free is never lost: either `on_free` asked for a pass, or the pass that
 //!   was running ends asking to be rescheduled; the same when the free goes through
-//!   `Reporter::free`, whose order check is inside the allocator's free.
+//!   `Reporter::free`, whose order check is inside the allocator's free;
+//! - two passes of one reporter never run at once (the second is refused with `PassActive`).
 #![cfg(loom)]
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -232,5 +233,56 @@ fn completion_races(path: FreePath) {
         assert_eq!(pipeline.in_flight(), 0);
         assert_eq!(b.isolated_frames(), 0);
         assert_eq!(b.free_frames(), 8);
+    });
+}
+
+/// Counts the passes inside `report` at once; fails if two ever overlap.
+struct Exclusive {
+    inside: Arc<AtomicU64>,
+}
+
+impl ReportTransport for Exclusive {
+    type Error = ();
+
+    fn report(&mut self, _batch: &[Block]) -> Result<(), ()> {
+        assert_eq!(
+            self.inside.fetch_add(1, Ordering::SeqCst),
+            0,
+            "two report passes of one reporter overlap"
+        );
+        thread::yield_now();
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Two threads call `report_pass` on one reporter (the embedder forgot that passes are its
+/// one work item's job): in every interleaving at most one pass runs, the other is refused
+/// with `PassActive` or runs after it. (Without the reporter's running flag both passes
+/// were inside `report` at once in some interleavings.)
+#[test]
+fn concurrent_passes_of_one_reporter_never_overlap() {
+    loom::model(|| {
+        // Sixteen frames: four order-2 blocks, so the guard lets two passes take one each.
+        let mut b = Buddy::new(vec![FrameMeta::HOLE; 16], Pfn::new(16).unwrap()).unwrap();
+        b.add_range(Pfn::new(16).unwrap(), 16).unwrap();
+        let buddy = Arc::new(LockedBuddy::new(b));
+        let r = reporter();
+        let inside = Arc::new(AtomicU64::new(0));
+        let run = |buddy: Arc<Shared>, r: Arc<Reporter<1>>, inside: Arc<AtomicU64>| {
+            move || match r.report_pass(&buddy, &mut Exclusive { inside }) {
+                Ok(s) => s.reported_blocks,
+                Err(hvmem::hint::guest::PassError::PassActive) => 0,
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        let t = thread::spawn(run(buddy.clone(), r.clone(), inside.clone()));
+        let mine = run(buddy.clone(), r.clone(), inside)();
+        let theirs = t.join().unwrap();
+        let b = buddy.lock();
+        conserved(&b);
+        assert_eq!(b.isolated_frames(), 0);
+        assert!(mine + theirs >= 1, "no pass reported anything");
+        assert_eq!(b.reported_frames(), 4 * (mine + theirs));
     });
 }

@@ -40,6 +40,11 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> LockedBuddy<S, M
         }
     }
 
+    /// [`Buddy::storage_key`] under the lock.
+    pub(crate) fn storage_key(&self) -> usize {
+        self.lock().storage_key()
+    }
+
     /// Takes the lock, spinning until it is free.
     #[inline]
     pub fn lock(&self) -> LockedBuddyGuard<'_, S, MAX_ORDER> {

@@ -283,6 +283,14 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         self.meta.len() as u64
     }
 
+    /// A number telling this allocator from every other one alive at the same time: the
+    /// address of its metadata, which it owns or borrows exclusively (so no two live
+    /// allocators share it) and which does not move when the allocator does. A pipeline or
+    /// a balloon keeps it to refuse an allocator other than the one its blocks came from.
+    pub(crate) fn storage_key(&self) -> usize {
+        self.meta.as_ptr().addr()
+    }
+
     /// Frames given to the allocator by `add_range`.
     pub fn managed_frames(&self) -> u64 {
         self.managed_frames

@@ -337,7 +337,10 @@ impl ReportHarness {
             }
             ReportOp::FailNextSubmit => self.transport.fail_next = true,
             ReportOp::FailAll => {
-                let n = self.pipeline.fail_all(&self.reporter, &self.buddy);
+                let n = self
+                    .pipeline
+                    .fail_all(&self.reporter, &self.buddy)
+                    .map_err(|e| format!("fail_all: {e}"))?;
                 check(n == self.in_flight.len(), || {
                     format!("fail_all returned {n} batches")
                 })?;

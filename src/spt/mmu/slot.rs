@@ -104,7 +104,7 @@ impl DirtyLog {
         let n = 1u64 << shift;
         if (old_base ^ new_base) & (n - 1) == 0 {
             for (to, from) in out.bits.iter_mut().zip(&self.bits) {
-                *to.get_mut() = from.load(Ordering::Relaxed);
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
             }
             return Some(out);
         }

@@ -120,10 +120,13 @@ pub enum InflateError {
     /// The buddy handed out a block outside the balloon's window (the balloon was built for
     /// a different window); the block went back to the buddy.
     OutsideWindow,
+    /// The balloon holds blocks of another allocator; nothing was done.
+    ForeignBuddy,
 }
 
 hint_error_display!(InflateError {
     OutsideWindow => "buddy block outside the balloon's window",
+    ForeignBuddy => "the balloon holds blocks of another allocator",
 });
 
 /// Why a deflation stopped early.
@@ -147,6 +150,8 @@ pub enum DeflateError {
         /// Head of the block.
         pfn: Pfn,
     },
+    /// The balloon's blocks came from another allocator; nothing changed.
+    ForeignBuddy,
 }
 
 impl core::fmt::Display for DeflateError {
@@ -158,6 +163,7 @@ impl core::fmt::Display for DeflateError {
                 pfn.get()
             ),
             Self::Free(e) => write!(f, "buddy refused a ballooned block: {e}"),
+            Self::ForeignBuddy => f.write_str("the balloon's blocks came from another allocator"),
             Self::StillHeld { pfn } => write!(
                 f,
                 "ballooned block at pfn {:#x} is still allocated: deflate it",
@@ -252,6 +258,8 @@ pub struct Balloon<S> {
     /// The largest order ever recorded: how far back a held block can start and still reach
     /// a given frame.
     max_order: u8,
+    /// The [storage key](crate::buddy::Buddy) of the allocator the held blocks came from.
+    owner: usize,
 }
 
 impl<S: DerefMut<Target = [u64]>> Balloon<S> {
@@ -314,6 +322,7 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
             fresh: false,
             stamped: false,
             max_order: 0,
+            owner: 0,
         })
     }
 
@@ -519,7 +528,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     }
 
     /// Inflates by up to `frames` frames, pushing each new block to `out` until it is full.
-    /// Stops early when the buddy runs out (`out_of_memory`).
+    /// Stops early when the buddy runs out (`out_of_memory`). A balloon holding blocks
+    /// refuses another allocator than theirs ([`InflateError::ForeignBuddy`]); empty, it
+    /// takes from whichever allocator it is given.
     pub fn inflate<B, const M: usize, const N: usize>(
         &mut self,
         buddy: &LockedBuddy<B, M>,
@@ -529,6 +540,11 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     where
         B: DerefMut<Target = [FrameMeta]>,
     {
+        let key = buddy.storage_key();
+        if self.blocks > 0 && key != self.owner {
+            return Err(InflateError::ForeignBuddy);
+        }
+        self.owner = key;
         let mut res = InflateOutcome::default();
         self.fresh = false;
         let h = self.h();
@@ -651,7 +667,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     /// A block is freed only if the buddy still has exactly the block the balloon recorded
     /// (head and order) allocated; otherwise the call stops with [`DeflateError::NotHeld`],
     /// leaving that block and the rest in the balloon (the blocks freed before it are in
-    /// `out`).
+    /// `out`). Refused with [`DeflateError::ForeignBuddy`], changing nothing, when `buddy`
+    /// is not the allocator the balloon's blocks came from: its check of head, order and
+    /// state would otherwise free a stranger's block that happens to match.
     pub fn deflate<B, const M: usize, const N: usize>(
         &mut self,
         buddy: &LockedBuddy<B, M>,
@@ -661,6 +679,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     where
         B: DerefMut<Target = [FrameMeta]>,
     {
+        if self.blocks > 0 && buddy.storage_key() != self.owner {
+            return Err(DeflateError::ForeignBuddy);
+        }
         let mut res = DeflateOutcome::default();
         for full_pass in [true, false] {
             for p in 0..self.host_pages {
@@ -722,6 +743,9 @@ impl<S: DerefMut<Target = [u64]>> Balloon<S> {
     {
         if !self.holds(pfn) {
             return Err(DeflateError::NotHeld { pfn });
+        }
+        if buddy.storage_key() != self.owner {
+            return Err(DeflateError::ForeignBuddy);
         }
         let order = self
             .order_at(pfn.get() - self.base)

@@ -500,3 +500,42 @@ fn a_stale_block_reaching_into_a_new_one_is_dropped() {
     assert!(!b.holds(pfn(0)) && b.holds(pfn(1)));
     b.check(&g.lock()).unwrap();
 }
+
+/// Regression (misuse audit): a balloon inflated from one allocator and deflated against
+/// another freed the other allocator's block that happened to sit at the same frames (its
+/// check is head, order and "allocated") and forgot its own. A balloon holding blocks now
+/// refuses any other allocator, changing nothing; once empty it may serve another.
+#[test]
+fn a_balloon_refuses_another_allocator() {
+    let (a, b) = (guest(1024), guest(1024));
+    let mut bal = balloon(1024, 9, FallbackPolicy::Naive);
+    let (_, blocks) = inflate_all(&mut bal, &a, 512);
+    let theirs = b.alloc(ord(9)).unwrap();
+    assert_eq!(theirs.pfn, blocks[0].pfn);
+    let mut out = ArrayVec::<Block, 8>::new();
+    assert_eq!(
+        bal.deflate(&b, 512, &mut out),
+        Err(DeflateError::ForeignBuddy)
+    );
+    assert_eq!(
+        bal.release_lost(&b, blocks[0].pfn),
+        Err(DeflateError::ForeignBuddy)
+    );
+    assert_eq!(
+        bal.inflate(&b, 1, &mut out),
+        Err(InflateError::ForeignBuddy)
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        b.lock().block_info(theirs.pfn).unwrap().state,
+        BlockState::Allocated
+    );
+    assert_eq!(bal.frames(), 512);
+    bal.check(&a.lock()).unwrap();
+    // Its own allocator gets everything back; then the empty balloon may serve `b`.
+    assert_eq!(bal.deflate(&a, 512, &mut out).unwrap().frames, 512);
+    assert_eq!(a.lock().free_frames(), 1024);
+    out.clear();
+    assert_eq!(bal.inflate(&b, 256, &mut out).unwrap().frames, 256);
+    bal.check(&b.lock()).unwrap();
+}

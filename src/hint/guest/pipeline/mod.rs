@@ -34,6 +34,9 @@ pub struct Pipeline<const CAP: usize = 16, const WINDOW: usize = 2> {
     /// `Some` while a pass is filling.
     cursor: Option<Cursor>,
     totals: PipelineStats,
+    /// [`storage_key`](crate::buddy::Buddy) of the allocator the pass and the batches in
+    /// flight came from; 0 when there are none. Every call must name that allocator.
+    owner: usize,
 }
 
 struct InFlight<const CAP: usize> {
@@ -90,6 +93,8 @@ pub enum CompleteError {
     /// A block of the batch was no longer isolated (someone put it back through
     /// [`LockedBuddy::lock`]); the batch's other blocks were put back and the batch is gone.
     BlockLost(PutBackError),
+    /// The allocator given is not the one the batches in flight came from; nothing changed.
+    ForeignBuddy,
 }
 
 impl fmt::Display for CompleteError {
@@ -97,6 +102,9 @@ impl fmt::Display for CompleteError {
         match self {
             Self::UnknownBatch => f.write_str("no report batch with this id is in flight"),
             Self::BlockLost(e) => write!(f, "an isolated block of the batch was lost: {e}"),
+            Self::ForeignBuddy => {
+                f.write_str("not the allocator the report batches in flight came from")
+            }
         }
     }
 }
@@ -130,11 +138,15 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
                 reported_frames: 0,
                 unreported_blocks: 0,
             },
+            owner: 0,
         }
     }
 
-    /// Starts a pass and fills the window. Refused with [`PassError::PassActive`] while a
-    /// pass is filling (batches of a finished pass still in flight don't count).
+    /// Starts a pass and fills the window. Refused, changing nothing, with
+    /// [`PassError::PassActive`] while a pass of this pipeline is filling (batches of a
+    /// finished pass still in flight don't count) or the reporter runs a pass elsewhere
+    /// (its [`report_pass`](Reporter::report_pass), another pipeline), and with
+    /// [`PassError::ForeignBuddy`] when batches of another allocator are still in flight.
     pub fn start_pass<S, const M: usize, T>(
         &mut self,
         reporter: &Reporter<CAP>,
@@ -151,7 +163,14 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
         if usize::from(reporter.policy().min_order.get()) > M {
             return Err(PassError::MinOrderAboveMaxOrder);
         }
-        reporter.begin_pass();
+        let key = buddy.storage_key();
+        if self.owner != 0 && self.owner != key {
+            return Err(PassError::ForeignBuddy);
+        }
+        if !reporter.begin_pass() {
+            return Err(PassError::PassActive);
+        }
+        self.owner = key;
         self.cursor = Some(Cursor::new(reporter.policy().min_order));
         self.totals.passes += 1;
         self.fill(reporter, buddy, transport)
@@ -160,7 +179,8 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
     /// Submits batches while the window has room and the running pass has blocks to take.
     /// Does nothing when no pass is running. On a transport error the batch goes back
     /// unreported, the pass stops (batches already in flight stay in flight) and the
-    /// reporter is idle again.
+    /// reporter is idle again. Refused with [`PassError::ForeignBuddy`], changing nothing,
+    /// when `buddy` is not the allocator of the running pass.
     pub fn fill<S, const M: usize, T>(
         &mut self,
         reporter: &Reporter<CAP>,
@@ -172,6 +192,9 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
         T: PipelinedTransport,
     {
         let mut fill = Fill::default();
+        if self.cursor.is_some() && buddy.storage_key() != self.owner {
+            return Err(PassError::ForeignBuddy);
+        }
         let Some(cursor) = self.cursor.as_mut() else {
             return Ok(fill);
         };
@@ -195,6 +218,7 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
                 };
                 self.totals.unreported_blocks += blocks.len() as u64;
                 self.cursor = None;
+                self.unbind_if_idle();
                 reporter.abort_pass();
                 return match back.result {
                     Ok(()) => Err(PassError::Transport(e)),
@@ -208,15 +232,25 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
         if cursor.done {
             let cursor = *cursor;
             self.cursor = None;
+            self.unbind_if_idle();
             fill.finished = Some(reporter.finish_pass(&cursor));
         }
         Ok(fill)
     }
 
+    /// Forgets the allocator once no pass fills and no batch is in flight.
+    fn unbind_if_idle(&mut self) {
+        if self.cursor.is_none() && self.slots.is_empty() {
+            self.owner = 0;
+        }
+    }
+
     /// The host is done with batch `id`: its blocks go back to the free lists, reported if
     /// `reported` (and no reset happened since they were isolated), otherwise unreported to
     /// the head of their lists. Completions may come in any order. Only this batch's blocks
-    /// come back. Call [`fill`](Self::fill) afterwards to refill the window.
+    /// come back. Call [`fill`](Self::fill) afterwards to refill the window. Refused,
+    /// changing nothing, for an unknown id and for an allocator other than the batch's
+    /// ([`CompleteError::ForeignBuddy`]).
     pub fn complete<S, const M: usize>(
         &mut self,
         reporter: &Reporter<CAP>,
@@ -232,11 +266,14 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
             .iter()
             .position(|s| s.id == id)
             .ok_or(CompleteError::UnknownBatch)?;
+        let mut b = buddy.lock();
+        if b.storage_key() != self.owner {
+            return Err(CompleteError::ForeignBuddy);
+        }
         let slot = self.slots.swap_remove(i);
-        let back = {
-            let mut b = buddy.lock();
-            reporter.put_back_batch(&mut b, &slot.blocks, reported, slot.epoch)
-        };
+        let back = reporter.put_back_batch(&mut b, &slot.blocks, reported, slot.epoch);
+        drop(b);
+        self.unbind_if_idle();
         self.totals.completed += 1;
         self.totals.reported_blocks += back.reported_blocks;
         self.totals.reported_frames += back.reported_frames;
@@ -249,15 +286,20 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
     }
 
     /// The device went away or reset: stops the pass (the reporter is idle again) and puts
-    /// back every batch in flight unreported. Returns how many batches there were.
+    /// back every batch in flight unreported. Returns how many batches there were. Refused
+    /// with [`CompleteError::ForeignBuddy`], changing nothing, when `buddy` is not the
+    /// allocator of the pass and the batches.
     pub fn fail_all<S, const M: usize>(
         &mut self,
         reporter: &Reporter<CAP>,
         buddy: &LockedBuddy<S, M>,
-    ) -> usize
+    ) -> Result<usize, CompleteError>
     where
         S: DerefMut<Target = [FrameMeta]>,
     {
+        if self.owner != 0 && buddy.storage_key() != self.owner {
+            return Err(CompleteError::ForeignBuddy);
+        }
         if self.cursor.take().is_some() {
             reporter.abort_pass();
         }
@@ -272,7 +314,8 @@ impl<const CAP: usize, const WINDOW: usize> Pipeline<CAP, WINDOW> {
             // A lost block was put back by someone else: nothing left to do for it.
             let _ = back.result;
         }
-        n
+        self.owner = 0;
+        Ok(n)
     }
 
     /// Whether a pass is filling (it may submit more batches).

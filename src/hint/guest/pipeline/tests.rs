@@ -163,7 +163,7 @@ fn a_failed_submission_stops_the_pass() {
         "one pass at a time"
     );
     // The device resets: everything in flight comes back unreported.
-    assert_eq!(p.fail_all(&r, &buddy), 2);
+    assert_eq!(p.fail_all(&r, &buddy), Ok(2));
     assert_eq!(stats(&buddy, 2), (12, 0, 0));
     assert!(!p.pass_running());
     assert_eq!(r.state(), RequestState::Idle);
@@ -206,7 +206,7 @@ fn the_pipeline_keeps_the_budget_and_the_watermark() {
     assert_eq!(f.submitted, 3, "4 + 4 + 3");
     assert!(f.finished.unwrap().watermark_hit);
     assert!(buddy.lock().free_frames() >= 116);
-    p.fail_all(&r, &buddy);
+    p.fail_all(&r, &buddy).unwrap();
     // Budget: divisor 4 gives 12 blocks per pass.
     let r = Reporter::<4>::new(policy(2, 4, 0)).unwrap();
     let f = p.start_pass(&r, &buddy, &mut q).unwrap();
@@ -214,4 +214,103 @@ fn the_pipeline_keeps_the_budget_and_the_watermark() {
     let end = f.finished.unwrap();
     assert!(end.budget_exhausted && end.reschedule);
     assert_eq!(r.state(), RequestState::Requested);
+}
+
+/// Always succeeds: a synchronous transport for `report_pass`.
+struct Accept;
+
+impl ReportTransport for Accept {
+    type Error = HostBusy;
+
+    fn report(&mut self, _: &[Block]) -> Result<(), HostBusy> {
+        Ok(())
+    }
+}
+
+/// Regression (misuse audit): a second pass of the same reporter — `report_pass`, or
+/// another pipeline's `start_pass` — while a pipeline pass was taking blocks ran anyway
+/// (`state` alone cannot say a pass runs: a free during it makes it REQUESTED), and left the
+/// reporter Idle under a running pipeline pass. Both are refused with `PassActive` and
+/// change nothing; once the pass ends, the next one starts.
+#[test]
+fn one_pass_per_reporter_at_a_time() {
+    let (buddy, _held) = checkerboard::<10>(64, 2);
+    let r = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
+    let mut p = Pipeline::<4, 1>::new();
+    let mut q = Queue::default();
+    assert_eq!(p.start_pass(&r, &buddy, &mut q).unwrap().finished, None);
+    assert_eq!(r.state(), RequestState::Active);
+    let before = stats(&buddy, 2);
+    assert_eq!(
+        r.report_pass(&buddy, &mut Accept),
+        Err(PassError::PassActive)
+    );
+    let mut p2 = Pipeline::<4, 1>::new();
+    let mut q2 = Queue::default();
+    assert_eq!(
+        p2.start_pass(&r, &buddy, &mut q2),
+        Err(PassError::PassActive)
+    );
+    assert!(q2.submitted.is_empty() && !p2.pass_running());
+    // A free during the pass asks for another one: still refused while it runs.
+    r.request();
+    assert_eq!(r.state(), RequestState::Requested);
+    assert_eq!(
+        r.report_pass(&buddy, &mut Accept),
+        Err(PassError::PassActive)
+    );
+    assert_eq!(stats(&buddy, 2), before);
+    assert!(p.pass_running());
+    // The device resets: the pass ends and the reporter may run again.
+    assert_eq!(p.fail_all(&r, &buddy), Ok(1));
+    assert!(r.report_pass(&buddy, &mut Accept).is_ok());
+    assert!(p2.start_pass(&r, &buddy, &mut q2).is_ok());
+}
+
+/// Regression (misuse audit): `complete` with another allocator than the batch's removed
+/// the batch first and then failed (its blocks stayed isolated for good), or — when that
+/// allocator had its own batch at the same frames — put back the other pipeline's blocks
+/// while its host could still be discarding them. Now refused, changing nothing, and so are
+/// `fill`, `fail_all` and a new pass with batches of another allocator in flight.
+#[test]
+fn a_pipeline_refuses_another_allocator() {
+    let (a, _ha) = checkerboard::<10>(16, 2);
+    let (b, _hb) = checkerboard::<10>(16, 2);
+    let ra = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
+    let rb = Reporter::<4>::new(policy(2, 1, 0)).unwrap();
+    let (mut pa, mut pb) = (Pipeline::<4, 1>::new(), Pipeline::<4, 1>::new());
+    let (mut qa, mut qb) = (Queue::default(), Queue::default());
+    pa.start_pass(&ra, &a, &mut qa).unwrap();
+    pb.start_pass(&rb, &b, &mut qb).unwrap();
+    assert_eq!(qa.submitted[0].1, qb.submitted[0].1, "same frames in both");
+    let (sa, sb) = (stats(&a, 2), stats(&b, 2));
+    let id = qa.submitted[0].0;
+    assert_eq!(
+        pa.complete(&ra, &b, id, true),
+        Err(CompleteError::ForeignBuddy)
+    );
+    assert_eq!(pa.fill(&ra, &b, &mut qa), Err(PassError::ForeignBuddy));
+    assert_eq!(pa.fail_all(&ra, &b), Err(CompleteError::ForeignBuddy));
+    assert_eq!((stats(&a, 2), stats(&b, 2)), (sa, sb));
+    assert_eq!(pa.in_flight(), 1);
+    let blk = qb.submitted[0].1[0];
+    assert_eq!(
+        b.lock().block_info(blk.pfn).unwrap().state,
+        BlockState::Isolated
+    );
+    // The right allocator works, and each pipeline completes its own batch.
+    assert_eq!(pa.complete(&ra, &a, id, true).unwrap().blocks, 4);
+    assert_eq!(
+        pb.complete(&rb, &b, qb.submitted[0].0, true)
+            .unwrap()
+            .blocks,
+        4
+    );
+    // With the pass still filling on `a`, a fail_all on `a` ends it; after that nothing is
+    // in flight and the pipeline may serve `b`.
+    assert_eq!(pa.fail_all(&ra, &a), Ok(0));
+    assert!(!pa.pass_running() && pa.in_flight() == 0);
+    pb.fail_all(&rb, &b).unwrap();
+    let mut q = Queue::default();
+    assert!(pa.start_pass(&rb, &b, &mut q).is_ok());
 }

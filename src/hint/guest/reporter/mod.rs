@@ -51,6 +51,10 @@ pub struct Reporter<const CAP: usize = 32> {
     /// Bumped by `reset_reported`: a batch isolated under an older epoch comes back
     /// unreported, whatever its transport said (it was reported to the previous host).
     epoch: AtomicUsize,
+    /// 1 while a pass takes blocks (`report_pass`, or a `Pipeline` pass until it has taken
+    /// its last batch). `state` cannot say this: a free during a pass moves it from ACTIVE
+    /// to REQUESTED (Linux relies on its one work item for the exclusion).
+    running: AtomicUsize,
 }
 
 /// How a pass ended.
@@ -89,11 +93,15 @@ pub enum PassError<E> {
     Transport(E),
     /// The policy's `min_order` is above the allocator's `MAX_ORDER`; nothing was done.
     MinOrderAboveMaxOrder,
-    /// A [`Pipeline`](super::Pipeline) pass is already running; nothing was done.
+    /// A pass of this reporter is already running ([`Reporter::report_pass`] or a
+    /// [`Pipeline`](super::Pipeline) pass still taking blocks); nothing was done.
     PassActive,
     /// A block of this pass was no longer isolated when it came back (someone put it back
     /// through [`LockedBuddy::lock`]); the batch's other blocks were put back.
     BlockLost(PutBackError),
+    /// A [`Pipeline`](super::Pipeline) call named another allocator than the one its pass
+    /// and batches came from; nothing was done.
+    ForeignBuddy,
 }
 
 impl<E: fmt::Display> fmt::Display for PassError<E> {
@@ -105,6 +113,9 @@ impl<E: fmt::Display> fmt::Display for PassError<E> {
             }
             Self::PassActive => f.write_str("a report pass is already running"),
             Self::BlockLost(e) => write!(f, "an isolated block of the pass was lost: {e}"),
+            Self::ForeignBuddy => {
+                f.write_str("not the allocator the report pass and its batches came from")
+            }
         }
     }
 }
@@ -130,6 +141,7 @@ impl<const CAP: usize> Reporter<CAP> {
             state: AtomicUsize::new(IDLE),
             pending: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
         })
     }
 
@@ -149,6 +161,7 @@ impl<const CAP: usize> Reporter<CAP> {
             state: AtomicUsize::new(IDLE),
             pending: AtomicUsize::new(0),
             epoch: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
         })
     }
 
@@ -287,7 +300,9 @@ impl<const CAP: usize> Reporter<CAP> {
         if usize::from(self.min_order) > M {
             return Err(PassError::MinOrderAboveMaxOrder);
         }
-        self.begin_pass();
+        if !self.begin_pass() {
+            return Err(PassError::PassActive);
+        }
         let mut cursor = Cursor::new(self.policy.min_order);
         let mut stats = PassStats::default();
         let mut batch = ArrayVec::<Block, CAP>::new();
@@ -325,10 +340,20 @@ impl<const CAP: usize> Reporter<CAP> {
         Ok(stats)
     }
 
-    /// Marks a pass as running (Linux: `atomic_set(&prdev->state, PAGE_REPORTING_ACTIVE)`).
-    pub(super) fn begin_pass(&self) {
+    /// Marks a pass as running (Linux: `atomic_set(&prdev->state, PAGE_REPORTING_ACTIVE)`);
+    /// `false`, changing nothing, when one already runs.
+    #[must_use]
+    pub(super) fn begin_pass(&self) -> bool {
+        if self
+            .running
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
         self.state.store(ACTIVE, Ordering::SeqCst);
         self.pending.store(0, Ordering::SeqCst);
+        true
     }
 
     /// Ends a pass: back to idle unless more work arrived or the budget left some (Linux:
@@ -342,6 +367,7 @@ impl<const CAP: usize> Reporter<CAP> {
                 .compare_exchange(ACTIVE, IDLE, Ordering::SeqCst, Ordering::SeqCst),
             Err(REQUESTED)
         );
+        self.running.store(0, Ordering::SeqCst);
         PassEnd {
             budget_exhausted: cursor.budget_exhausted,
             watermark_hit: cursor.watermark_hit,
@@ -352,6 +378,7 @@ impl<const CAP: usize> Reporter<CAP> {
     /// Ends a failed pass: idle, so the next qualifying free asks again.
     pub(super) fn abort_pass(&self) {
         self.state.store(IDLE, Ordering::SeqCst);
+        self.running.store(0, Ordering::SeqCst);
     }
 
     /// The reset epoch; read under the allocator lock when a batch is isolated.
