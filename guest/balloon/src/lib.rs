@@ -84,7 +84,7 @@
 //!         Err(ReportError::BadUsedLength { id, .. }) => {
 //!             pipeline.complete(&reporter, &buddy, id, false)?;
 //!         }
-//!         Err(_) => { pipeline.fail_all(&reporter, &buddy); break; }
+//!         Err(_) => { let _ = pipeline.fail_all(&reporter, &buddy); break; }
 //!     }
 //!     pipeline.fill(&reporter, &buddy, &mut dev)?;
 //! }

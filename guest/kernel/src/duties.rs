@@ -57,7 +57,8 @@ impl Guest {
                     }
                     Err(ReportError::BadUsedLength { id, .. }) => (id, false),
                     Err(e) => {
-                        self.pipeline.fail_all(&self.reporter, self.buddy);
+                        // Always this kernel's one allocator: not refused.
+                        let _ = self.pipeline.fail_all(&self.reporter, self.buddy);
                         println!("HVMEM ERR report queue failed: {e}");
                         return;
                     }
