@@ -984,8 +984,11 @@ fn edge_configurations_build_or_refuse() {
 #[test]
 fn check_reports_damaged_state() {
     const BASE: u64 = 0x1100;
-    fn setup<'f>(f: &'f mut Fx, host: &Host, log: bool) -> Mmu<'f, Ept> {
-        let m = mmu::<Ept>(f, MmuConfig::default());
+    /// An MMU with four leaves in a slot at `BASE` (logging or not), damaged by `damage`:
+    /// what `check` says.
+    fn damaged(host: &Host, log: bool, damage: impl FnOnce(&Mmu<'_, Ept>)) -> (&str, u64, u8) {
+        let mut f = fx();
+        let m = mmu::<Ept>(&mut f, MmuConfig::default());
         let mut c = FaultCaches::new();
         m.add_slot(SlotId(0), gfn(BASE), 4096, SlotFlags::empty())
             .unwrap();
@@ -997,82 +1000,50 @@ fn check_reports_damaged_state() {
                 .unwrap();
         }
         m.check().unwrap();
-        m
+        damage(&m);
+        let e = m.check().unwrap_err();
+        (e.what, e.gfn, e.level)
+    }
+    fn heads(m: &Mmu<'_, Ept>, level: Level, edit: impl FnOnce(&mut [RmapHead])) {
+        edit(m.state.write().slots[0].rmaps.heads_mut(level));
     }
     let small = Host::new(Level::L1);
     let huge = Host::new(Level::L2);
+    const NO_LEAF: &str = "rmap entry names no leaf of its gfn";
 
     // A leaf whose rmap entry went missing.
-    let mut f = fx();
-    let m = setup(&mut f, &small, false);
-    {
-        let mut st = m.state.write();
-        st.slots[0].rmaps.heads_mut(Level::L1)[3] = RmapHead::default();
-    }
-    let e = m.check().unwrap_err();
-    assert_eq!(
-        (e.what, e.gfn, e.level),
-        ("leaf missing from its rmap", BASE + 3, 1)
-    );
-
+    let e = damaged(&small, false, |m| {
+        heads(m, Level::L1, |h| h[3] = RmapHead::default());
+    });
+    assert_eq!(e, ("leaf missing from its rmap", BASE + 3, 1));
     // A stray rmap entry at a gfn whose leaf it does not name (head 0x200 is gfn BASE + 0x200).
-    let mut f = fx();
-    let m = setup(&mut f, &small, false);
-    {
-        let mut st = m.state.write();
-        let heads = st.slots[0].rmaps.heads_mut(Level::L1);
-        heads[0x200] = heads[3];
-    }
-    let e = m.check().unwrap_err();
-    assert_eq!(
-        (e.what, e.gfn, e.level),
-        ("rmap entry names no leaf of its gfn", BASE + 0x200, 1)
-    );
-
+    let e = damaged(&small, false, |m| heads(m, Level::L1, |h| h[0x200] = h[3]));
+    assert_eq!(e, (NO_LEAF, BASE + 0x200, 1));
     // The same at 2 MiB: the slot's first 2 MiB head covers gfn 0x1000 (BASE rounded down),
     // so head 3 covers 0x1600; the leaves are at 0x1200 (head 1), 0x1400 and 0x1800.
-    let mut f = fx();
-    let m = setup(&mut f, &huge, false);
-    assert_eq!(m.translate(gpa(BASE + 0x300)).unwrap().level, Level::L2);
-    {
-        let mut st = m.state.write();
-        let heads = st.slots[0].rmaps.heads_mut(Level::L2);
-        assert!(heads[3].is_empty() && !heads[1].is_empty());
-        heads[3] = heads[1];
-    }
-    let e = m.check().unwrap_err();
-    assert_eq!(
-        (e.what, e.gfn, e.level),
-        ("rmap entry names no leaf of its gfn", 0x1600, 2)
-    );
-
+    let e = damaged(&huge, false, |m| {
+        assert_eq!(m.translate(gpa(BASE + 0x300)).unwrap().level, Level::L2);
+        heads(m, Level::L2, |h| {
+            assert!(h[3].is_empty() && !h[1].is_empty());
+            h[3] = h[1];
+        });
+    });
+    assert_eq!(e, (NO_LEAF, 0x1600, 2));
     // A leaf cleared behind the MMU's back: its rmap entry names nothing.
-    let mut f = fx();
-    let m = setup(&mut f, &small, false);
-    m.find_leaf(0, BASE + 0x100)
-        .unwrap()
-        .0
-        .store(0, Ordering::Relaxed);
-    let e = m.check().unwrap_err();
-    assert_eq!(
-        (e.what, e.gfn, e.level),
-        ("rmap entry names no leaf of its gfn", BASE + 0x100, 1)
-    );
-
+    let e = damaged(&small, false, |m| {
+        m.find_leaf(0, BASE + 0x100)
+            .unwrap()
+            .0
+            .store(0, Ordering::Relaxed);
+    });
+    assert_eq!(e, (NO_LEAF, BASE + 0x100, 1));
     // Write access restored behind the log's back: a write it would not see.
-    let mut f = fx();
-    let m = setup(&mut f, &small, true);
-    let (leaf, _) = m.find_leaf(0, BASE + 0x300).unwrap();
-    leaf.fetch_or(Ept::WRITABLE, Ordering::Relaxed);
-    let e = m.check().unwrap_err();
-    assert_eq!(
-        (e.what, e.gfn, e.level),
-        (
-            "writable leaf in a logged slot not marked dirty",
-            BASE + 0x300,
-            1
-        )
-    );
+    let e = damaged(&small, true, |m| {
+        let (leaf, _) = m.find_leaf(0, BASE + 0x300).unwrap();
+        leaf.fetch_or(Ept::WRITABLE, Ordering::Relaxed);
+    });
+    let what = "writable leaf in a logged slot not marked dirty";
+    assert_eq!(e, (what, BASE + 0x300, 1));
 }
 
 /// Regression (misuse audit): `move_slot` built a fresh dirty log, so a write logged before
