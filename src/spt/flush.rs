@@ -120,8 +120,11 @@ impl<const N: usize> FlushGather<N> {
         // Extends the last range with the same page size.
         if let Some(last) = self.ranges.last_mut() {
             if last.end() == start && last.level == level {
+                // What the merged range asks for, not the two parts' sum: two pieces of
+                // one huge page are one invalidation.
+                self.pages -= last.pages();
                 last.len += len;
-                self.pages += new.pages();
+                self.pages += last.pages();
                 return self.check_pages();
             }
         }

@@ -142,7 +142,11 @@ pub fn encode_chain(
     first: u16,
 ) -> Result<u16, DescError> {
     let slots = table.len() / VIRTQ_DESC_SIZE;
-    if entries.is_empty() || slots == 0 || slots > VIRTQ_MAX_SIZE {
+    if entries.is_empty()
+        || slots == 0
+        || slots > VIRTQ_MAX_SIZE
+        || table.len() % VIRTQ_DESC_SIZE != 0
+    {
         return Err(DescError::BadTable);
     }
     let start = usize::from(first);

@@ -111,6 +111,27 @@ fn encode_chain_refuses_what_does_not_fit() {
     );
 }
 
+/// Regression (promise audit): a table that is not a whole number of 16-byte descriptors
+/// was encoded into, though `walk_chain` refuses it as `BadTable`: the encoder refuses it
+/// too, writing nothing.
+#[test]
+fn encode_chain_refuses_a_table_of_partial_descriptors() {
+    let e = [ScatterEntry {
+        addr: 0x1000,
+        len: 4096,
+    }];
+    let mut table = vec![0u8; VIRTQ_DESC_SIZE + 1];
+    assert_eq!(
+        encode_chain(&e, Direction::DeviceWrites, &mut table, 0),
+        Err(DescError::BadTable)
+    );
+    assert!(table.iter().all(|&b| b == 0));
+    assert_eq!(
+        walk_chain(&table, 0, Direction::DeviceWrites).map(|_| ()),
+        Err(DescError::BadTable)
+    );
+}
+
 fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     VirtqDesc {
         entry: ScatterEntry { addr, len },

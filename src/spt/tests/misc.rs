@@ -91,6 +91,29 @@ fn gather_takes_a_range_past_the_end_of_the_address_space() {
     assert!(m.is_flush_all());
 }
 
+/// Regression (promise audit): extending the last range added the new piece's own page
+/// count, not what the merged range asks for, so pieces of one huge page counted one
+/// invalidation each and the gather turned into a full flush early.
+#[test]
+fn gather_counts_what_a_merged_range_asks_for() {
+    let mut g = FlushGather::<16>::new();
+    g.add_raw(0, KIB4, Level::L2);
+    g.add_raw(KIB4, KIB4, Level::L2);
+    assert_eq!(g.ranges(), &[range(0, 2 * KIB4, Level::L2)]);
+    assert_eq!(g.pages(), 1);
+    for i in 2..65 {
+        g.add_raw(i * KIB4, KIB4, Level::L2);
+    }
+    assert!(!g.is_flush_all());
+    assert_eq!(g.pages(), 1);
+    // At 4 KiB each piece is an invalidation of its own: past the ceiling.
+    let mut g = FlushGather::<16>::new();
+    for i in 0..=FLUSH_ALL_PAGES {
+        g.add_raw(i * KIB4, KIB4, Level::L1);
+    }
+    assert!(g.is_flush_all());
+}
+
 /// Unmapping a 2 MiB range of 4 KiB pages once gave the same range twice (the leaves, then
 /// their emptied table).
 #[test]
