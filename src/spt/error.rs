@@ -71,6 +71,11 @@ error_enum!(
         SplitsHugePage => "range covers only part of a huge page",
         /// A table entry points outside table memory.
         BadTable => "table entry points outside table memory",
+        /// The range covers only part of a table another parent entry links too: clearing
+        /// those leaves would unmap them for every parent, and unlinking the table would
+        /// unmap the rest of it for this one. Unmap the whole table's range, or give this
+        /// parent a table of its own first.
+        SplitsSharedTable => "range covers only part of a table shared with another parent",
     }
 );
 

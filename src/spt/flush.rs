@@ -155,6 +155,12 @@ impl<const N: usize> FlushGather<N> {
         }
     }
 
+    /// Turns the gather into "flush everything" (for a change whose every address is not
+    /// known: leaves of a table shared by several parents).
+    pub(crate) fn flush_everything(&mut self) {
+        self.degrade();
+    }
+
     fn degrade(&mut self) {
         self.ranges.clear();
         self.pages = 0;

@@ -73,6 +73,41 @@ pub(crate) fn straddles_leaf<F: PteFormat, M: TableMemory + ?Sized>(
     Ok(false)
 }
 
+/// Whether `[start, end)` covers part of a table that another parent entry links too. Only
+/// tables on the paths of the range's two ends can be covered in part, so two walks from
+/// the root decide it. `Err` for a table entry outside table memory.
+pub(crate) fn straddles_shared_table<F: PteFormat, M: TableMemory + ?Sized>(
+    pt: &PageTable<F>,
+    mem: &M,
+    start: u64,
+    end: u64,
+) -> Result<bool, ()> {
+    for probe in [start, end - 1] {
+        let mut shared = false;
+        let mut visitor =
+            |kind: VisitKind, ctx: &mut VisitCtx<'_, F>, tables: &mut Tables<'_, M>| {
+                if kind == VisitKind::TablePre
+                    && !ctx.covered_by(start, end)
+                    && tables.links(F::table_addr(ctx.old())) > 1
+                {
+                    shared = true;
+                    return Ok::<_, ()>(Action::Stop);
+                }
+                Ok(Action::Continue)
+            };
+        if pt
+            .walk_read(mem, probe, probe + 1, WalkFlags::TABLE_PRE, &mut visitor)
+            .is_err()
+        {
+            return Err(());
+        }
+        if shared {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// The level below `level` (level 1 for level 1, which never has one).
 #[inline]
 pub(crate) fn child_level(level: Level) -> Level {

@@ -14,6 +14,9 @@ struct ProtectVisitor {
     set: u64,
     clear: u64,
     pending: PendingFlush,
+    /// A table on the way is linked from another parent too: its leaves are cached under
+    /// that parent's addresses as well, which this walk does not know.
+    shared: bool,
 }
 
 impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for ProtectVisitor {
@@ -22,10 +25,14 @@ impl<F: PteFormat, M: TableMemory + ?Sized> Visitor<F, M> for ProtectVisitor {
     #[inline]
     fn visit(
         &mut self,
-        _kind: VisitKind,
+        kind: VisitKind,
         ctx: &mut VisitCtx<'_, F>,
-        _tables: &mut Tables<'_, M>,
+        tables: &mut Tables<'_, M>,
     ) -> Result<Action, ProtectError> {
+        if kind == VisitKind::TablePre {
+            self.shared |= tables.links(F::table_addr(ctx.old())) > 1;
+            return Ok(Action::Continue);
+        }
         let level = ctx.level();
         // In shared mode a lost race re-reads the entry: a leaf is tried again, a table
         // the winner installed (a concurrent split) is walked after this visit.
@@ -59,6 +66,10 @@ impl<F: PteFormat> PageTable<F> {
     ///
     /// Refused before anything changes: `clear` holding a bit every leaf needs, or a
     /// range that covers part of a leaf.
+    ///
+    /// A leaf in a table that another parent entry links too changes for every parent;
+    /// when the walk passed such a table and changed a leaf, the flush is of everything
+    /// (the other parents' addresses are not known here).
     pub fn protect<M: TableMemory + ?Sized>(
         &self,
         mem: &mut M,
@@ -86,10 +97,15 @@ impl<F: PteFormat> PageTable<F> {
             set,
             clear,
             pending: PendingFlush::new(),
+            shared: false,
         };
-        let flags = WalkFlags::LEAF | (mode & WalkFlags::SHARED);
+        let flags = WalkFlags::LEAF | WalkFlags::TABLE_PRE | (mode & WalkFlags::SHARED);
         self.walk_raw(mem, start, end, flags, &mut visitor)
             .map_err(|e| flatten(e, ProtectError::OutOfRange, ProtectError::BadTable))?;
+        if visitor.shared && !visitor.pending.gather.is_empty() {
+            // Other parents' addresses of the changed leaves are unknown here.
+            visitor.pending.gather.flush_everything();
+        }
         Ok(visitor.pending)
     }
 }

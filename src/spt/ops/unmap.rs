@@ -3,7 +3,7 @@
 //! that another parent entry also links (a shared shadow page) is only unlinked from this
 //! parent, its contents kept (KVM `mmu_page_zap_pte` → `drop_parent_pte`).
 
-use super::{check_range, straddles_leaf};
+use super::{check_range, straddles_leaf, straddles_shared_table};
 use crate::addr::Level;
 use crate::spt::PageTable;
 use crate::spt::error::{UnmapError, flatten};
@@ -89,7 +89,9 @@ impl<F: PteFormat> PageTable<F> {
     /// after which the unlinked tables are freed (x86_64 `Mapper::unmap` + `MapperFlush`).
     /// Exclusive: the caller holds the MMU lock for write.
     ///
-    /// A table linked from another parent too is unlinked from this one and kept whole.
+    /// A table linked from another parent too is unlinked from this one and kept whole; a
+    /// range that covers only part of such a table is refused before anything changes
+    /// ([`UnmapError::SplitsSharedTable`]).
     /// Every leaf of the range is always cleared; if more than
     /// [`DEFER_TABLES`](crate::spt::DEFER_TABLES) tables empty, the rest stay linked (empty)
     /// and the token [is incomplete](PendingFlush::is_incomplete): flush it and unmap again
@@ -112,6 +114,11 @@ impl<F: PteFormat> PageTable<F> {
         match straddles_leaf(self, mem, start, end) {
             Ok(false) => {}
             Ok(true) => return Err(UnmapError::SplitsHugePage),
+            Err(()) => return Err(UnmapError::BadTable),
+        }
+        match straddles_shared_table(self, mem, start, end) {
+            Ok(false) => {}
+            Ok(true) => return Err(UnmapError::SplitsSharedTable),
             Err(()) => return Err(UnmapError::BadTable),
         }
         let mut visitor = UnmapVisitor {

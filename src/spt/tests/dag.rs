@@ -151,6 +151,70 @@ pub(super) fn destroy_keeps_shared_child<F: PteFormat>() {
     assert_eq!(mem.allocated(), 0);
 }
 
+/// Regression (promise audit): `unmap` promised a table linked from another parent is
+/// "kept whole", but a range covering part of it went in and cleared its leaves — for both
+/// parents — and the flush named only this parent's addresses. Now such a range is refused
+/// before anything changes; the whole table's range unlinks it as before. `protect` through
+/// one parent changes the shared leaves for both, so its flush is of everything.
+pub(super) fn a_shared_table_is_changed_whole_or_flushed_everywhere<F: PteFormat>() {
+    let mut f = frames(16);
+    let (mut mem, mut pt1) = setup::<F>(&f.frames, &mut f.slots);
+    let pt2 = PageTable::<F>::new(&mut mem).unwrap();
+    let excl = WalkFlags::empty();
+    for pt in [&pt1, &pt2] {
+        map_rw(pt, &mut mem, 0, GIB1, MIB2, MapSize::Exactly(Level::L2));
+    }
+    let child = mem.alloc_table_to_fill(Level::L1).unwrap();
+    for pt in [&pt1, &pt2] {
+        let h = handle_at(pt, &mut mem, 0, Level::L2);
+        let mut ctx = h.ctx::<F, _>(&mem, va(0), Level::L2, excl).unwrap();
+        let kind = if mem.links(child) == 0 {
+            SplitChild::Fresh(child)
+        } else {
+            SplitChild::Existing(child)
+        };
+        split_entry(&mem, &mut ctx, kind, |_, _, _| {}).unwrap();
+    }
+    assert_eq!(mem.links(child), 2);
+    let allocated = mem.allocated();
+    for (start, len) in [(0, KIB4), (MIB2 - KIB4, KIB4), (KIB4, MIB2)] {
+        assert_eq!(
+            pt1.unmap(&mut mem, va(start), len).map(|_| ()),
+            Err(UnmapError::SplitsSharedTable)
+        );
+    }
+    assert_eq!(mem.allocated(), allocated);
+    for pt in [&pt1, &pt2] {
+        assert_maps(pt, &mem, 0, GIB1, Level::L1);
+        assert_maps(pt, &mem, MIB2 - KIB4, GIB1 + MIB2 - KIB4, Level::L1);
+    }
+    // Write-protecting one page through pt1 changes it for pt2 as well: flush everything.
+    let none = <F::Flags as bitflags::Flags>::empty();
+    let w = <F::Flags as bitflags::Flags>::from_bits_retain(F::WRITABLE);
+    let pending = pt1
+        .protect(&mut mem, va(0x3000), KIB4, none, w, excl)
+        .unwrap();
+    assert!(pending.gather().is_flush_all());
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
+    let t = pt2.translate(&mem, va(0x3000)).unwrap();
+    assert_eq!(bits::<F>(t.flags) & F::WRITABLE, 0);
+    // Not shared any more after pt1 lets go of the whole range: flushes are ranges again.
+    let pending = pt1.unmap(&mut mem, va(0), MIB2).unwrap();
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
+    assert_eq!(mem.links(child), 1);
+    let pending = pt2
+        .protect(&mut mem, va(0x4000), KIB4, none, w, excl)
+        .unwrap();
+    assert!(!pending.gather().is_flush_all());
+    pending
+        .flush(&mut CountingFlush::default(), &mut mem)
+        .unwrap();
+}
+
 /// `split_entry` refuses, changing nothing: an entry that is not a huge leaf, a child
 /// outside table memory, an existing child mapping other pages.
 pub(super) fn split_entry_refusals<F: PteFormat>() {

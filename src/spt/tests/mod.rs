@@ -154,6 +154,7 @@ per_format!(
     walker::bad_table_entry,
     dag::two_parent_dag,
     dag::destroy_keeps_shared_child,
+    dag::a_shared_table_is_changed_whole_or_flushed_everywhere,
     dag::split_entry_refusals,
     dag::existing_child_with_table_asks_for_flush,
     dag::split_from_a_cache_resumes,
