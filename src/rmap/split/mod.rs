@@ -66,16 +66,6 @@ pub struct SplitStats {
     pub lock_drops: u64,
 }
 
-impl SplitStats {
-    fn add(&mut self, other: Self) {
-        self.split += other.split;
-        self.aliases += other.aliases;
-        self.reused += other.reused;
-        self.restarts += other.restarts;
-        self.lock_drops += other.lock_drops;
-    }
-}
-
 /// Why a split stopped; what was split before stays split (every split is complete and
 /// consistent on its own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,9 +119,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         Self::check_split_args(&self.state.read(), slot, range, target, self.max_leaf())?;
         self.top_up_split(caches)?;
         let st = self.state.write();
-        let (st, result) = self.split_locked(st, caches, slot, range, target, tlb);
+        let mut stats = SplitStats::default();
+        let (st, result) = self.split_locked(st, caches, slot, range, target, &mut stats, tlb);
         drop(st);
-        result
+        result.map(|()| stats)
     }
 
     /// The slot's index and the gfn range `[lo, hi)` to split, or why the arguments are
@@ -167,6 +158,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
 
     /// The splitter with the write lock held on entry and on return (it may have been
     /// dropped and retaken in between: the guard goes in and comes back).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn split_locked<'s, T: TlbFlush + ?Sized>(
         &'s self,
         mut st: RwLockWriteGuard<'s, State>,
@@ -174,9 +166,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         slot: SlotId,
         range: Option<(Gfn, Gfn)>,
         target: Level,
+        stats: &mut SplitStats,
         tlb: &mut T,
-    ) -> (RwLockWriteGuard<'s, State>, Result<SplitStats, SplitError>) {
-        let mut stats = SplitStats::default();
+    ) -> (RwLockWriteGuard<'s, State>, Result<(), SplitError>) {
         let (i, lo, hi) = match Self::check_split_args(&st, slot, range, target, self.max_leaf()) {
             Ok(found) => found,
             Err(e) => return (st, Err(e)),
@@ -187,11 +179,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             let n = crate::spt::mmu::frames(level);
             let mut gfn = lo & !(n - 1);
             while gfn < hi {
-                let (back, done) = self.split_head(st, caches, slot, (base, end), gfn, level, tlb);
+                let (back, done) =
+                    self.split_head(st, caches, slot, (base, end), gfn, level, stats, tlb);
                 st = back;
-                match done {
-                    Ok(s) => stats.add(s),
-                    Err(e) => return (st, Err(e)),
+                if let Err(e) = done {
+                    return (st, Err(e));
                 }
                 gfn += n;
             }
@@ -200,7 +192,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 None => break,
             }
         }
-        (st, Ok(stats))
+        (st, Ok(()))
     }
 
     /// Splits every huge entry in the rmap head of `gfn` at `level` of the slot `id`
@@ -214,9 +206,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         bounds: (u64, u64),
         gfn: u64,
         level: Level,
+        stats: &mut SplitStats,
         tlb: &mut T,
-    ) -> (RwLockWriteGuard<'s, State>, Result<SplitStats, SplitError>) {
-        let mut stats = SplitStats::default();
+    ) -> (RwLockWriteGuard<'s, State>, Result<(), SplitError>) {
         let mut z = self.zapper();
         let mut first = true;
         loop {
@@ -265,7 +257,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             }
         }
         z.finish(&mut st, tlb);
-        (st, Ok(stats))
+        (st, Ok(()))
     }
 
     /// Splits the huge entry `e` (at `level`, mapping from `gfn`) of slot `i`. `Ok(true)`

@@ -481,3 +481,126 @@ fn a_refused_split_takes_nothing() {
     }
     m.check().unwrap();
 }
+
+/// Regression (MMU audit): with 2 MiB logging under `initially_set`, a clear never split:
+/// the enable does not (nothing is protected then) and the clear split only for 4 KiB
+/// logging, so the whole 1 GiB leaf was write-protected and the next write dropped it. A
+/// clear now splits the masked range down to the logging unit, and `get_and_clear` under
+/// `initially_set` splits what it names the same way.
+#[test]
+fn initially_set_clears_split_down_to_the_logging_unit() {
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            eager_split: true,
+            ..MmuConfig::default()
+        },
+    );
+    populated(&m);
+    let mut tlb = Tlb::default();
+    let mode = LogMode {
+        initially_set: true,
+        granularity: Level::L2,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    // Unit 1 (gfns 512..1024) of the 1 GiB leaf: split 1 GiB -> 2 MiB, no further.
+    m.clear_dirty_log(SlotId(0), 0, &[0b10], &mut tlb).unwrap();
+    m.check().unwrap();
+    assert_eq!(m.stats().eager_splits, 1);
+    assert_eq!(m.translate(gpa(600)).unwrap().level, Level::L2);
+    assert!(!m.translate(gpa(600)).unwrap().writable);
+    assert!(m.translate(gpa(5)).unwrap().writable);
+    assert_eq!(m.stats().eager_split_failures, 0);
+
+    // get_and_clear under initially_set, 4 KiB units: every named huge page is split.
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            eager_split: true,
+            ..MmuConfig::default()
+        },
+    );
+    populated(&m);
+    let mode = LogMode {
+        initially_set: true,
+        granularity: Level::L1,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    let mut log = std::vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_and_clear_dirty_log(SlotId(0), &mut log, &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    // The 1 GiB leaf to 512 x 2 MiB to 4 KiB, and the 8 2 MiB leaves.
+    assert_eq!(m.stats().eager_splits, 1 + 512 + 8);
+    assert_eq!(m.translate(gpa((1 << 18) + 700)).unwrap().level, Level::L1);
+    assert_eq!(m.stats().eager_split_failures, 0);
+}
+
+/// Regression (MMU audit): a clear under `initially_set` on an MMU whose largest leaf is
+/// 4 KiB counted an eager-split failure every time (there is nothing to split), and a split
+/// the dirty-log path started that stopped early (page limit) dropped the count of what it
+/// had split before.
+#[test]
+fn eager_split_counters_say_what_happened() {
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            eager_split: true,
+            max_leaf: Level::L1,
+            ..MmuConfig::default()
+        },
+    );
+    m.add_slot(SlotId(0), Gfn::new(0).unwrap(), 1024, SlotFlags::empty())
+        .unwrap();
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    m.page_fault(&mut c, &Host(Level::L1), gpa(5), true, &mut tlb)
+        .unwrap();
+    let mode = LogMode {
+        initially_set: true,
+        granularity: Level::L1,
+    };
+    m.enable_dirty_log(SlotId(0), mode, &mut tlb).unwrap();
+    m.clear_dirty_log(SlotId(0), 0, &[u64::MAX], &mut tlb)
+        .unwrap();
+    assert_eq!(
+        (m.stats().eager_splits, m.stats().eager_split_failures),
+        (0, 0)
+    );
+
+    // Eight 2 MiB leaves, a page limit that lets three of them split.
+    let mut f = fx();
+    let m = mmu(
+        &mut f,
+        MmuConfig {
+            eager_split: true,
+            ..MmuConfig::default()
+        },
+    );
+    m.add_slot(
+        SlotId(0),
+        Gfn::new(0).unwrap(),
+        16 * 512,
+        SlotFlags::empty(),
+    )
+    .unwrap();
+    let mut c = FaultCaches::new();
+    for k in 0..8 {
+        m.page_fault(&mut c, &Host(Level::L2), gpa(k * 512), true, &mut tlb)
+            .unwrap();
+    }
+    let used = m.pages_used();
+    m.set_page_limit(used + MIN_FREE_PAGES + 3, &mut tlb)
+        .unwrap();
+    let before = m.stats();
+    m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    let after = m.stats();
+    m.check().unwrap();
+    assert_eq!(after.eager_split_failures - before.eager_split_failures, 1);
+    assert_eq!(after.eager_splits - before.eager_splits, 3);
+    assert_eq!(after.pages_created - before.pages_created, 3);
+}

@@ -10,12 +10,14 @@ use super::slot::{DirtyLog, LogMode, SlotFlags, SlotId};
 use super::zap::{Recovered, Zapper};
 use super::{GATHER, HostMemory, Mmu, SlotError, State, frames};
 use crate::addr::{Gfn, Level, PAGE_SHIFT};
+use crate::rmap::{SplitCaches, SplitStats};
 use crate::spt::flush::FlushGather;
 use crate::spt::{
     Action, EntryRef, LockedArena, PageTable, PteFormat, TableLinks, Tables, TlbFlush, VisitCtx,
     VisitKind, WalkFlags,
 };
 use crate::sync::Ordering;
+use crate::sync::RwLockWriteGuard;
 
 impl<F: PteFormat> Mmu<'_, F> {
     /// Starts dirty logging on a slot (KVM setting `KVM_MEM_LOG_DIRTY_PAGES`). Without
@@ -53,8 +55,10 @@ impl<F: PteFormat> Mmu<'_, F> {
         // a write going unlogged. Under `initially_set` the clears split instead.
         if let Some(caches) = split.as_deref_mut() {
             if !mode.initially_set && mode.granularity < self.max_leaf {
-                let (mut st, r) = self.split_locked(st, caches, id, None, mode.granularity, tlb);
-                note_split(&mut st, r);
+                let mut s = SplitStats::default();
+                let (mut st, r) =
+                    self.split_locked(st, caches, id, None, mode.granularity, &mut s, tlb);
+                note_split(&mut st, &s, r);
             }
         }
         Ok(())
@@ -149,23 +153,29 @@ impl<F: PteFormat> Mmu<'_, F> {
 
     /// Takes the slot's dirty bitmap into `out` and write-protects the pages it named, so
     /// their next writes are logged again (KVM `KVM_GET_DIRTY_LOG` without manual
-    /// protection: `kvm_get_dirty_log_protect`).
+    /// protection: `kvm_get_dirty_log_protect`). Under [`LogMode::initially_set`] with
+    /// eager splitting, the huge pages holding the named pages are split to the logging
+    /// unit first, as [`clear_dirty_log`](Self::clear_dirty_log) does.
     pub fn get_and_clear_dirty_log<T: TlbFlush + ?Sized>(
         &self,
         id: SlotId,
         out: &mut [u64],
         tlb: &mut T,
     ) -> Result<(), SlotError> {
+        // Lock order: the splitter's caches, then the MMU lock.
+        let mut split = self.config.eager_split.then(|| self.split_caches.lock());
         let mut st = self.state.write();
-        let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
-        let words = st.slots[i]
-            .log
-            .as_ref()
-            .ok_or(SlotError::Logging)?
-            .bits
-            .len();
+        let mut i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
+        let log = st.slots[i].log.as_ref().ok_or(SlotError::Logging)?;
+        let (words, mode) = (log.bits.len(), log.mode);
         if out.len() < words {
             return Err(SlotError::BadBitmap);
+        }
+        if let Some(caches) = split.as_deref_mut() {
+            let wants = (0..words as u64).map(|w| (w, u64::MAX));
+            let (back, r) = self.split_before_clear(st, caches, id, mode, words as u64, wants, tlb);
+            st = back;
+            i = r?;
         }
         let mut z = self.zapper();
         for (w, o) in out.iter_mut().enumerate().take(words) {
@@ -208,34 +218,13 @@ impl<F: PteFormat> Mmu<'_, F> {
             return Err(SlotError::BadBitmap);
         }
         if let Some(caches) = split.as_deref_mut() {
-            if mode.initially_set && mode.granularity == Level::L1 {
-                // Split `[first set bit, last set bit + 1)` of each mask to 4 KiB first,
-                // with the bits untouched: the splitter may drop the lock, and until a bit
-                // is cleared under the lock held to the end, a write needs no logging.
-                let base = st.slots[i].base;
-                for (k, &want) in bits.iter().enumerate() {
-                    let w = first / 64 + k as u64;
-                    let mask = match st.slots[i].log.as_ref() {
-                        Some(log) => want & log.bits[w as usize].load(Ordering::Relaxed),
-                        None => 0,
-                    };
-                    if mask == 0 {
-                        continue;
-                    }
-                    let lo = base + w * 64 + u64::from(mask.trailing_zeros());
-                    let hi = base + w * 64 + 64 - u64::from(mask.leading_zeros());
-                    let range = Gfn::new(lo).ok().zip(Gfn::new(hi).ok());
-                    let (back, r) = self.split_locked(st, caches, id, range, Level::L1, tlb);
-                    st = back;
-                    note_split(&mut st, r);
-                    // The slot may have changed while the lock was dropped.
-                    i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;
-                    let log = st.slots[i].log.as_ref().ok_or(SlotError::Logging)?;
-                    if log.bits.len() as u64 != words || log.mode != mode {
-                        return Err(SlotError::Logging);
-                    }
-                }
-            }
+            let wants = bits
+                .iter()
+                .enumerate()
+                .map(|(k, &want)| (first / 64 + k as u64, want));
+            let (back, r) = self.split_before_clear(st, caches, id, mode, words, wants, tlb);
+            st = back;
+            i = r?;
         }
         let mut z = self.zapper();
         for (k, &want) in bits.iter().enumerate() {
@@ -250,6 +239,69 @@ impl<F: PteFormat> Mmu<'_, F> {
         }
         z.finish(&mut st, tlb);
         Ok(())
+    }
+
+    /// Eager splitting where bits are about to be cleared under [`LogMode::initially_set`]
+    /// (KVM `kvm_arch_mmu_enable_log_dirty_pt_masked` → `kvm_mmu_try_split_huge_pages`):
+    /// for each `(word, want)`, the huge pages over `[first set unit, last set unit + 1)` of
+    /// `want & bits` are split down to the logging unit, with the bits untouched — the
+    /// splitter may drop the lock, and until a bit is cleared under the lock held to the
+    /// end, a write needs no logging. Returns the slot's index again (the slot may have
+    /// changed while the lock was dropped: `NotFound`, or `Logging` when its log did).
+    #[allow(clippy::too_many_arguments)]
+    fn split_before_clear<'s, T: TlbFlush + ?Sized>(
+        &'s self,
+        mut st: RwLockWriteGuard<'s, State>,
+        caches: &mut SplitCaches,
+        id: SlotId,
+        mode: LogMode,
+        words: u64,
+        wants: impl Iterator<Item = (u64, u64)>,
+        tlb: &mut T,
+    ) -> (RwLockWriteGuard<'s, State>, Result<usize, SlotError>) {
+        let Some(mut i) = st.slot_by_id(id) else {
+            return (st, Err(SlotError::NotFound));
+        };
+        if !mode.initially_set || mode.granularity >= self.max_leaf {
+            // Nothing was left huge for a clear to split.
+            return (st, Ok(i));
+        }
+        let (base, end) = (st.slots[i].base, st.slots[i].end());
+        let shift = mode.granularity.shift() - PAGE_SHIFT;
+        for (w, want) in wants {
+            let mask = match st.slots[i].log.as_ref() {
+                Some(log) => log
+                    .bits
+                    .get(w as usize)
+                    .map_or(0, |b| want & b.load(Ordering::Relaxed)),
+                None => 0,
+            };
+            if mask == 0 {
+                continue;
+            }
+            let first = w * 64 + u64::from(mask.trailing_zeros());
+            let last = w * 64 + 63 - u64::from(mask.leading_zeros());
+            let lo = (((base >> shift) + first) << shift).max(base);
+            let hi = (((base >> shift) + last + 1) << shift).min(end);
+            let range = Gfn::new(lo).ok().zip(Gfn::new(hi).ok());
+            let mut s = SplitStats::default();
+            let (back, r) = self.split_locked(st, caches, id, range, mode.granularity, &mut s, tlb);
+            st = back;
+            note_split(&mut st, &s, r);
+            // The slot may have changed while the lock was dropped.
+            i = match st.slot_by_id(id) {
+                Some(i) => i,
+                None => return (st, Err(SlotError::NotFound)),
+            };
+            let same = st.slots[i]
+                .log
+                .as_ref()
+                .is_some_and(|log| log.bits.len() as u64 == words && log.mode == mode);
+            if !same {
+                return (st, Err(SlotError::Logging));
+            }
+        }
+        (st, Ok(i))
     }
 
     /// Stops dirty logging on a slot and brings huge pages back: a table whose 512
@@ -481,9 +533,11 @@ fn protect_masked<F: PteFormat>(
 }
 
 /// Counts what an MMU-started eager split did.
-fn note_split(st: &mut State, r: Result<crate::rmap::SplitStats, crate::rmap::SplitError>) {
-    match r {
-        Ok(s) => st.stats.eager_splits += s.split,
-        Err(_) => st.stats.eager_split_failures += 1,
+/// Counts a dirty-log path's eager split: every huge page it split, also when it stopped
+/// early (those stay split), and the stop.
+fn note_split(st: &mut State, s: &SplitStats, r: Result<(), crate::rmap::SplitError>) {
+    st.stats.eager_splits += s.split;
+    if r.is_err() {
+        st.stats.eager_split_failures += 1;
     }
 }

@@ -237,6 +237,8 @@ pub enum SlotError {
     LimitTooSmall,
     /// A logging granularity other than 4 KiB or 2 MiB.
     BadMode,
+    /// A flag bit [`SlotFlags`] does not define (KVM `check_memory_region_flags`: -EINVAL).
+    BadFlags,
 }
 
 impl fmt::Display for SlotError {
@@ -253,6 +255,7 @@ impl fmt::Display for SlotError {
             Self::BadBitmap => "dirty bitmap range or length invalid",
             Self::LimitTooSmall => "page limit below the depth of one translation",
             Self::BadMode => "dirty logging granularity must be 4 KiB or 2 MiB",
+            Self::BadFlags => "memory slot flag bits outside LOG_DIRTY_PAGES and READONLY",
         })
     }
 }
@@ -505,7 +508,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     }
 
     /// Adds a memory slot of `npages` frames from `base` (KVM `KVM_SET_USER_MEMORY_REGION`
-    /// creating a slot). `LOG_DIRTY_PAGES` in `flags` starts 4 KiB logging at once.
+    /// creating a slot). `LOG_DIRTY_PAGES` in `flags` starts 4 KiB logging at once; a bit
+    /// `SlotFlags` does not define is refused ([`SlotError::BadFlags`]), as KVM refuses it.
     pub fn add_slot(
         &self,
         id: SlotId,
@@ -513,6 +517,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         npages: u64,
         flags: SlotFlags,
     ) -> Result<(), SlotError> {
+        if SlotFlags::from_bits(flags.bits()).is_none() {
+            return Err(SlotError::BadFlags);
+        }
         let end = base.get().checked_add(npages).ok_or(SlotError::BadRange)?;
         if npages == 0 || end > self.gfn_limit {
             return Err(SlotError::BadRange);
@@ -620,6 +627,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         host: &H,
         tlb: &mut T,
     ) -> Result<(), SlotError> {
+        if SlotFlags::from_bits(flags.bits()).is_none() {
+            return Err(SlotError::BadFlags);
+        }
         let old = {
             let st = self.state.read();
             let i = st.slot_by_id(id).ok_or(SlotError::NotFound)?;

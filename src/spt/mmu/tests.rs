@@ -1091,3 +1091,31 @@ fn moving_a_slot_keeps_its_dirty_log() {
     // Pages 512..1024 are now at 8192 + 768 .. 8192 + 1280: units 1 and 2 of the new layout.
     assert_eq!(log[0], 0b110);
 }
+
+/// Regression (MMU audit): flag bits `SlotFlags` does not define were dropped silently;
+/// KVM's `check_memory_region_flags` refuses them with -EINVAL. Refused, nothing changed.
+#[test]
+fn undefined_slot_flags_are_refused() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let bad = SlotFlags::from_bits_retain(1 << 7);
+    assert_eq!(
+        m.add_slot(SlotId(0), gfn(0), 512, bad),
+        Err(SlotError::BadFlags)
+    );
+    assert!(m.slots().is_empty());
+    m.add_slot(SlotId(0), gfn(0), 512, SlotFlags::empty())
+        .unwrap();
+    let h = Host::new(Level::L1);
+    assert_eq!(
+        m.update_slot_flags(
+            SlotId(0),
+            SlotFlags::LOG_DIRTY_PAGES | bad,
+            &h,
+            &mut Tlb::default()
+        ),
+        Err(SlotError::BadFlags)
+    );
+    assert_eq!(m.slots()[0].3, SlotFlags::empty());
+    assert_eq!(m.dirty_log_words(SlotId(0)), Err(SlotError::Logging));
+}
