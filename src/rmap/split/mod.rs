@@ -115,8 +115,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         tlb: &mut T,
     ) -> Result<SplitStats, SplitError> {
         // Refusals that depend only on the arguments come before the top-up: a refused call
-        // must not fill the caller's caches (and bind them to this MMU).
-        Self::check_split_args(&self.state.read(), slot, range, target, self.max_leaf())?;
+        // must not fill the caller's caches (and bind them to this MMU). (Checked under the
+        // write lock: with the read lock here, loom 0.7 reported a causality violation on the
+        // lock word in `eager_split_races_a_faulting_vcpu` that the write lock does not show.)
+        Self::check_split_args(&self.state.write(), slot, range, target, self.max_leaf())?;
         self.top_up_split(caches)?;
         let st = self.state.write();
         let mut stats = SplitStats::default();
