@@ -61,8 +61,11 @@ pub struct VirtIOBalloon<H: Hal, T: Transport> {
     pub(crate) hint_state: HintState,
     /// The last run id [`hint_begin`](Self::hint_begin) accepted (Linux `cmd_id_active`).
     pub(crate) hint_last: Option<hvmem::hint::wire::CmdId>,
-    /// The config generation when the open run began.
+    /// The config generation when the open run began (or when a new balloon target was
+    /// seen during it).
     pub(crate) hint_generation: u32,
+    /// The balloon target (`num_pages`) at that generation.
+    pub(crate) hint_target: u32,
     next_message: u64,
     pub(crate) spin_limit: u64,
     pub(crate) stats: DriverStats,
@@ -136,6 +139,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             hint_state: HintState::Idle,
             hint_last: None,
             hint_generation: 0,
+            hint_target: 0,
             next_message: 0,
             spin_limit: DEFAULT_SPIN_LIMIT,
             stats: DriverStats::default(),

@@ -93,6 +93,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         // The generation first: a change after it shows up as a newer generation later.
         let generation = self.transport.read_config_generation();
         let current = self.hint_cmd_id().map_err(HintError::Config)?;
+        let target = self.target_pages().map_err(HintError::Config)?;
         if id != current || !matches!(id.kind(), CmdKind::Run(_)) {
             return Err(HintError::NotRequested { id, current });
         }
@@ -103,6 +104,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
         self.hint_state = HintState::Running(id);
         self.hint_last = Some(id);
         self.hint_generation = generation;
+        self.hint_target = target;
         Ok(())
     }
 
@@ -124,7 +126,7 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
             return Err(HintError::BadBlock);
         }
         let now = self.hint_cmd_id().map_err(HintError::Config)?;
-        if now != id && (now != CmdId::STOP || self.host_changed_config()) {
+        if now != id && (now != CmdId::STOP || self.host_stopped_run()?) {
             return Err(HintError::Stopped { now });
         }
         // Keep one entry for STOP.
@@ -206,8 +208,24 @@ impl<H: Hal, T: Transport> VirtIOBalloon<H, T> {
     /// run going on (Linux caches the id and rereads it only on a config interrupt). A
     /// legacy transport has no generation: there a host STOP is seen only when the config
     /// shows something else, and QEMU ignores blocks it gets after stopping.
-    fn host_changed_config(&self) -> bool {
-        self.transport.read_config_generation() != self.hint_generation
+    ///
+    /// A change whose visible part is a new balloon target (`num_pages`, announced the same
+    /// way) does not end the run: its generation becomes the run's and hinting goes on. Had
+    /// a STOP come with it, the blocks sent after are ones QEMU ignores, and the run ends at
+    /// DONE: fewer pages skipped by the migration, never a wrong one. (Ending the run at any
+    /// bump, as before, stopped hinting early whenever the target moved during a migration.)
+    fn host_stopped_run(&mut self) -> Result<bool, HintError> {
+        let generation = self.transport.read_config_generation();
+        if generation == self.hint_generation {
+            return Ok(false);
+        }
+        let target = self.target_pages().map_err(HintError::Config)?;
+        if target != self.hint_target {
+            self.hint_generation = generation;
+            self.hint_target = target;
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Notifies the hint queue unconditionally: QEMU turns notifications off while its

@@ -285,3 +285,28 @@ fn an_answered_run_id_is_not_pending_and_not_begun_twice() {
     s.borrow_mut().set_config_u32(8, 1);
     assert_eq!(b.hint_pending(), Ok(None), "DONE is no run");
 }
+
+/// A new balloon target announced during a run (QEMU bumps the config generation for it as
+/// for a STOP, and its START shows id 0 all along) does not end the run: before, the
+/// driver read it as STOP and hinted nothing more. A STOP announced afterwards still ends it.
+#[test]
+fn a_new_balloon_target_during_a_run_does_not_end_it() {
+    let (mut b, s) = qemu(QEMU_OFFER, Features::SUPPORTED);
+    let arena = Arena::new(4 << 12);
+    s.borrow_mut().set_config_u32(8, 0x8000_0002);
+    b.hint_begin(CmdId::new(0x8000_0002)).unwrap();
+    s.borrow_mut().set_config_u32_silently(8, 0);
+    b.hint_block(arena.addr(0), 4096).unwrap();
+    // The host moves the balloon target: an announced change, id still 0.
+    s.borrow_mut().set_config_u32(0, 1000);
+    b.hint_block(arena.addr(4096), 4096).unwrap();
+    b.hint_block(arena.addr(8192), 4096).unwrap();
+    // Now a real STOP: announced, and the target unchanged.
+    s.borrow_mut().set_config_u32(8, 0);
+    assert_eq!(
+        b.hint_block(arena.addr(12288), 4096),
+        Err(HintError::Stopped { now: CmdId::STOP })
+    );
+    b.hint_end().unwrap();
+    assert_eq!(b.stats().hint_blocks, 3);
+}
