@@ -193,11 +193,15 @@ fn writer_is_not_starved_by_a_stream_of_readers() {
 fn splitter_yields_to_vcpus() {
     let lock = RwLock::new((0u64, 0u64));
     let done = AtomicBool::new(false);
+    // Set once the splitter holds the lock: the vCPUs start after it, so on a loaded machine
+    // they cannot all finish before the splitter runs (then it never saw a waiter).
+    let holding = AtomicBool::new(false);
     let breaks = StdAtomicU64::new(0);
-    let (lock_ref, done_ref) = (&lock, &done);
+    let (lock_ref, done_ref, holding_ref) = (&lock, &done, &holding);
     thread::scope(|s| {
         s.spawn(|| {
             let mut w = lock.write();
+            holding.store(true, StdOrdering::Release);
             while !done.load(StdOrdering::Relaxed) {
                 // One unit of work: both halves, so a reader sees them equal.
                 w.0 += 1;
@@ -213,6 +217,9 @@ fn splitter_yields_to_vcpus() {
             .map(|i| {
                 s.spawn(move || {
                     let lock = lock_ref;
+                    wait_until("the splitter holds the lock", || {
+                        holding_ref.load(StdOrdering::Acquire)
+                    });
                     for _ in 0..200 {
                         if i == 0 {
                             let r = lock.read();

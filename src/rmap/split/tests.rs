@@ -47,6 +47,14 @@ fn fx() -> Fx {
     }
 }
 
+/// The default configuration with eager splitting on.
+fn eager() -> MmuConfig {
+    MmuConfig {
+        eager_split: true,
+        ..MmuConfig::default()
+    }
+}
+
 fn mmu(f: &mut Fx, config: MmuConfig) -> Mmu<'_, Ept> {
     let arena = TableArena::new(&f.frames, &mut f.slots, Hpa::new(0x8000_0000).unwrap()).unwrap();
     Mmu::new(arena, config).unwrap()
@@ -216,13 +224,7 @@ fn enabling_the_log_splits_eagerly() {
 #[test]
 fn clearing_under_initially_set_splits_only_the_masked_range() {
     let mut f = fx();
-    let m = mmu(
-        &mut f,
-        MmuConfig {
-            eager_split: true,
-            ..MmuConfig::default()
-        },
-    );
+    let m = mmu(&mut f, eager());
     populated(&m);
     let mut tlb = Tlb::default();
     let mode = LogMode {
@@ -490,13 +492,7 @@ fn a_refused_split_takes_nothing() {
 #[test]
 fn initially_set_clears_split_down_to_the_logging_unit() {
     let mut f = fx();
-    let m = mmu(
-        &mut f,
-        MmuConfig {
-            eager_split: true,
-            ..MmuConfig::default()
-        },
-    );
+    let m = mmu(&mut f, eager());
     populated(&m);
     let mut tlb = Tlb::default();
     let mode = LogMode {
@@ -515,13 +511,7 @@ fn initially_set_clears_split_down_to_the_logging_unit() {
 
     // get_and_clear under initially_set, 4 KiB units: every named huge page is split.
     let mut f = fx();
-    let m = mmu(
-        &mut f,
-        MmuConfig {
-            eager_split: true,
-            ..MmuConfig::default()
-        },
-    );
+    let m = mmu(&mut f, eager());
     populated(&m);
     let mode = LogMode {
         initially_set: true,
@@ -573,13 +563,7 @@ fn eager_split_counters_say_what_happened() {
 
     // Eight 2 MiB leaves, a page limit that lets three of them split.
     let mut f = fx();
-    let m = mmu(
-        &mut f,
-        MmuConfig {
-            eager_split: true,
-            ..MmuConfig::default()
-        },
-    );
+    let m = mmu(&mut f, eager());
     m.add_slot(
         SlotId(0),
         Gfn::new(0).unwrap(),

@@ -124,26 +124,34 @@ pub(super) fn two_parent_dag<F: PteFormat>() {
     assert_eq!(mem.allocated(), 0);
 }
 
-/// `destroy` of one tree leaves a child another tree still links.
-pub(super) fn destroy_keeps_shared_child<F: PteFormat>() {
-    let mut f = frames(16);
-    let (mut mem, pt1) = setup::<F>(&f.frames, &mut f.slots);
-    let pt2 = PageTable::<F>::new(&mut mem).unwrap();
-    let excl = WalkFlags::empty();
-    for pt in [&pt1, &pt2] {
-        map_rw(pt, &mut mem, 0, 0, MIB2, MapSize::Exactly(Level::L2));
+/// Maps `[0, 2 MiB)` to `pa` with a 2 MiB leaf in both trees, then splits both leaves into
+/// one child table they share (KVM: two parents of one shadow page). Returns the child.
+fn share_child<F: PteFormat>(mem: &mut TableArena<'_>, pts: [&PageTable<F>; 2], pa: u64) -> Hpa {
+    for pt in pts {
+        map_rw(pt, mem, 0, pa, MIB2, MapSize::Exactly(Level::L2));
     }
     let child = mem.alloc_table_to_fill(Level::L1).unwrap();
-    for pt in [&pt1, &pt2] {
-        let h = handle_at(pt, &mut mem, 0, Level::L2);
-        let mut ctx = h.ctx::<F, _>(&mem, va(0), Level::L2, excl).unwrap();
+    for pt in pts {
+        let h = handle_at(pt, mem, 0, Level::L2);
+        let mut ctx = h
+            .ctx::<F, _>(mem, va(0), Level::L2, WalkFlags::empty())
+            .unwrap();
         let kind = if mem.links(child) == 0 {
             SplitChild::Fresh(child)
         } else {
             SplitChild::Existing(child)
         };
-        split_entry(&mem, &mut ctx, kind, |_, _, _| {}).unwrap();
+        split_entry(mem, &mut ctx, kind, |_, _, _| {}).unwrap();
     }
+    child
+}
+
+/// `destroy` of one tree leaves a child another tree still links.
+pub(super) fn destroy_keeps_shared_child<F: PteFormat>() {
+    let mut f = frames(16);
+    let (mut mem, pt1) = setup::<F>(&f.frames, &mut f.slots);
+    let pt2 = PageTable::<F>::new(&mut mem).unwrap();
+    let child = share_child(&mut mem, [&pt1, &pt2], 0);
     pt1.destroy(&mut mem).unwrap();
     assert_maps(&pt2, &mem, 0x7000, 0x7000, Level::L1);
     assert_eq!(mem.links(child), 1);
@@ -161,20 +169,7 @@ pub(super) fn a_shared_table_is_changed_whole_or_flushed_everywhere<F: PteFormat
     let (mut mem, mut pt1) = setup::<F>(&f.frames, &mut f.slots);
     let pt2 = PageTable::<F>::new(&mut mem).unwrap();
     let excl = WalkFlags::empty();
-    for pt in [&pt1, &pt2] {
-        map_rw(pt, &mut mem, 0, GIB1, MIB2, MapSize::Exactly(Level::L2));
-    }
-    let child = mem.alloc_table_to_fill(Level::L1).unwrap();
-    for pt in [&pt1, &pt2] {
-        let h = handle_at(pt, &mut mem, 0, Level::L2);
-        let mut ctx = h.ctx::<F, _>(&mem, va(0), Level::L2, excl).unwrap();
-        let kind = if mem.links(child) == 0 {
-            SplitChild::Fresh(child)
-        } else {
-            SplitChild::Existing(child)
-        };
-        split_entry(&mem, &mut ctx, kind, |_, _, _| {}).unwrap();
-    }
+    let child = share_child(&mut mem, [&pt1, &pt2], GIB1);
     assert_eq!(mem.links(child), 2);
     let allocated = mem.allocated();
     for (start, len) in [(0, KIB4), (MIB2 - KIB4, KIB4), (KIB4, MIB2)] {
