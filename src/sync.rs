@@ -184,6 +184,27 @@ pub(crate) use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+/// A counter on a cache-line pair of its own (128 bytes: x86 prefetches lines in pairs), so
+/// threads counting on different ones never take each other's lines.
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct PaddedCounter(AtomicU64);
+
+impl PaddedCounter {
+    pub(crate) fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// The fields of [`RwLock`]'s state word (see the module documentation).
 mod state {
     /// A writer holds the lock.

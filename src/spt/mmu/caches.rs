@@ -21,6 +21,8 @@ pub struct MmuCaches<const TABLES: usize, const DESCS: usize> {
     pub(crate) descs: MemoryCache<DescId, DESCS>,
     /// The MMU whose objects these are (0: none).
     owner: u64,
+    /// The fast-fix counter this vCPU counts on, plus one (0: none chosen yet).
+    shard: u8,
     /// Test hook: make every `n`th check of the splitter drop the lock (0: never).
     #[cfg(any(test, fuzzing, feature = "testing"))]
     force_drop: (u32, u32),
@@ -105,6 +107,16 @@ impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
             .top_up(&mut pool, descs)
             .map_err(|_| TopUpFailed::Descriptors)?;
         Ok(())
+    }
+
+    /// The fast-fix counter of `mmu` these caches count on, chosen at first use (any MMU's
+    /// counter of that index: they are only spread to keep vCPUs off each other's lines).
+    #[inline]
+    pub(crate) fn shard<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> usize {
+        if self.shard == 0 {
+            self.shard = mmu.new_shard() + 1;
+        }
+        usize::from(self.shard - 1)
     }
 
     /// Whether at least `tables` tables and `descs` descriptors are held.

@@ -150,7 +150,8 @@ impl<F: PteFormat> Mmu<'_, F> {
         if gfn >= self.gfn_limit || as_id >= self.address_spaces() {
             return Err(FaultError::BadAddress);
         }
-        if let Some(fault) = self.fast_page_fault(as_id, gfn, write) {
+        let shard = caches.shard(self);
+        if let Some(fault) = self.fast_page_fault(as_id, gfn, write, shard) {
             return Ok(fault);
         }
         self.top_up(caches)?;
@@ -162,7 +163,7 @@ impl<F: PteFormat> Mmu<'_, F> {
     /// KVM `fast_page_fault`: a write to a present leaf that is write-protected but
     /// mmu-writable gets its write bit back with one compare-exchange, and its page marked
     /// dirty, under the read lock. `None`: the slow path must decide.
-    fn fast_page_fault(&self, as_id: u8, gfn: u64, write: bool) -> Option<Fault> {
+    fn fast_page_fault(&self, as_id: u8, gfn: u64, write: bool, shard: usize) -> Option<Fault> {
         let st = self.state.read();
         let slot = &st.slots[st.slot_index(gfn)?];
         let (entry, level) = self.find_leaf(as_id, gfn)?;
@@ -196,7 +197,9 @@ impl<F: PteFormat> Mmu<'_, F> {
         if let Some((log, unit)) = log {
             log.mark(unit);
         }
-        self.fast_fixes.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = self.fast_fixes.get(shard) {
+            counter.add(1);
+        }
         Some(Fault::Fast)
     }
 

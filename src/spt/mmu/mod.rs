@@ -117,7 +117,7 @@ use crate::cache::MemoryCache;
 use crate::rmap::{DescId, DescPool, DescStore, RmapHead};
 use crate::spt::memory::Table;
 use crate::spt::{LockedArena, PteFormat, TableAlloc, TableArena, TlbFlush};
-use crate::sync::{AtomicU64, Ordering, RwLock};
+use crate::sync::{AtomicU32, AtomicU64, Ordering, PaddedCounter, RwLock};
 
 /// KVM `KVM_MIN_FREE_MMU_PAGES`: below this many free shadow pages, a fault first zaps the
 /// oldest pages.
@@ -128,6 +128,9 @@ pub const REFILL_PAGES: usize = 25;
 /// Descriptors recycled under the MMU lock (freed by a removal, reused by the next add)
 /// before they go back to the pool.
 const SPARE_DESCS: usize = 64;
+
+/// Counters the fast path's fixes are spread over (vCPUs beyond this share them).
+pub(crate) const FAST_FIX_SHARDS: usize = 16;
 
 /// Ranges gathered for one TLB flush.
 const GATHER: usize = crate::spt::GATHER_RANGES;
@@ -338,8 +341,12 @@ pub struct Mmu<'a, F: PteFormat> {
     max_leaf: Level,
     /// Gfns below this fit the format's input addresses.
     gfn_limit: u64,
-    /// Faults the fast path fixed (counted outside the lock it does not take for write).
-    fast_fixes: AtomicU64,
+    /// Faults the fast path fixed, counted outside the lock it does not take for write, on
+    /// one of several counters so vCPUs do not share a line: each [`FaultCaches`] counts on
+    /// the one it was given (`next_shard`); [`stats`](Self::stats) adds them up.
+    fast_fixes: [PaddedCounter; FAST_FIX_SHARDS],
+    /// The counter the next new [`FaultCaches`] counts on.
+    next_shard: AtomicU32,
     /// Unique per MMU (see [`Mmu::id`]).
     id: u64,
     _format: PhantomData<F>,
@@ -412,7 +419,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             config,
             max_leaf,
             gfn_limit: 1u64 << (F::INPUT_BITS - PAGE_SHIFT),
-            fast_fixes: AtomicU64::new(0),
+            fast_fixes: core::array::from_fn(|_| PaddedCounter::new()),
+            next_shard: AtomicU32::new(0),
             id: NEXT_MMU_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
             _format: PhantomData,
         })
@@ -478,6 +486,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         self.id
     }
 
+    /// A fast-fix counter for a new [`FaultCaches`], round robin.
+    pub(crate) fn new_shard(&self) -> u8 {
+        (self.next_shard.fetch_add(1, Ordering::Relaxed) as usize % FAST_FIX_SHARDS) as u8
+    }
+
     /// The largest leaf level the MMU maps.
     pub fn max_leaf(&self) -> Level {
         self.max_leaf
@@ -486,7 +499,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// Counters so far.
     pub fn stats(&self) -> MmuStats {
         let mut stats = self.state.read().stats;
-        stats.fast_fixes = self.fast_fixes.load(Ordering::Relaxed);
+        stats.fast_fixes = self.fast_fixes.iter().map(PaddedCounter::get).sum();
         stats
     }
 

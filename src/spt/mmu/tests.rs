@@ -1119,3 +1119,40 @@ fn undefined_slot_flags_are_refused() {
     assert_eq!(m.slots()[0].3, SlotFlags::empty());
     assert_eq!(m.dirty_log_words(SlotId(0)), Err(SlotError::Logging));
 }
+
+#[test]
+fn fast_fixes_of_every_vcpu_add_up() {
+    // Each vCPU's caches count on a counter of their own (16 of them, then shared): the
+    // total is exact however many vCPUs there are, and from threads too.
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L1);
+    m.add_slot(SlotId(0), gfn(0), 4096, SlotFlags::empty())
+        .unwrap();
+    let mut caches: Vec<FaultCaches> = (0..20).map(|_| FaultCaches::new()).collect();
+    for g in 0..400 {
+        fault(&m, &mut caches[(g % 20) as usize], &h, g, false);
+    }
+    m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    m.check().unwrap();
+    for g in 0..200 {
+        let r = fault(&m, &mut caches[(g % 20) as usize], &h, g, true);
+        assert_eq!(r, Fault::Fast);
+    }
+    std::thread::scope(|s| {
+        for (t, c) in caches.chunks_mut(5).enumerate() {
+            let (m, h) = (&m, &h);
+            s.spawn(move || {
+                for g in (200 + t as u64 * 50)..(250 + t as u64 * 50) {
+                    let c = &mut c[(g % 5) as usize];
+                    let r = m.page_fault(c, h, gpa(g), true, &mut Tlb::default());
+                    assert_eq!(r, Ok(Fault::Fast));
+                }
+            });
+        }
+    });
+    assert_eq!(m.stats().fast_fixes, 400);
+    m.check().unwrap();
+}
