@@ -116,8 +116,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     ) -> Result<SplitStats, SplitError> {
         // Refusals that depend only on the arguments come before the top-up: a refused call
         // must not fill the caller's caches (and bind them to this MMU). (Checked under the
-        // write lock: with the read lock here, loom 0.7 reported a causality violation on the
-        // lock word in `eager_split_races_a_faulting_vcpu` that the write lock does not show.)
+        // write lock: with the read lock here, loom 0.7.2 reports "Concurrent load and mut
+        // accesses" on the lock word in `eager_split_races_a_faulting_vcpu`, for a word that
+        // thread #0 created and thread #0 loads (`LOOM_LOCATION=1`), and that nothing ever
+        // accesses but atomically: loom's own bookkeeping, like tokio-rs/loom#260.)
         Self::check_split_args(&self.state.write(), slot, range, target, self.max_leaf())?;
         self.top_up_split(caches)?;
         let st = self.state.write();

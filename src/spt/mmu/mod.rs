@@ -344,7 +344,7 @@ pub struct Mmu<'a, F: PteFormat> {
     /// Faults the fast path fixed, counted outside the lock it does not take for write, on
     /// one of several counters so vCPUs do not share a line: each [`FaultCaches`] counts on
     /// the one it was given (`next_shard`); [`stats`](Self::stats) adds them up.
-    fast_fixes: [PaddedCounter; FAST_FIX_SHARDS],
+    fast_fixes: alloc::boxed::Box<[PaddedCounter]>,
     /// The counter the next new [`FaultCaches`] counts on.
     next_shard: AtomicU32,
     /// Unique per MMU (see [`Mmu::id`]).
@@ -397,6 +397,13 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             roots.push(root);
             root_ids.push(root_id);
         }
+        // On the heap: 2 KiB of padded counters would make every `Mmu` value that large.
+        let mut fast_fixes = Vec::new();
+        fast_fixes
+            .try_reserve_exact(FAST_FIX_SHARDS)
+            .map_err(|_| MmuError::OutOfMemory)?;
+        fast_fixes.extend((0..FAST_FIX_SHARDS).map(|_| PaddedCounter::new()));
+        let fast_fixes = fast_fixes.into_boxed_slice();
         let max_leaf = if config.max_leaf > F::LARGEST_LEAF {
             F::LARGEST_LEAF
         } else {
@@ -419,7 +426,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             config,
             max_leaf,
             gfn_limit: 1u64 << (F::INPUT_BITS - PAGE_SHIFT),
-            fast_fixes: core::array::from_fn(|_| PaddedCounter::new()),
+            fast_fixes,
             next_shard: AtomicU32::new(0),
             id: NEXT_MMU_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
             _format: PhantomData,
