@@ -186,10 +186,12 @@ pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 
 /// A counter on a cache-line pair of its own (128 bytes: x86 prefetches lines in pairs), so
 /// threads counting on different ones never take each other's lines.
+#[cfg(feature = "alloc")]
 #[derive(Debug)]
 #[repr(align(128))]
 pub(crate) struct PaddedCounter(AtomicU64);
 
+#[cfg(feature = "alloc")]
 impl PaddedCounter {
     pub(crate) fn new() -> Self {
         Self(AtomicU64::new(0))
