@@ -18,7 +18,9 @@ fn err(what: &'static str, gfn: u64, level: Level) -> InvariantError {
 }
 
 impl<F: PteFormat> Mmu<'_, F> {
-    /// Checks, under the MMU lock held for read:
+    /// Checks, under the MMU lock held for *write* (a fast-path fix runs under the read
+    /// lock and sets the write bit an instant before the dirty bit, so a check beside it
+    /// would report the last rule broken; test `check_is_consistent_while_vcpus_fault`):
     /// - every present leaf of a live page lies inside one slot and is in that slot's rmap
     ///   at its level, no leaf is above the maximum leaf level, and every rmap entry names a
     ///   present leaf of a live page at that level and gfn (so the rmaps are exact);
@@ -31,7 +33,7 @@ impl<F: PteFormat> Mmu<'_, F> {
     /// - while a slot logs, every writable leaf in it has the dirty bits of all the units
     ///   it covers set: a write the log has not seen is impossible.
     pub fn check(&self) -> Result<MmuCounts, InvariantError> {
-        let st = self.state.read();
+        let st = self.state.write();
         let mut counts = MmuCounts::default();
         let tables = self.tables();
         for (id, sp) in st.pages.headers().iter().enumerate() {
