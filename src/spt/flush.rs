@@ -45,14 +45,18 @@ pub struct FlushRange {
     /// Bytes from `start`.
     pub len: u64,
     /// The smallest page size whose translations the range may hold: one invalidation per
-    /// `level.page_size()` bytes covers it (INVLPG of any address of a huge page drops it).
+    /// page of this size the range touches covers it (INVLPG of any address of a huge page
+    /// drops it); [`pages`](Self::pages) counts them.
     pub level: Level,
 }
 
 impl FlushRange {
-    /// The invalidations a flusher that works page by page needs.
+    /// The invalidations a flusher that works page by page needs: the pages of `level`
+    /// the range touches, a page it starts or ends inside included.
     pub fn pages(&self) -> u64 {
-        self.len.div_ceil(self.level.page_size())
+        let size = self.level.page_size();
+        let first = self.start & !(size - 1);
+        (self.end() - first).div_ceil(size)
     }
 
     fn end(&self) -> u64 {

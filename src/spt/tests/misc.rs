@@ -114,6 +114,25 @@ fn gather_counts_what_a_merged_range_asks_for() {
     assert!(g.is_flush_all());
 }
 
+/// A range that starts or ends inside a page touches that page too: `pages()` counted
+/// `len / page size`, so 2 MiB from 4 KiB into a huge page (two huge pages) asked for one
+/// invalidation, and a flusher stepping by the page size left the second one cached.
+#[test]
+fn flush_range_pages_counts_every_page_touched() {
+    let mib2 = 2 << 20;
+    assert_eq!(range(KIB4, mib2, Level::L2).pages(), 2);
+    assert_eq!(range(0, mib2, Level::L2).pages(), 1);
+    assert_eq!(range(mib2 - KIB4, 2 * KIB4, Level::L2).pages(), 2);
+    assert_eq!(range(KIB4, KIB4, Level::L2).pages(), 1);
+    assert_eq!(range(KIB4, 3 * KIB4, Level::L1).pages(), 3);
+    assert_eq!(range(u64::MAX - KIB4 + 1, KIB4 - 1, Level::L1).pages(), 1);
+    assert_eq!(range(u64::MAX - KIB4, KIB4, Level::L1).pages(), 2);
+    // The gather counts the same way: two pieces straddling a huge-page boundary.
+    let mut g = FlushGather::<16>::new();
+    g.add_raw(mib2 - KIB4, 2 * KIB4, Level::L2);
+    assert_eq!(g.pages(), 2);
+}
+
 /// Unmapping a 2 MiB range of 4 KiB pages once gave the same range twice (the leaves, then
 /// their emptied table).
 #[test]
