@@ -506,7 +506,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// Counters so far.
     pub fn stats(&self) -> MmuStats {
         let mut stats = self.state.read().stats;
-        stats.fast_fixes = self.fast_fixes.iter().map(PaddedCounter::get).sum();
+        // Wrapping, as each counter does.
+        stats.fast_fixes = (self.fast_fixes.iter()).fold(0, |n, c| n.wrapping_add(c.get()));
         stats
     }
 
