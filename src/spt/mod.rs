@@ -120,6 +120,8 @@ pub use flush::{
     DEFER_TABLES, FLUSH_ALL_PAGES, FlushGather, FlushRange, GATHER_RANGES, PendingFlush, TlbFlush,
 };
 pub use format::{ADDR_MASK, Ept, EptFlags, PteFormat, X86_64, X86_64La57, X86Flags};
+#[cfg(any(test, fuzzing, feature = "testing"))]
+pub(crate) use memory::table_ref;
 pub use memory::{
     ArenaError, ENTRIES, FreeError, LockedArena, Table, TableAlloc, TableArena, TableFrame,
     TableLinks, TableMapping, TableMemory, TableSlot, Tables, Unlinked, WithAlloc,
