@@ -184,26 +184,220 @@ pub(crate) use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-/// A counter on a cache-line pair of its own (128 bytes: x86 prefetches lines in pairs), so
-/// threads counting on different ones never take each other's lines.
+/// How many read sides a [`ShardedRwLock`] has (threads beyond this share them).
 #[cfg(feature = "alloc")]
-#[derive(Debug)]
+pub(crate) const SHARDS: usize = 16;
+
+/// One read side of a [`ShardedRwLock`]: a lock over one copy of the view, and a counter
+/// its readers may add to, on a cache-line pair of their own (128 bytes: x86 prefetches
+/// lines in pairs), so threads on different shards never take each other's lines.
+#[cfg(feature = "alloc")]
 #[repr(align(128))]
-pub(crate) struct PaddedCounter(AtomicU64);
+struct Shard<V> {
+    view: Inner<V>,
+    count: AtomicU64,
+}
+
+/// The MMU lock with a second way in for the fault fast path: an [`RwLock`] over `T`, plus
+/// [`SHARDS`] copies of a small view `V` of it, each behind a lock of its own (Linux's
+/// per-CPU reader-writer locks, `percpu_rw_semaphore`, in spin form).
+///
+/// - A thread that only needs the view takes its own shard with
+///   [`try_read_view`](Self::try_read_view): one atomic add on a line no other thread
+///   writes, where [`RwLock::read`] writes the one word every reader and writer shares (two
+///   vCPUs fast-faulting on the shared word spent most of their time moving its line).
+/// - A writer takes the [`RwLock`] and then, in index order, every shard handed out
+///   ([`new_shard`](Self::new_shard)); so a shard reader excludes writers exactly as a
+///   reader of the [`RwLock`] does, and what the view says cannot change under it.
+///   A writer that changes the view locks the remaining shards too
+///   ([`ShardedWriteGuard::views_mut`]) and updates every copy.
+/// - A shard reader never waits: when a writer holds its shard it gets `None` and takes
+///   [`read_view`](Self::read_view), which waits in [`RwLock::read`] (so a writer that polls
+///   [`is_contended`](Self::is_contended) sees it) and then reads the view.
+///
+/// Shards are handed out under the read lock, so a writer's idea of which shards are in
+/// use cannot change while it holds the lock; a reader of a shard not (yet) handed out is
+/// refused and goes the `read_view` way. No deadlock: shard readers never wait, and writers
+/// take shards only while holding the [`RwLock`], always in index order.
+#[cfg(feature = "alloc")]
+pub(crate) struct ShardedRwLock<T, V> {
+    main: RwLock<T>,
+    shards: alloc::boxed::Box<[Shard<V>]>,
+    /// Shards handed out so far (at most [`SHARDS`]); grows only under the read lock, so it
+    /// stays the same while a writer holds the lock.
+    in_use: AtomicU32,
+    /// Shards ever asked for (round robin over [`SHARDS`]).
+    handed: AtomicU32,
+}
+
+/// Exclusive access to a [`ShardedRwLock`]'s data: the [`RwLock`] and the shards in use.
+#[cfg(feature = "alloc")]
+pub(crate) struct ShardedWriteGuard<'a, T, V> {
+    // Declared first so they drop first: the shards are free before the main lock is.
+    views: arrayvec::ArrayVec<InnerWrite<'a, V>, SHARDS>,
+    main: RwLockWriteGuard<'a, T>,
+    lock: &'a ShardedRwLock<T, V>,
+}
+
+/// Takes `shard` for writing, spinning (a loom yield) while its reader is inside.
+#[cfg(feature = "alloc")]
+fn write_shard<V>(shard: &Shard<V>) -> InnerWrite<'_, V> {
+    loop {
+        #[cfg(not(loom))]
+        let guard = shard.view.try_write();
+        #[cfg(loom)]
+        let guard = shard.view.try_write().ok();
+        if let Some(guard) = guard {
+            return guard;
+        }
+        spin_wait();
+    }
+}
 
 #[cfg(feature = "alloc")]
-impl PaddedCounter {
-    pub(crate) fn new() -> Self {
-        Self(AtomicU64::new(0))
+impl<T, V> ShardedRwLock<T, V> {
+    /// A lock over `value` whose shards start with views made by `view`; `None` when the
+    /// shards cannot be allocated.
+    pub(crate) fn new(value: T, mut view: impl FnMut() -> V) -> Option<Self> {
+        let mut shards = alloc::vec::Vec::new();
+        shards.try_reserve_exact(SHARDS).ok()?;
+        shards.extend((0..SHARDS).map(|_| Shard {
+            view: Inner::new(view()),
+            count: AtomicU64::new(0),
+        }));
+        Some(Self {
+            main: RwLock::new(value),
+            shards: shards.into_boxed_slice(),
+            in_use: AtomicU32::new(0),
+            handed: AtomicU32::new(0),
+        })
     }
+
+    /// [`RwLock::read`].
+    #[inline]
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.main.read()
+    }
+
+    /// [`RwLock::write`], then every shard in use.
+    pub(crate) fn write(&self) -> ShardedWriteGuard<'_, T, V> {
+        let main = self.main.write();
+        let mut views = arrayvec::ArrayVec::new();
+        // Stable while we hold the write lock: only `new_shard`, under the read lock, grows it.
+        let in_use = self.in_use.load(Ordering::Relaxed) as usize;
+        for shard in self.shards.iter().take(in_use) {
+            views.push(write_shard(shard));
+        }
+        ShardedWriteGuard {
+            views,
+            main,
+            lock: self,
+        }
+    }
+
+    /// [`RwLock::is_contended`]: a thread waits in [`read`](Self::read),
+    /// [`write`](Self::write) or [`read_view`](Self::read_view).
+    #[inline]
+    pub(crate) fn is_contended(&self) -> bool {
+        self.main.is_contended()
+    }
+
+    /// A shard for a new reader thread, round robin. Under the read lock: no writer is
+    /// inside while the shards in use grow, so each writer locks the same ones it unlocks.
+    pub(crate) fn new_shard(&self) -> usize {
+        let _reader = self.main.read();
+        let n = self.handed.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .in_use
+            .fetch_update(Ordering::Release, Ordering::Relaxed, |k| {
+                ((k as usize) < SHARDS).then_some(k + 1)
+            });
+        // 2^32 is a multiple of SHARDS: the round robin survives the wrap.
+        n as usize % SHARDS
+    }
+
+    /// Shard `i`'s view, if it is in use and no writer holds it; never waits.
+    #[inline]
+    pub(crate) fn try_read_view(&self, i: usize) -> Option<InnerRead<'_, V>> {
+        if i >= self.in_use.load(Ordering::Acquire) as usize {
+            return None;
+        }
+        let shard = self.shards.get(i)?;
+        #[cfg(not(loom))]
+        return shard.view.try_read();
+        #[cfg(loom)]
+        return shard.view.try_read().ok();
+    }
+
+    /// Shard `i`'s view with the lock held for reading ([`RwLock::read`]: waits while a
+    /// writer holds it or waits for it); `None` only for an `i` of no shard.
+    pub(crate) fn read_view(&self, i: usize) -> Option<(RwLockReadGuard<'_, T>, InnerRead<'_, V>)> {
+        let main = self.main.read();
+        let shard = self.shards.get(i)?;
+        loop {
+            // No writer holds a shard while we hold the read lock: this succeeds at once
+            // (a retry instead of a panic should that ever be wrong).
+            #[cfg(not(loom))]
+            let view = shard.view.try_read();
+            #[cfg(loom)]
+            let view = shard.view.try_read().ok();
+            if let Some(view) = view {
+                return Some((main, view));
+            }
+            #[cfg(loom)]
+            INNER_RETRIES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            spin_wait();
+        }
+    }
+
+    /// Adds `n` to shard `i`'s counter (nothing for an `i` of no shard).
+    #[inline]
+    pub(crate) fn count(&self, i: usize, n: u64) {
+        if let Some(shard) = self.shards.get(i) {
+            shard.count.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The counters of every shard added up, wrapping as each of them does.
+    pub(crate) fn counted(&self) -> u64 {
+        (self.shards.iter()).fold(0, |n, s| n.wrapping_add(s.count.load(Ordering::Relaxed)))
+    }
+
+    /// Shards handed out (for tests).
+    #[cfg(test)]
+    pub(crate) fn shards_in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed) as usize
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T, V> ShardedWriteGuard<'_, T, V> {
+    /// The data and every shard's view, for a change to all of them: the shards not in use
+    /// are locked now, after those in use (index order).
+    pub(crate) fn split_views(&mut self) -> (&mut T, impl Iterator<Item = &mut V>) {
+        let held = self.views.len();
+        for shard in self.lock.shards.iter().skip(held) {
+            self.views.push(write_shard(shard));
+        }
+        (&mut *self.main, self.views.iter_mut().map(|v| &mut **v))
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl<T, V> Deref for ShardedWriteGuard<'_, T, V> {
+    type Target = T;
 
     #[inline]
-    pub(crate) fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+    fn deref(&self) -> &T {
+        &self.main
     }
+}
 
-    pub(crate) fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+#[cfg(feature = "alloc")]
+impl<T, V> DerefMut for ShardedWriteGuard<'_, T, V> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.main
     }
 }
 
@@ -487,6 +681,10 @@ impl<T> RwLock<T> {
             }
             let s = self.state.load(Ordering::Relaxed);
             if state::new_writer_may_enter(s) {
+                // The lock looks free but `try_write` just found it taken: the load may be
+                // stale. Let the holder run before trying again (under loom, without this
+                // yield the writer spun on a stale value and never let the reader out).
+                spin_wait();
                 continue;
             }
             if state::count(s, state::WWAIT_SHIFT) == state::COUNT_MAX {
@@ -504,6 +702,8 @@ impl<T> RwLock<T> {
                 )
                 .is_err()
             {
+                // Changed under us (or the load was stale): let others run, start over.
+                spin_wait();
                 continue;
             }
             // Registered: new readers now wait. Enter and unregister in one step.

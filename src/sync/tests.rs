@@ -278,3 +278,126 @@ fn state_word_arithmetic() {
     assert!(!state::reader_may_enter(next), "READERS is full");
     assert!(state::waiters(full) && !state::waiters(next));
 }
+
+mod sharded {
+    use super::*;
+    use crate::sync::{SHARDS, ShardedRwLock};
+
+    fn lock() -> ShardedRwLock<u64, u64> {
+        ShardedRwLock::new(0, || 0).unwrap()
+    }
+
+    #[test]
+    fn a_shard_not_handed_out_is_refused_but_read_view_reaches_it() {
+        let l = lock();
+        assert!(l.try_read_view(0).is_none(), "no shard handed out yet");
+        let (main, view) = l.read_view(0).unwrap();
+        assert_eq!((*main, *view), (0, 0));
+        drop((main, view));
+        assert!(l.read_view(SHARDS).is_none(), "no such shard");
+        assert_eq!(l.new_shard(), 0);
+        assert!(l.try_read_view(0).is_some());
+        assert!(l.try_read_view(1).is_none());
+    }
+
+    #[test]
+    fn shards_go_round_robin_and_stop_growing_at_the_count() {
+        let l = lock();
+        let handed: Vec<usize> = (0..SHARDS + 3).map(|_| l.new_shard()).collect();
+        let expect: Vec<usize> = (0..SHARDS).chain(0..3).collect();
+        assert_eq!(handed, expect);
+        assert_eq!(l.shards_in_use(), SHARDS);
+        assert!((0..SHARDS).all(|i| l.try_read_view(i).is_some()));
+    }
+
+    #[test]
+    fn a_writer_excludes_shard_readers_and_waits_for_them() {
+        let l = lock();
+        let (a, b) = (l.new_shard(), l.new_shard());
+        {
+            let mut w = l.write();
+            *w = 1;
+            assert!(l.try_read_view(a).is_none() && l.try_read_view(b).is_none());
+        }
+        let held = l.try_read_view(a).unwrap();
+        let entered = AtomicBool::new(false);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let mut w = l.write();
+                entered.store(true, StdOrdering::SeqCst);
+                let (data, views) = w.split_views();
+                *data = 2;
+                for v in views {
+                    *v = 2;
+                }
+            });
+            // The writer cannot finish while shard `a` is read.
+            thread::sleep(Duration::from_millis(50));
+            assert!(
+                !entered.load(StdOrdering::SeqCst),
+                "a writer got past a shard reader"
+            );
+            assert_eq!(*held, 0);
+            drop(held);
+            wait_until("the writer entered", || entered.load(StdOrdering::SeqCst));
+        });
+        // Every shard's view was updated, those not in use too.
+        assert!((0..SHARDS).all(|i| *l.read_view(i).unwrap().1 == 2));
+        assert_eq!(*l.try_read_view(b).unwrap(), 2);
+        assert_eq!(*l.read(), 2);
+    }
+
+    #[test]
+    fn a_reader_of_a_held_shard_waits_in_the_main_lock_where_the_writer_sees_it() {
+        let l = lock();
+        let a = l.new_shard();
+        let w = l.write();
+        assert!(!l.is_contended());
+        thread::scope(|s| {
+            let reader = s.spawn(|| *l.read_view(a).unwrap().1);
+            wait_until("the reader waits", || l.is_contended());
+            drop(w);
+            assert_eq!(reader.join().unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn shard_readers_and_writers_never_see_a_half_update() {
+        // Writers set the data and every view to the same new value; readers of a shard
+        // must always find their view equal to what a writer last published.
+        let l = lock();
+        let shards: Vec<usize> = (0..2).map(|_| l.new_shard()).collect();
+        let stop = AtomicBool::new(false);
+        let reads = StdAtomicU64::new(0);
+        thread::scope(|s| {
+            for &i in &shards {
+                let (l, stop, reads) = (&l, &stop, &reads);
+                s.spawn(move || {
+                    let mut last = 0;
+                    while !stop.load(StdOrdering::Relaxed) {
+                        let v = match l.try_read_view(i) {
+                            Some(v) => *v,
+                            None => *l.read_view(i).unwrap().1,
+                        };
+                        assert!(v >= last, "view went back from {last} to {v}");
+                        last = v;
+                        l.count(i, 1);
+                        reads.fetch_add(1, StdOrdering::Relaxed);
+                    }
+                });
+            }
+            for n in 1..=2000u64 {
+                let mut w = l.write();
+                let (data, views) = w.split_views();
+                assert_eq!(*data, n - 1);
+                *data = n;
+                for v in views {
+                    assert_eq!(*v, n - 1, "a view missed an update");
+                    *v = n;
+                }
+            }
+            stop.store(true, StdOrdering::Relaxed);
+        });
+        assert_eq!(l.counted(), reads.load(StdOrdering::Relaxed));
+    }
+}

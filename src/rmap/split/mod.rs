@@ -26,11 +26,12 @@ use core::fmt;
 
 use crate::addr::{Gfn, Level, PAGE_SHIFT};
 use crate::rmap::RmapHead;
-use crate::spt::mmu::{ForeignCaches, MIN_FREE_PAGES, Mmu, MmuCaches, SlotId, State, TopUpFailed};
+use crate::spt::mmu::{
+    ForeignCaches, MIN_FREE_PAGES, Mmu, MmuCaches, SlotId, State, StateGuard, TopUpFailed,
+};
 use crate::spt::{
     EntryRef, PteFormat, SplitChild, SplitLeaves, TableAlloc, TlbFlush, WalkFlags, split_entry_run,
 };
-use crate::sync::RwLockWriteGuard;
 
 mod walk;
 
@@ -115,12 +116,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         tlb: &mut T,
     ) -> Result<SplitStats, SplitError> {
         // Refusals that depend only on the arguments come before the top-up: a refused call
-        // must not fill the caller's caches (and bind them to this MMU). (Checked under the
-        // write lock: with the read lock here, loom 0.7.2 reports "Concurrent load and mut
-        // accesses" on the lock word in `eager_split_races_a_faulting_vcpu`, for a word that
-        // thread #0 created and thread #0 loads (`LOOM_LOCATION=1`), and that nothing ever
-        // accesses but atomically: loom's own bookkeeping, like tokio-rs/loom#260.)
-        Self::check_split_args(&self.state.write(), slot, range, target, self.max_leaf())?;
+        // must not fill the caller's caches (and bind them to this MMU).
+        Self::check_split_args(&self.state.read(), slot, range, target, self.max_leaf())?;
         self.top_up_split(caches)?;
         let st = self.state.write();
         let mut stats = SplitStats::default();
@@ -165,14 +162,14 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn split_locked<'s, T: TlbFlush + ?Sized>(
         &'s self,
-        mut st: RwLockWriteGuard<'s, State>,
+        mut st: StateGuard<'s>,
         caches: &mut SplitCaches,
         slot: SlotId,
         range: Option<(Gfn, Gfn)>,
         target: Level,
         stats: &mut SplitStats,
         tlb: &mut T,
-    ) -> (RwLockWriteGuard<'s, State>, Result<(), SplitError>) {
+    ) -> (StateGuard<'s>, Result<(), SplitError>) {
         let (i, lo, hi) = match Self::check_split_args(&st, slot, range, target, self.max_leaf()) {
             Ok(found) => found,
             Err(e) => return (st, Err(e)),
@@ -204,7 +201,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     #[allow(clippy::too_many_arguments)]
     fn split_head<'s, T: TlbFlush + ?Sized>(
         &'s self,
-        mut st: RwLockWriteGuard<'s, State>,
+        mut st: StateGuard<'s>,
         caches: &mut SplitCaches,
         id: SlotId,
         bounds: (u64, u64),
@@ -212,7 +209,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         level: Level,
         stats: &mut SplitStats,
         tlb: &mut T,
-    ) -> (RwLockWriteGuard<'s, State>, Result<(), SplitError>) {
+    ) -> (StateGuard<'s>, Result<(), SplitError>) {
         let mut z = self.zapper();
         let mut first = true;
         loop {
@@ -232,14 +229,19 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             else {
                 break;
             };
-            if !caches.holds(1, SPLIT_DESCS) || self.is_contended() || caches.forced_drop() {
+            if !caches.holds(1, SPLIT_DESCS) || caches.should_yield(self.is_contended()) {
                 // KVM `need_topup_split_caches_or_resched`: flush what is owed, drop the
                 // lock, top up outside it, retake it and look at the head again.
                 z.finish(&mut st, tlb);
                 drop(st);
                 stats.lock_drops += 1;
                 let topped = self.top_up_split(caches);
+                // KVM `cond_resched_rwlock_write`: give the waiter a chance to run before
+                // retaking (a writer that waits competes with us for the lock; under loom,
+                // without this the splitter won every time and the waiting vCPU starved).
+                crate::sync::spin_wait();
                 st = self.state.write();
+                caches.retaken();
                 if let Err(e) = topped {
                     return (st, Err(e));
                 }
@@ -248,6 +250,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             }
             match self.split_one(&mut st, &mut z, caches, i, e, gfn, level) {
                 Ok(reused) => {
+                    caches.progressed();
                     stats.split += 1;
                     stats.reused += u64::from(reused);
                     stats.aliases += u64::from(!first);

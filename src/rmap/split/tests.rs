@@ -450,6 +450,47 @@ fn forced_lock_drops_restart_and_change_nothing() {
     }
 }
 
+/// Regression: the splitter dropped the MMU lock whenever someone waited, even right after
+/// retaking it, so a waiting writer that kept losing the race for the free lock (waiting
+/// writers are not queued) had it drop and retake the lock forever without splitting
+/// anything: loom found runs of over a thousand drops. Now it splits at least one huge
+/// page after each retake before it yields again. Told to drop at every check (the test
+/// hook's worst case, which it used to refuse: it looped forever), it still finishes, with
+/// no more drops than splits.
+#[test]
+fn a_splitter_told_to_yield_at_every_check_still_progresses() {
+    for walk in [false, true] {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = fx();
+            let m = mmu(&mut f, MmuConfig::default());
+            populated(&m);
+            let before = sample(&m);
+            let mut caches = SplitCaches::new();
+            caches.force_lock_drops(1);
+            let mut tlb = Tlb::default();
+            let s = if walk {
+                m.eager_split_by_walk(&mut caches, SlotId(0), None, Level::L1, &mut tlb)
+            } else {
+                m.eager_split(&mut caches, SlotId(0), None, Level::L1, &mut tlb)
+            }
+            .unwrap();
+            assert_eq!(sample(&m), before);
+            m.check().unwrap();
+            let _ = done.send(s);
+        });
+        let s = finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("the splitter never finished (walk {walk})"));
+        assert_eq!(s.split, 1 + 512 + 8, "walk {walk}");
+        assert!(s.lock_drops <= s.split + 1, "walk {walk}: {s:?}");
+        assert!(
+            s.lock_drops >= s.split - 1,
+            "every check should drop: {s:?}"
+        );
+    }
+}
+
 /// Regression (misuse audit): a refused `eager_split` (no such slot, an empty range, a
 /// target not below the largest leaf) topped the caller's caches up first, so the MMU's
 /// table and descriptor counts moved and fresh caches got bound to this MMU by a call

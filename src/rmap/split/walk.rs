@@ -7,9 +7,9 @@
 
 use super::{SplitCaches, SplitError, SplitStats};
 use crate::addr::{Gfn, Level};
-use crate::spt::mmu::{Mmu, SlotId, State, frames, index_of};
+use crate::spt::mmu::{Mmu, SlotId, StateGuard, frames, index_of};
 use crate::spt::{EntryRef, PteFormat, TlbFlush};
-use crate::sync::{Ordering, RwLockWriteGuard};
+use crate::sync::Ordering;
 
 /// How a walk of one subtree ended.
 enum Flow {
@@ -67,7 +67,12 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                         drop(st);
                         stats.lock_drops += 1;
                         let topped = self.top_up_split(caches);
+                        // KVM `cond_resched_rwlock_write`: give the waiter a chance to run before
+                        // retaking (a writer that waits competes with us for the lock; under loom,
+                        // without this the splitter won every time and the waiting vCPU starved).
+                        crate::sync::spin_wait();
                         st = self.state.write();
+                        caches.retaken();
                         topped?;
                         stats.restarts += 1;
                         let i2 = st.slot_by_id(slot).ok_or(SplitError::NotFound)?;
@@ -87,7 +92,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     #[allow(clippy::too_many_arguments)]
     fn walk_split(
         &self,
-        st: &mut RwLockWriteGuard<'_, State>,
+        st: &mut StateGuard<'_>,
         z: &mut crate::spt::mmu::Zapper<'_, 'a, F>,
         caches: &mut SplitCaches,
         (i, bounds): (usize, (u64, u64)),
@@ -108,9 +113,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             }
             let mut v = entry.load(Ordering::Acquire);
             if F::is_huge(v, level) && level > target {
-                if !caches.holds(1, super::SPLIT_DESCS)
-                    || self.is_contended()
-                    || caches.forced_drop()
+                if !caches.holds(1, super::SPLIT_DESCS) || caches.should_yield(self.is_contended())
                 {
                     return Ok(Flow::Restart(gfn.max(lo)));
                 }
@@ -120,6 +123,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 if gfn >= bounds.0 && gfn + n <= bounds.1 {
                     match self.split_one(st, z, caches, i, e, gfn, level) {
                         Ok(reused) => {
+                            caches.progressed();
                             stats.split += 1;
                             stats.reused += u64::from(reused);
                         }

@@ -21,8 +21,13 @@ pub struct MmuCaches<const TABLES: usize, const DESCS: usize> {
     pub(crate) descs: MemoryCache<DescId, DESCS>,
     /// The MMU whose objects these are (0: none).
     owner: u64,
-    /// The fast-fix counter this vCPU counts on, plus one (0: none chosen yet).
+    /// The shard of the MMU lock this vCPU's fast path takes, plus one (0: none chosen
+    /// yet), and the MMU it is a shard of (0: none).
     shard: u8,
+    shard_of: u64,
+    /// The splitter retook the MMU lock after dropping it and has not split anything since:
+    /// it does not drop it again for a waiter until it has (see [`should_yield`](Self::should_yield)).
+    retook: bool,
     /// Test hook: make every `n`th check of the splitter drop the lock (0: never).
     #[cfg(any(test, fuzzing, feature = "testing"))]
     force_drop: (u32, u32),
@@ -109,12 +114,17 @@ impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
         Ok(())
     }
 
-    /// The fast-fix counter of `mmu` these caches count on, chosen at first use (any MMU's
-    /// counter of that index: they are only spread to keep vCPUs off each other's lines).
+    /// The shard of `mmu`'s lock these caches' fast path takes, handed out at first use
+    /// with that MMU (another MMU's shard index could be one this MMU has not handed out,
+    /// whose readers its writers would not wait for: [`ShardedRwLock`] refuses those, so
+    /// it would only be slow).
+    ///
+    /// [`ShardedRwLock`]: crate::sync::ShardedRwLock
     #[inline]
     pub(crate) fn shard<F: PteFormat>(&mut self, mmu: &Mmu<'_, F>) -> usize {
-        if self.shard == 0 {
+        if self.shard == 0 || self.shard_of != mmu.id() {
             self.shard = mmu.new_shard() + 1;
+            self.shard_of = mmu.id();
         }
         usize::from(self.shard - 1)
     }
@@ -122,6 +132,29 @@ impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
     /// Whether at least `tables` tables and `descs` descriptors are held.
     pub(crate) fn holds(&self, tables: usize, descs: usize) -> bool {
         self.tables.len() >= tables && self.descs.len() >= descs
+    }
+
+    /// Whether the splitter should drop the MMU lock now for someone else: `contended` (a
+    /// thread waits for it) or the test hook says so, and it has split something since it
+    /// last retook the lock. Without that progress rule a waiting writer that keeps losing
+    /// the race for the free lock (waiting writers are not queued) would have the splitter
+    /// drop and retake it forever without splitting anything (loom found such schedules:
+    /// over a thousand drops in one run).
+    #[inline]
+    pub(crate) fn should_yield(&mut self, contended: bool) -> bool {
+        !self.retook && (contended || self.forced_drop())
+    }
+
+    /// The splitter retook the MMU lock after dropping it.
+    #[inline]
+    pub(crate) fn retaken(&mut self) {
+        self.retook = true;
+    }
+
+    /// The splitter split a huge page.
+    #[inline]
+    pub(crate) fn progressed(&mut self) {
+        self.retook = false;
     }
 
     /// Whether a long operation should drop the MMU lock now although nobody waits: only
@@ -141,11 +174,14 @@ impl<const TABLES: usize, const DESCS: usize> MmuCaches<TABLES, DESCS> {
     }
 
     /// Test hook (hidden): the splitter using these caches drops and retakes the MMU lock
-    /// at every `every`th huge page as if someone waited (at least every second one, so it
-    /// always progresses); 0 turns it off.
+    /// at every `every`th check before a huge page as if someone waited (it still splits
+    /// one huge page after each retake before it drops again: [`should_yield`]); 0 turns
+    /// it off.
+    ///
+    /// [`should_yield`]: Self::should_yield
     #[cfg(any(test, fuzzing, feature = "testing"))]
     #[doc(hidden)]
     pub fn force_lock_drops(&mut self, every: u32) {
-        self.force_drop = (if every == 1 { 2 } else { every }, 0);
+        self.force_drop = (every, 0);
     }
 }

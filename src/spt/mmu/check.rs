@@ -31,9 +31,16 @@ impl<F: PteFormat> Mmu<'_, F> {
     /// - every live page is found by `(gfn, role)` in the hash, under its own id; the
     ///   number of live pages is at most the limit;
     /// - while a slot logs, every writable leaf in it has the dirty bits of all the units
-    ///   it covers set: a write the log has not seen is impossible.
+    ///   it covers set: a write the log has not seen is impossible;
+    /// - every shard's copy of the fast path's view of the slots says where each slot is and
+    ///   shares its dirty log.
     pub fn check(&self) -> Result<MmuCounts, InvariantError> {
-        let st = self.state.write();
+        let mut guard = self.state.write();
+        let (st, mut views) = guard.split_views();
+        if !views.all(|v| v.matches(&st.slots)) {
+            return Err(err("a fast-path view differs from the slots", 0, Level::L1));
+        }
+        let st = &*st;
         let mut counts = MmuCounts::default();
         let tables = self.tables();
         for (id, sp) in st.pages.headers().iter().enumerate() {

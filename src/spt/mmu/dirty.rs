@@ -4,11 +4,12 @@
 
 extern crate alloc;
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::slot::{DirtyLog, LogMode, SlotFlags, SlotId};
 use super::zap::{Recovered, Zapper};
-use super::{GATHER, HostMemory, Mmu, SlotError, State, frames};
+use super::{GATHER, HostMemory, Mmu, SlotError, State, StateGuard, frames, publish_views};
 use crate::addr::{Gfn, Level, PAGE_SHIFT};
 use crate::rmap::{SplitCaches, SplitStats};
 use crate::spt::flush::FlushGather;
@@ -17,7 +18,6 @@ use crate::spt::{
     VisitKind, WalkFlags,
 };
 use crate::sync::Ordering;
-use crate::sync::RwLockWriteGuard;
 
 impl<F: PteFormat> Mmu<'_, F> {
     /// Starts dirty logging on a slot (KVM setting `KVM_MEM_LOG_DIRTY_PAGES`). Without
@@ -42,8 +42,12 @@ impl<F: PteFormat> Mmu<'_, F> {
             return Err(SlotError::Logging);
         }
         let base = Gfn::new(slot.base).map_err(|_| SlotError::BadRange)?;
-        slot.log = Some(DirtyLog::new(base, slot.npages, mode).ok_or(SlotError::OutOfMemory)?);
+        let log = DirtyLog::new(base, slot.npages, mode).ok_or(SlotError::OutOfMemory)?;
+        slot.log = Some(Arc::new(log));
         slot.flags |= SlotFlags::LOG_DIRTY_PAGES;
+        // Before anything is write-protected: from here on a fast fix marks this log.
+        publish_views(&mut st);
+        let slot = &st.slots[i];
         let range = (slot.base, slot.end());
         let mut z = self.zapper();
         if !mode.initially_set {
@@ -251,14 +255,14 @@ impl<F: PteFormat> Mmu<'_, F> {
     #[allow(clippy::too_many_arguments)]
     fn split_before_clear<'s, T: TlbFlush + ?Sized>(
         &'s self,
-        mut st: RwLockWriteGuard<'s, State>,
+        mut st: StateGuard<'s>,
         caches: &mut SplitCaches,
         id: SlotId,
         mode: LogMode,
         words: u64,
         wants: impl Iterator<Item = (u64, u64)>,
         tlb: &mut T,
-    ) -> (RwLockWriteGuard<'s, State>, Result<usize, SlotError>) {
+    ) -> (StateGuard<'s>, Result<usize, SlotError>) {
         let Some(mut i) = st.slot_by_id(id) else {
             return (st, Err(SlotError::NotFound));
         };
@@ -322,6 +326,7 @@ impl<F: PteFormat> Mmu<'_, F> {
             return Err(SlotError::Logging);
         }
         slot.flags.remove(SlotFlags::LOG_DIRTY_PAGES);
+        publish_views(&mut st);
         let mut z = self.zapper();
         let mut done = Recovered::default();
         let mut target = Level::L2;

@@ -4,7 +4,7 @@
 use core::fmt;
 
 use super::caches::{ForeignCaches, MmuCaches, TopUpFailed};
-use super::slot::SlotId;
+use super::slot::{FastView, SlotId};
 use super::{MIN_FREE_PAGES, Mmu, REFILL_PAGES, State, frames, index_of};
 use crate::addr::{Gfn, Gpa, Level, PAGE_SHIFT, Pfn};
 use crate::spt::{EntryRef, PteFormat, TableAlloc, TableLinks, TlbFlush};
@@ -162,10 +162,29 @@ impl<F: PteFormat> Mmu<'_, F> {
 
     /// KVM `fast_page_fault`: a write to a present leaf that is write-protected but
     /// mmu-writable gets its write bit back with one compare-exchange, and its page marked
-    /// dirty, under the read lock. `None`: the slow path must decide.
+    /// dirty, holding only this vCPU's shard of the MMU lock (which excludes writers as the
+    /// read lock does, without writing the line every vCPU shares); when a writer holds
+    /// the shard, under the read lock. `None`: the slow path must decide.
+    #[inline]
     fn fast_page_fault(&self, as_id: u8, gfn: u64, write: bool, shard: usize) -> Option<Fault> {
-        let st = self.state.read();
-        let slot = &st.slots[st.slot_index(gfn)?];
+        if let Some(view) = self.state.try_read_view(shard) {
+            return self.fast_fix(&view, as_id, gfn, write, shard);
+        }
+        let (_st, view) = self.state.read_view(shard)?;
+        self.fast_fix(&view, as_id, gfn, write, shard)
+    }
+
+    /// The body of [`fast_page_fault`](Self::fast_page_fault), with writers excluded.
+    #[inline]
+    fn fast_fix(
+        &self,
+        view: &FastView,
+        as_id: u8,
+        gfn: u64,
+        write: bool,
+        shard: usize,
+    ) -> Option<Fault> {
+        let slot = view.find(gfn)?;
         let (entry, level) = self.find_leaf(as_id, gfn)?;
         let log = slot.log_unit(gfn);
         if log.is_some_and(|(log, _)| level > log.mode.granularity) {
@@ -197,9 +216,7 @@ impl<F: PteFormat> Mmu<'_, F> {
         if let Some((log, unit)) = log {
             log.mark(unit);
         }
-        if let Some(counter) = self.fast_fixes.get(shard) {
-            counter.add(1);
-        }
+        self.state.count(shard, 1);
         Some(Fault::Fast)
     }
 

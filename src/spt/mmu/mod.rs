@@ -111,13 +111,13 @@ pub(crate) use zap::Zapper;
 pub use zap::{InvariantError, MmuCounts, Recovered};
 
 use self::page::Pages;
-use self::slot::MemSlot;
+use self::slot::{FastView, MemSlot};
 use crate::addr::{Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
 use crate::cache::MemoryCache;
 use crate::rmap::{DescId, DescPool, DescStore, RmapHead};
 use crate::spt::memory::Table;
 use crate::spt::{LockedArena, PteFormat, TableAlloc, TableArena, TlbFlush};
-use crate::sync::{AtomicU32, AtomicU64, Ordering, PaddedCounter, RwLock};
+use crate::sync::{AtomicU64, Ordering, ShardedRwLock, ShardedWriteGuard};
 
 /// KVM `KVM_MIN_FREE_MMU_PAGES`: below this many free shadow pages, a fault first zaps the
 /// oldest pages.
@@ -128,9 +128,6 @@ pub const REFILL_PAGES: usize = 25;
 /// Descriptors recycled under the MMU lock (freed by a removal, reused by the next add)
 /// before they go back to the pool.
 const SPARE_DESCS: usize = 64;
-
-/// Counters the fast path's fixes are spread over (vCPUs beyond this share them).
-pub(crate) const FAST_FIX_SHARDS: usize = 16;
 
 /// Ranges gathered for one TLB flush.
 const GATHER: usize = crate::spt::GATHER_RANGES;
@@ -316,6 +313,26 @@ pub(crate) struct State {
     pub(crate) root_ids: ArrayVec<u32, MAX_ADDRESS_SPACES>,
 }
 
+/// The MMU lock held for write (with every shard in use).
+pub(crate) type StateGuard<'a> = ShardedWriteGuard<'a, State, FastView>;
+
+/// Makes room for `n` slots in every shard's view (before the slots change, so that
+/// [`publish_views`] cannot fail after they did).
+pub(crate) fn reserve_views(st: &mut StateGuard<'_>, n: usize) -> Result<(), SlotError> {
+    let (_, views) = st.split_views();
+    for view in views {
+        view.reserve(n).map_err(|_| SlotError::OutOfMemory)?;
+    }
+    Ok(())
+}
+
+/// Copies the slots' places and logs into every shard's view: after any change to them,
+/// before the write lock is released.
+pub(crate) fn publish_views(st: &mut StateGuard<'_>) {
+    let (state, views) = st.split_views();
+    slot::publish(&state.slots, views);
+}
+
 impl State {
     /// Index of the slot holding `gfn`.
     pub(crate) fn slot_index(&self, gfn: u64) -> Option<usize> {
@@ -332,7 +349,9 @@ impl State {
 pub struct Mmu<'a, F: PteFormat> {
     tables: LockedArena<'a>,
     descs: DescPool,
-    pub(crate) state: RwLock<State>,
+    /// The MMU lock: the state, and per-vCPU copies of the [`FastView`] the fault fast path
+    /// reads holding only its own shard.
+    pub(crate) state: ShardedRwLock<State, FastView>,
     /// The splitter's caches for splits the MMU starts itself (enabling or clearing the
     /// dirty log; KVM keeps these per VM too), locked before the MMU lock.
     pub(crate) split_caches: crate::sync::Mutex<crate::rmap::SplitCaches>,
@@ -341,12 +360,6 @@ pub struct Mmu<'a, F: PteFormat> {
     max_leaf: Level,
     /// Gfns below this fit the format's input addresses.
     gfn_limit: u64,
-    /// Faults the fast path fixed, counted outside the lock it does not take for write, on
-    /// one of several counters so vCPUs do not share a line: each [`FaultCaches`] counts on
-    /// the one it was given (`next_shard`); [`stats`](Self::stats) adds them up.
-    fast_fixes: alloc::boxed::Box<[PaddedCounter]>,
-    /// The counter the next new [`FaultCaches`] counts on.
-    next_shard: AtomicU32,
     /// Unique per MMU (see [`Mmu::id`]).
     id: u64,
     _format: PhantomData<F>,
@@ -397,13 +410,6 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             roots.push(root);
             root_ids.push(root_id);
         }
-        // On the heap: 2 KiB of padded counters would make every `Mmu` value that large.
-        let mut fast_fixes = Vec::new();
-        fast_fixes
-            .try_reserve_exact(FAST_FIX_SHARDS)
-            .map_err(|_| MmuError::OutOfMemory)?;
-        fast_fixes.extend((0..FAST_FIX_SHARDS).map(|_| PaddedCounter::new()));
-        let fast_fixes = fast_fixes.into_boxed_slice();
         let max_leaf = if config.max_leaf > F::LARGEST_LEAF {
             F::LARGEST_LEAF
         } else {
@@ -412,22 +418,26 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         Ok(Self {
             tables,
             descs,
-            state: RwLock::new(State {
-                pages,
-                slots: Vec::new(),
-                store,
-                spare: MemoryCache::new(),
-                limit,
-                stats: MmuStats::default(),
-                root_ids,
-            }),
+            // The shards (2 KiB of padded locks) are on the heap: inline they would make
+            // every `Mmu` value that large.
+            state: ShardedRwLock::new(
+                State {
+                    pages,
+                    slots: Vec::new(),
+                    store,
+                    spare: MemoryCache::new(),
+                    limit,
+                    stats: MmuStats::default(),
+                    root_ids,
+                },
+                FastView::default,
+            )
+            .ok_or(MmuError::OutOfMemory)?,
             split_caches: crate::sync::Mutex::new(crate::rmap::SplitCaches::new()),
             roots,
             config,
             max_leaf,
             gfn_limit: 1u64 << (F::INPUT_BITS - PAGE_SHIFT),
-            fast_fixes,
-            next_shard: AtomicU32::new(0),
             id: NEXT_MMU_ID.fetch_add(1, core::sync::atomic::Ordering::Relaxed),
             _format: PhantomData,
         })
@@ -493,9 +503,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         self.id
     }
 
-    /// A fast-fix counter for a new [`FaultCaches`], round robin.
+    /// A shard of the MMU lock for a new [`FaultCaches`] (one per vCPU), round robin: its
+    /// fast path reads that shard's view and counts its fixes there.
     pub(crate) fn new_shard(&self) -> u8 {
-        (self.next_shard.fetch_add(1, Ordering::Relaxed) as usize % FAST_FIX_SHARDS) as u8
+        self.state.new_shard() as u8
     }
 
     /// The largest leaf level the MMU maps.
@@ -507,7 +518,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     pub fn stats(&self) -> MmuStats {
         let mut stats = self.state.read().stats;
         // Wrapping, as each counter does.
-        stats.fast_fixes = (self.fast_fixes.iter()).fold(0, |n, c| n.wrapping_add(c.get()));
+        stats.fast_fixes = self.state.counted();
         stats
     }
 
@@ -548,9 +559,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         let mut slot =
             MemSlot::new(id, base, npages, flags, self.max_leaf).ok_or(SlotError::OutOfMemory)?;
         if flags.contains(SlotFlags::LOG_DIRTY_PAGES) {
-            slot.log = Some(
+            slot.log = Some(alloc::sync::Arc::new(
                 slot::DirtyLog::new(base, npages, LogMode::PAGES).ok_or(SlotError::OutOfMemory)?,
-            );
+            ));
             slot.flags |= SlotFlags::LOG_DIRTY_PAGES;
         }
         let mut st = self.state.write();
@@ -567,8 +578,11 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         st.slots
             .try_reserve(1)
             .map_err(|_| SlotError::OutOfMemory)?;
+        let n = st.slots.len() + 1;
+        reserve_views(&mut st, n)?;
         // A new slot has no entries yet: no rmap to fill (KVM zaps nothing on create).
         st.slots.insert(at, slot);
+        publish_views(&mut st);
         Ok(())
     }
 
@@ -585,6 +599,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         z.zap_slot_leaves(&mut st, i);
         z.finish(&mut st, tlb);
         st.slots.remove(i);
+        publish_views(&mut st);
         Ok(())
     }
 
@@ -623,18 +638,21 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         let mut moved = MemSlot::new(id, new_base, npages, flags, self.max_leaf)
             .ok_or(SlotError::OutOfMemory)?;
         if let Some(log) = st.slots[i].log.as_ref() {
-            moved.log = Some(
+            moved.log = Some(alloc::sync::Arc::new(
                 log.moved(old_base, new_base.get(), npages)
                     .ok_or(SlotError::OutOfMemory)?,
-            );
+            ));
             moved.flags |= SlotFlags::LOG_DIRTY_PAGES;
         }
+        let n = st.slots.len();
+        reserve_views(&mut st, n)?;
         let mut z = self.zapper();
         z.zap_slot_leaves(&mut st, i);
         z.finish(&mut st, tlb);
         st.slots.remove(i);
         let at = st.slots.partition_point(|s| s.end() <= new_base.get());
         st.slots.insert(at, moved);
+        publish_views(&mut st);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 extern crate alloc;
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::addr::{Gfn, Level};
@@ -53,7 +54,8 @@ impl Default for LogMode {
 }
 
 /// A slot's dirty log: one bit per logging unit, set atomically (the fast path sets bits
-/// under the MMU lock held for read).
+/// holding only its shard of the MMU lock). Shared by the slot and the fast path's views
+/// ([`FastView`]).
 pub(crate) struct DirtyLog {
     pub(crate) bits: Vec<AtomicU64>,
     pub(crate) mode: LogMode,
@@ -153,7 +155,7 @@ pub(crate) struct MemSlot {
     /// Per huge level (index 0 = 2 MiB, 1 = 1 GiB): how many reasons forbid a huge page
     /// at each huge frame the slot touches (KVM `lpage_info[level].disallow_lpage`).
     pub(crate) disallow: [Vec<u32>; 2],
-    pub(crate) log: Option<DirtyLog>,
+    pub(crate) log: Option<Arc<DirtyLog>>,
 }
 
 impl MemSlot {
@@ -222,10 +224,78 @@ impl MemSlot {
         let unit = self.unit(gfn, level) as usize;
         self.disallow[i].get(unit).is_some_and(|&c| c == 0)
     }
+}
 
-    /// The logging unit of `gfn`, when logging is on.
+/// What the fault fast path needs of the slots, one copy in each shard of the MMU lock
+/// ([`ShardedRwLock`](crate::sync::ShardedRwLock)): where each slot is and its dirty log.
+/// Rebuilt under the write lock, with every shard held, whenever a slot or its log comes
+/// or goes ([`publish`]); [`Mmu::check`](super::Mmu::check) compares it with the slots.
+#[derive(Default)]
+pub(crate) struct FastView {
+    /// Sorted by base, like the slots.
+    pub(crate) slots: Vec<FastSlot>,
+}
+
+/// One slot in a [`FastView`].
+#[derive(Clone)]
+pub(crate) struct FastSlot {
+    pub(crate) base: u64,
+    pub(crate) end: u64,
+    /// The slot's own log (the same allocation), when logging is on.
+    pub(crate) log: Option<Arc<DirtyLog>>,
+}
+
+impl FastView {
+    /// The slot holding `gfn`.
+    #[inline]
+    pub(crate) fn find(&self, gfn: u64) -> Option<&FastSlot> {
+        let i = self.slots.partition_point(|s| s.end <= gfn);
+        self.slots.get(i).filter(|s| s.base <= gfn)
+    }
+
+    /// Makes room for `n` slots, so [`publish`] cannot fail after the slots changed.
+    pub(crate) fn reserve(&mut self, n: usize) -> Result<(), ()> {
+        self.slots
+            .try_reserve(n.saturating_sub(self.slots.len()))
+            .map_err(|_| ())
+    }
+
+    /// Whether the view says what `slots` say.
+    pub(crate) fn matches(&self, slots: &[MemSlot]) -> bool {
+        self.slots.len() == slots.len()
+            && self.slots.iter().zip(slots).all(|(v, s)| {
+                v.base == s.base
+                    && v.end == s.end()
+                    && match (&v.log, &s.log) {
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            })
+    }
+}
+
+impl FastSlot {
+    /// The logging unit of `gfn`, when logging is on (as [`MemSlot::unit`] counts).
+    #[inline]
     pub(crate) fn log_unit(&self, gfn: u64) -> Option<(&DirtyLog, u64)> {
-        let log = self.log.as_ref()?;
-        Some((log, self.unit(gfn, log.mode.granularity)))
+        let log = self.log.as_deref()?;
+        let shift = log.mode.granularity.shift() - crate::addr::PAGE_SHIFT;
+        Some((log, (gfn >> shift) - (self.base >> shift)))
+    }
+}
+
+/// Rebuilds every view from `slots`. Never allocates when every view was
+/// [reserved](FastView::reserve) for `slots.len()`; if one was not, that view keeps what
+/// it had beyond what fits (still sorted: a prefix of `slots`). Callers reserve first.
+pub(crate) fn publish<'v>(slots: &[MemSlot], views: impl Iterator<Item = &'v mut FastView>) {
+    for view in views {
+        view.slots.clear();
+        let room = view.slots.capacity();
+        view.slots.extend(slots.iter().take(room).map(|s| FastSlot {
+            base: s.base,
+            end: s.end(),
+            log: s.log.clone(),
+        }));
     }
 }

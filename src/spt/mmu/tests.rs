@@ -8,6 +8,7 @@ use std::vec::Vec;
 use super::*;
 use crate::addr::Pfn;
 use crate::spt::{Ept, FlushRange, TableFrame, TableSlot, X86_64};
+use crate::sync::SHARDS;
 
 /// Host frames: gfn n ↦ pfn `HOST_BASE + n`, mapped by the host at `level` (2 MiB unless
 /// a test says otherwise); gfns in `holes` have no page; `readonly` ones are not writable.
@@ -1044,6 +1045,66 @@ fn check_reports_damaged_state() {
     });
     let what = "writable leaf in a logged slot not marked dirty";
     assert_eq!(e, (what, BASE + 0x300, 1));
+    // A shard's view of the slots lost its log: its vCPU's fast path would restore write
+    // access without logging. And one that lost the slot (a shard not yet handed out).
+    const VIEW: &str = "a fast-path view differs from the slots";
+    for (shard, drop_slot) in [(0, false), (SHARDS - 1, true)] {
+        let e = damaged(&small, true, |m| {
+            let mut st = m.state.write();
+            let (_, mut views) = st.split_views();
+            let view = views.nth(shard).unwrap();
+            if drop_slot {
+                view.slots.clear();
+            } else {
+                view.slots[0].log = None;
+            }
+        });
+        assert_eq!(e, (VIEW, 0, 1));
+    }
+}
+
+/// Every change to the slots reaches every shard's view before the lock is released: a
+/// vCPU's fast path sees the slot, its place and its log (the model test runs `check`,
+/// which compares them, after every operation; this walks the changes one by one).
+#[test]
+fn slot_changes_reach_every_fast_path_view() {
+    let mut f = fx();
+    let m = mmu::<Ept>(&mut f, MmuConfig::default());
+    let mut c = FaultCaches::new();
+    let mut tlb = Tlb::default();
+    let h = Host::new(Level::L1);
+    let views_match = |m: &Mmu<'_, Ept>| {
+        let mut st = m.state.write();
+        let (st, mut views) = st.split_views();
+        views.all(|v| v.matches(&st.slots))
+    };
+    m.add_slot(SlotId(0), gfn(0), 512, SlotFlags::empty())
+        .unwrap();
+    m.add_slot(SlotId(1), gfn(1024), 512, SlotFlags::LOG_DIRTY_PAGES)
+        .unwrap();
+    assert!(views_match(&m));
+    fault(&m, &mut c, &h, 3, true);
+    m.enable_dirty_log(SlotId(0), LogMode::PAGES, &mut tlb)
+        .unwrap();
+    assert!(views_match(&m));
+    // The fast path (this vCPU's shard) logs the write to the write-protected page.
+    assert_eq!(fault(&m, &mut c, &h, 3, true), Fault::Fast);
+    let mut log = vec![0u64; m.dirty_log_words(SlotId(0)).unwrap()];
+    m.get_dirty_log(SlotId(0), &mut log).unwrap();
+    assert_eq!(log[0], 1 << 3);
+    m.move_slot(SlotId(0), gfn(4096), &mut tlb).unwrap();
+    assert!(views_match(&m));
+    m.disable_dirty_log(SlotId(1), &h, &mut tlb).unwrap();
+    assert!(views_match(&m));
+    m.delete_slot(SlotId(1), &mut tlb).unwrap();
+    assert!(views_match(&m));
+    // A slot that failed to be added changes no view.
+    assert_eq!(
+        m.add_slot(SlotId(2), gfn(4096), 16, SlotFlags::empty()),
+        Err(SlotError::Overlap)
+    );
+    assert!(views_match(&m));
+    m.check().unwrap();
 }
 
 /// Regression (misuse audit): `move_slot` built a fresh dirty log, so a write logged before
