@@ -21,10 +21,15 @@
 //!
 //! # Locking
 //!
-//! One [`RwLock`], the MMU lock: the fault path's fast half ([`Mmu::page_fault`]'s first
-//! step, KVM `fast_page_fault`) restores a write bit with
-//! a compare-exchange under the read lock; everything that changes the shape of the tables,
-//! the rmaps or the headers runs under the write lock. Tables come from a
+//! One [`RwLock`](crate::sync::RwLock), the MMU lock, with a second way in for the fault
+//! path's fast half ([`Mmu::page_fault`]'s first step, KVM `fast_page_fault`), which restores
+//! a write bit with a compare-exchange: each vCPU ([`FaultCaches`]) has a shard of its own,
+//! a spin lock on its own cache line over a copy of what the fast path reads of the slots
+//! (where each is, its dirty log). Holding its shard excludes writers exactly as the read
+//! lock does, without writing the line every vCPU shares: every writer takes the lock and
+//! then each shard in use (Linux's per-CPU reader-writer locks trade the same way: cheap
+//! readers, a writer that visits every CPU's line). Everything that changes the shape of the
+//! tables, the rmaps or the headers runs under the write lock. Tables come from a
 //! [`LockedArena`] and rmap descriptors from a [`DescPool`], both locked on their own, so
 //! a vCPU tops its [`FaultCaches`] up *before* it takes the MMU lock and the slow path pops
 //! from them without failing (KVM `mmu_topup_memory_caches`).
