@@ -184,9 +184,14 @@ pub(crate) use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize,
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-/// How many read sides a [`ShardedRwLock`] has (threads beyond this share them).
+/// How many read sides a [`ShardedRwLock`] has (threads beyond this share them, two to a
+/// line at 8 vCPUs). Four, not more: a write guard holds one shard guard per shard (16
+/// bytes each), and at 16 shards moving the guard cost the slow fault path a `memcpy` of
+/// 264 bytes, 55 → 78 ns per fault single-threaded (`cargo bench --bench mmu --
+/// fault_in_1g`); at 4 it is back within noise of the plain lock. A writer also visits
+/// at most 4 extra lines.
 #[cfg(feature = "alloc")]
-pub(crate) const SHARDS: usize = 16;
+pub(crate) const SHARDS: usize = 4;
 
 /// One read side of a [`ShardedRwLock`]: a lock over one copy of the view, and a counter
 /// its readers may add to, on a cache-line pair of their own (128 bytes: x86 prefetches
@@ -280,19 +285,21 @@ impl<T, V> ShardedRwLock<T, V> {
     }
 
     /// [`RwLock::write`], then every shard in use.
+    #[inline]
     pub(crate) fn write(&self) -> ShardedWriteGuard<'_, T, V> {
-        let main = self.main.write();
-        let mut views = arrayvec::ArrayVec::new();
+        let mut guard = ShardedWriteGuard {
+            views: arrayvec::ArrayVec::new(),
+            main: self.main.write(),
+            lock: self,
+        };
         // Stable while we hold the write lock: only `new_shard`, under the read lock, grows it.
         let in_use = self.in_use.load(Ordering::Relaxed) as usize;
+        // Filled in place: the guard is large (a slot per shard), and building the array
+        // first and moving it in cost a 264-byte copy per write lock.
         for shard in self.shards.iter().take(in_use) {
-            views.push(write_shard(shard));
+            guard.views.push(write_shard(shard));
         }
-        ShardedWriteGuard {
-            views,
-            main,
-            lock: self,
-        }
+        guard
     }
 
     /// [`RwLock::is_contended`]: a thread waits in [`read`](Self::read),
