@@ -248,11 +248,7 @@ pub(crate) struct ShardedWriteGuard<'a, T, V> {
 #[cfg(feature = "alloc")]
 fn write_shard<V>(shard: &Shard<V>) -> InnerWrite<'_, V> {
     loop {
-        #[cfg(not(loom))]
-        let guard = shard.view.try_write();
-        #[cfg(loom)]
-        let guard = shard.view.try_write().ok();
-        if let Some(guard) = guard {
+        if let Some(guard) = inner_try_write(&shard.view) {
             return guard;
         }
         spin_wait();
@@ -329,11 +325,7 @@ impl<T, V> ShardedRwLock<T, V> {
         if i >= self.in_use.load(Ordering::Acquire) as usize {
             return None;
         }
-        let shard = self.shards.get(i)?;
-        #[cfg(not(loom))]
-        return shard.view.try_read();
-        #[cfg(loom)]
-        return shard.view.try_read().ok();
+        inner_try_read(&self.shards.get(i)?.view)
     }
 
     /// Shard `i`'s view with the lock held for reading ([`RwLock::read`]: waits while a
@@ -344,11 +336,7 @@ impl<T, V> ShardedRwLock<T, V> {
         loop {
             // No writer holds a shard while we hold the read lock: this succeeds at once
             // (a retry instead of a panic should that ever be wrong).
-            #[cfg(not(loom))]
-            let view = shard.view.try_read();
-            #[cfg(loom)]
-            let view = shard.view.try_read().ok();
-            if let Some(view) = view {
+            if let Some(view) = inner_try_read(&shard.view) {
                 return Some((main, view));
             }
             #[cfg(loom)]
@@ -487,6 +475,24 @@ type InnerRead<'a, T> = loom::sync::RwLockReadGuard<'a, T>;
 type InnerWrite<'a, T> = spin::rwlock::RwLockWriteGuard<'a, T>;
 #[cfg(loom)]
 type InnerWrite<'a, T> = loom::sync::RwLockWriteGuard<'a, T>;
+
+/// `try_read` on an inner lock, as an `Option` (spin's returns one, loom's a `Result`).
+#[inline]
+fn inner_try_read<T>(lock: &Inner<T>) -> Option<InnerRead<'_, T>> {
+    #[cfg(not(loom))]
+    return lock.try_read();
+    #[cfg(loom)]
+    return lock.try_read().ok();
+}
+
+/// `try_write` on an inner lock, as an `Option`.
+#[inline]
+fn inner_try_write<T>(lock: &Inner<T>) -> Option<InnerWrite<'_, T>> {
+    #[cfg(not(loom))]
+    return lock.try_write();
+    #[cfg(loom)]
+    return lock.try_write().ok();
+}
 
 /// Failed `try_*` on the inner lock after admission, over the whole process: a loom test
 /// asserts it stays 0. Not a loom atomic on purpose: it counts across executions.
@@ -772,11 +778,7 @@ impl<T> RwLock<T> {
         loop {
             // Admission leaves no writer inside, so this succeeds at once; spinning instead
             // of panicking keeps a protocol bug from being a panic path.
-            #[cfg(not(loom))]
-            let inner = self.inner.try_read();
-            #[cfg(loom)]
-            let inner = self.inner.try_read().ok();
-            if let Some(inner) = inner {
+            if let Some(inner) = inner_try_read(&self.inner) {
                 return RwLockReadGuard {
                     inner,
                     _release: release,
@@ -793,11 +795,7 @@ impl<T> RwLock<T> {
         let release = WriteRelease(&self.state);
         loop {
             // Admission leaves nobody else inside, so this succeeds at once (see above).
-            #[cfg(not(loom))]
-            let inner = self.inner.try_write();
-            #[cfg(loom)]
-            let inner = self.inner.try_write().ok();
-            if let Some(inner) = inner {
+            if let Some(inner) = inner_try_write(&self.inner) {
                 return RwLockWriteGuard {
                     inner,
                     _release: release,
