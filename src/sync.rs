@@ -215,7 +215,7 @@ struct Shard<V> {
 ///   ([`new_shard`](Self::new_shard)); so a shard reader excludes writers exactly as a
 ///   reader of the [`RwLock`] does, and what the view says cannot change under it.
 ///   A writer that changes the view locks the remaining shards too
-///   ([`ShardedWriteGuard::views_mut`]) and updates every copy.
+///   ([`ShardedWriteGuard::split_views`]) and updates every copy.
 /// - A shard reader never waits: when a writer holds its shard it gets `None` and takes
 ///   [`read_view`](Self::read_view), which waits in [`RwLock::read`] (so a writer that polls
 ///   [`is_contended`](Self::is_contended) sees it) and then reads the view.
