@@ -15,6 +15,8 @@
 //!   descriptor) and the child's parent word; for `1g` also the 512 entries of the 2 MiB
 //!   level table, its heads and parent word. Both are touched once before timing (the MMU's
 //!   arena and rmap arrays are warm from the first, untimed, populate-and-split too).
+//!   `baseline_atomic`: the same, with the table entries written one relaxed atomic store
+//!   each, as the splitter must (the compiler writes `baseline`'s two at a time).
 //! - `iteration2_scan`: an 8 GiB slot already split to 4 KiB, nothing left: the rmap-driven
 //!   `eager_split` (one empty head per 1 GiB and per 2 MiB frame) against the walk-driven
 //!   `eager_split_by_walk` (every table under the slot). Elements: 4 KiB pages of the slot.
@@ -31,6 +33,7 @@
 //!   touched. Each iteration checks that the log holds exactly the pages written.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, black_box};
@@ -90,6 +93,8 @@ struct Baseline {
     heads: Vec<u64>,
     /// One parent word per table.
     parents: Vec<u64>,
+    /// The tables again, as atomics, for `run_atomic`.
+    atomic: Vec<AtomicU64>,
 }
 
 impl Baseline {
@@ -100,8 +105,10 @@ impl Baseline {
             tables: vec![[0u64; 512]; l1 + l2],
             heads: vec![0u64; l1 * 512 + l2 * 512],
             parents: vec![0u64; l1 + l2],
+            atomic: (0..(l1 + l2) * 512).map(|_| AtomicU64::new(0)).collect(),
         };
         b.run(); // touch every page once
+        b.run_atomic();
         b
     }
 
@@ -125,6 +132,31 @@ impl Baseline {
         }
         black_box(self.tables.len() as u64 + self.heads[self.heads.len() - 1])
     }
+
+    /// `run` with the table entries written as the splitter must write them, one relaxed
+    /// atomic store each (the tables are shared with lock-free walkers), into `atomic`: the
+    /// same bytes without the compiler's 16-byte stores.
+    fn run_atomic(&mut self) -> u64 {
+        let base = TABLES_AT;
+        for (t, ((table, heads), parent)) in self
+            .atomic
+            .chunks_exact(512)
+            .zip(self.heads.chunks_exact_mut(512))
+            .zip(self.parents.iter_mut())
+            .enumerate()
+        {
+            let at = base + (t as u64) * 4096;
+            let frame = (HOST_PFN + (t as u64) * 512) << 12;
+            for (i, e) in table.iter().enumerate() {
+                e.store(frame | ((i as u64) << 12) | 0x607, Ordering::Relaxed);
+            }
+            for (i, h) in heads.iter_mut().enumerate() {
+                *h = 1 | (at + (i as u64) * 8);
+            }
+            *parent = 1 | (at + 8 * 512);
+        }
+        black_box(self.atomic.len() as u64 + self.heads[self.heads.len() - 1])
+    }
 }
 
 fn eager_split(c: &mut Criterion) {
@@ -142,6 +174,15 @@ fn eager_split(c: &mut Criterion) {
                     let t = Instant::now();
                     for _ in 0..iters {
                         base.run();
+                    }
+                    t.elapsed()
+                });
+            });
+            g.bench_function(BenchmarkId::new("baseline_atomic", &id), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        base.run_atomic();
                     }
                     t.elapsed()
                 });

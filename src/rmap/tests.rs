@@ -97,6 +97,23 @@ fn fill_empty_gives_each_head_its_entry_or_changes_nothing() {
     let before = heads.clone();
     assert!(!RmapHead::fill_empty(&mut heads, table));
     assert_eq!(heads, before);
+    // Wherever the occupied head is (first, last of a group of 16, first of the next,
+    // last, in the tail of a run that is not a multiple of 16), the heads written before
+    // it are emptied again.
+    for (len, at) in [
+        (512, 0),
+        (512, 15),
+        (512, 16),
+        (512, 511),
+        (20, 18),
+        (20, 3),
+    ] {
+        let mut heads = vec![RmapHead::EMPTY; len];
+        heads[at].add(e(9, 3), &mut store, &mut cache).unwrap();
+        let before = heads.clone();
+        assert!(!RmapHead::fill_empty(&mut heads, table), "{len} {at}");
+        assert_eq!(heads, before, "{len} {at}");
+    }
     // More heads than a table has entries: refused.
     let mut heads = vec![RmapHead::EMPTY; 513];
     assert!(!RmapHead::fill_empty(&mut heads, table));
@@ -105,6 +122,11 @@ fn fill_empty_gives_each_head_its_entry_or_changes_nothing() {
     let mut heads = vec![RmapHead::EMPTY; 3];
     assert!(RmapHead::fill_empty(&mut heads, table));
     assert_eq!(heads[2].single(), EntryRef::new(table, 2));
+    let mut heads = vec![RmapHead::EMPTY; 37];
+    assert!(RmapHead::fill_empty(&mut heads, table));
+    for (i, h) in heads.iter().enumerate() {
+        assert_eq!(h.single(), EntryRef::new(table, i));
+    }
 }
 
 #[test]

@@ -235,9 +235,10 @@ where
         }
     } else {
         // Child i is child 0 plus i pages of the child size (KVM
-        // `make_huge_page_split_spte`), written eight at a time.
+        // `make_huge_page_split_spte`), written 32 at a time (the loop's own count and
+        // branch are then a tenth of an instruction per entry, not three eighths).
         let mut value = first;
-        for chunk in entries.chunks_exact(8) {
+        for chunk in entries.chunks_exact(32) {
             for entry in chunk {
                 entry.store(value, Ordering::Relaxed);
                 // Wrapping for the one past the last child, as above.
