@@ -519,3 +519,32 @@ fn cycles_are_bad_tables_all_formats() {
     cycles_are_bad_tables::<X86_64La57>();
     cycles_are_bad_tables::<Ept>();
 }
+
+/// `&LockedArena` counts links under its lock without a locked read-modify-write: the
+/// counts go up and down as the shared arena's do, an unlink of an unlinked table does not
+/// wrap, and only a table whose count reached zero can be freed.
+#[test]
+fn locked_arena_link_counts() {
+    use crate::spt::{TableAlloc, TableLinks, Unlinked};
+    let mut f = frames(4);
+    let shared = LockedArena::new(TableArena::new(&f.frames, &mut f.slots, pa(TABLES_AT)).unwrap());
+    let mut mem = &shared;
+    let t = mem.alloc_table(Level::L1).unwrap();
+    assert_eq!(
+        mem.unlink(t),
+        Unlinked::Free,
+        "never linked: nothing to take"
+    );
+    assert_eq!(mem.links(t), 0);
+    mem.link(t, Level::L1);
+    mem.link(t, Level::L1);
+    assert_eq!(mem.links(t), 2);
+    assert!(mem.is_table_at(t, Level::L1));
+    assert_eq!(mem.free_table(t), Err(crate::spt::FreeError::StillLinked));
+    assert_eq!(mem.unlink(t), Unlinked::StillLinked);
+    assert_eq!(mem.unlink(t), Unlinked::Free);
+    assert_eq!(mem.links(t), 0);
+    mem.free_table(t).unwrap();
+    assert_eq!(mem.unlink(t), Unlinked::Free, "a free table");
+    assert_eq!(shared.allocated(), 0);
+}
