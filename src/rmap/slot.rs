@@ -101,6 +101,35 @@ impl SlotRmaps {
         (i < self.level_len(level)).then_some(i)
     }
 
+    /// The first of `from`, `from + n`, `from + 2n`, ... below `to` (`n` the page size of
+    /// `level` in frames, `from` a multiple of it) whose head at `level` is not empty, or
+    /// `None`. A gfn below the slot has no head and is passed over, as [`head`] finds
+    /// none for it. A scan of the level's array: the rmap knows at once where nothing is
+    /// left (the eager splitter's second pass over a split slot).
+    ///
+    /// [`head`]: Self::head
+    pub fn next_nonempty(&self, from: u64, to: u64, level: Level) -> Option<u64> {
+        let s = shift(level);
+        let base = self.base.get();
+        let start = if from < base {
+            from.checked_add(1 << s)?
+        } else {
+            from
+        };
+        if start >= to {
+            return None;
+        }
+        let first = usize::try_from((start >> s) - (base >> s)).ok()?;
+        let count = usize::try_from(((to - 1) >> s) - (start >> s)).ok()?;
+        let heads = self.heads(level);
+        let last = first.saturating_add(count).min(heads.len().checked_sub(1)?);
+        let k = heads
+            .get(first..=last)?
+            .iter()
+            .position(|h| !h.is_empty())?;
+        Some(start + ((k as u64) << s))
+    }
+
     /// The head of `gfn` at `level` (KVM `__gfn_to_rmap`), or `None` when `gfn` is outside
     /// the slot or the level has no array.
     #[inline]

@@ -658,3 +658,56 @@ fn slot_rmaps_limits() {
     assert_eq!(empty.head(Gfn::new(5).unwrap(), Level::L1), None);
     assert_eq!(empty.gfn_at(Level::L1, 0), None);
 }
+
+/// `next_nonempty` finds what stepping through `head` one page of the level at a time
+/// finds, on unaligned bases, ranges that start below the slot or end past it, and the
+/// empty and zero-length cases.
+#[test]
+fn slot_rmaps_next_nonempty_matches_stepping_through_heads() {
+    let (mut store, _pool, mut cache) = setup(64);
+    let mut rng = Rng::new(21);
+    for &(base, npages) in &[
+        (0u64, 4096u64),
+        (510, 4),
+        (513, 3000),
+        ((1 << 18) - 3, 1 << 19),
+        (7, 0),
+        (1 << 20, 1),
+    ] {
+        let mut slot = SlotRmaps::new(Gfn::new(base).unwrap(), npages, Level::L3).unwrap();
+        for l in 1..=3u8 {
+            let level = Level::new(l).unwrap();
+            let len = slot.level_len(level);
+            for _ in 0..3 {
+                if len > 0 {
+                    let k = rng.below(len as u64) as usize;
+                    let h = &mut slot.heads_mut(level)[k];
+                    if h.is_empty() {
+                        h.add(e(u64::from(l), k % 512), &mut store, &mut cache)
+                            .unwrap();
+                    }
+                }
+            }
+            let n = 1u64 << (9 * u32::from(l - 1));
+            for _ in 0..200 {
+                let from = (base + rng.below(npages + 2 * n)).saturating_sub(n) / n * n;
+                let to = from + rng.below(npages + 2 * n);
+                let mut want = None;
+                let mut g = from;
+                while g < to {
+                    let full = Gfn::new(g).ok().and_then(|g| slot.head(g, level));
+                    if full.is_some_and(|h| !h.is_empty()) {
+                        want = Some(g);
+                        break;
+                    }
+                    g += n;
+                }
+                assert_eq!(
+                    slot.next_nonempty(from, to, level),
+                    want,
+                    "base {base} npages {npages} L{l} [{from}, {to})"
+                );
+            }
+        }
+    }
+}

@@ -180,6 +180,18 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             let n = crate::spt::mmu::frames(level);
             let mut gfn = lo & !(n - 1);
             while gfn < hi {
+                // Straight to the next head with something to split: an empty head would
+                // only be looked up and left.
+                let Some(i) = st.slot_by_id(slot) else {
+                    return (st, Err(SplitError::NotFound));
+                };
+                if (st.slots[i].base, st.slots[i].end()) != (base, end) {
+                    return (st, Err(SplitError::NotFound));
+                }
+                match st.slots[i].rmaps.next_nonempty(gfn, hi, level) {
+                    Some(next) => gfn = next,
+                    None => break,
+                }
                 let (back, done) =
                     self.split_head(st, caches, slot, (base, end), gfn, level, stats, tlb);
                 st = back;
