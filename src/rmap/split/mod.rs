@@ -6,20 +6,20 @@
 //! Splitting moves off the vCPU fault path into the thread that enables dirty logging (or
 //! clears the log): one rmap walk per huge level, top-down (1 GiB, then 2 MiB), over the
 //! slot's range. Each huge entry the rmap names is split in place by
-//! [`split_entry_run`](crate::spt::split_entry_run) into a child that is either found by
+//! [`split_entry_run`] into a child that is either found by
 //! `(gfn, child role)` (another alias split it already, or an older page survived: reused,
 //! flushing only if it holds tables) or taken fresh from the splitter's caches; every new
 //! leaf goes into the level-below rmap from the split's callback, with no second walk; the
 //! callback gets all 512 leaves at once and, when their heads are all empty (a fresh
 //! child), fills them in one vectorised loop. The huge entry leaves its rmap, the child
 //! gains it as a parent. A second pass over a split slot finds the huge levels' rmaps
-//! empty and costs one read per huge frame.
+//! empty, found by a scan of their head arrays.
 //!
 //! Before each huge page the caches must hold 513 descriptors (512 rmap heads may each
 //! need one, and the parent list one) and one table; if not, or if someone waits for the
 //! MMU lock, the splitter drops the lock, tops up, retakes it and restarts at the current
 //! rmap head. Splitting is refused with [`SplitError::TooFewPages`] when the MMU has no
-//! more than [`MIN_FREE_PAGES`](crate::spt::mmu::MIN_FREE_PAGES) free shadow pages (KVM
+//! more than [`MIN_FREE_PAGES`] free shadow pages (KVM
 //! refuses the same way rather than zapping to make room).
 
 use core::fmt;

@@ -18,10 +18,10 @@
 //! Hildenbrand asks for — every block costs the host a huge page *unless that huge page is
 //! already broken*. With [`FallbackPolicy::PreferBroken`] the balloon therefore
 //!
-//! 1. keeps draining the host page it broke last ([`Buddy::alloc_within`]);
+//! 1. keeps draining the host page it broke last ([`Buddy::alloc_within`](crate::buddy::Buddy::alloc_within));
 //! 2. then takes free blocks inside any other host page it has broken before;
 //! 3. only then breaks a new one, choosing among intact host pages by their free frames
-//!    ([`Buddy::free_frames_within`], computed once per call): the smallest page that covers
+//!    ([`Buddy::free_frames_within`](crate::buddy::Buddy::free_frames_within), computed once per call): the smallest page that covers
 //!    what is still wanted (so whole free pages the guest could use as THPs stay whole), or,
 //!    when none covers it, the page with the most free frames (fewest breaks).
 //!
