@@ -102,27 +102,30 @@ impl SlotRmaps {
     }
 
     /// The first of `from`, `from + n`, `from + 2n`, ... below `to` (`n` the page size of
-    /// `level` in frames, `from` a multiple of it) whose head at `level` is not empty, or
-    /// `None`. A gfn below the slot has no head and is passed over, as [`head`] finds
-    /// none for it. A scan of the level's array: the rmap knows at once where nothing is
-    /// left (the eager splitter's second pass over a split slot).
+    /// `level` in frames; the splitter passes multiples of it) whose head at `level` is not
+    /// empty, or `None`. A gfn below or past the slot has no head and is passed over, as
+    /// [`head`] finds none for it. A scan of the level's array: the rmap knows at once where
+    /// nothing is left (the eager splitter's second pass over a split slot).
     ///
     /// [`head`]: Self::head
     pub fn next_nonempty(&self, from: u64, to: u64, level: Level) -> Option<u64> {
         let s = shift(level);
         let base = self.base.get();
-        let start = if from < base {
-            from.checked_add(1 << s)?
-        } else {
-            from
+        // The first candidate at or above the base.
+        let start = match base.checked_sub(from) {
+            Some(below) if below > 0 => from.checked_add(below.div_ceil(1 << s) << s)?,
+            _ => from,
         };
+        // A gfn past the slot has no head either, even inside the last head's block.
+        let to = to.min(base.saturating_add(self.npages));
         if start >= to {
             return None;
         }
+        // Candidate j is `start + j * n`, whose head is `first + j`; the last is below `to`.
         let first = usize::try_from((start >> s) - (base >> s)).ok()?;
-        let count = usize::try_from(((to - 1) >> s) - (start >> s)).ok()?;
+        let steps = usize::try_from((to - 1 - start) >> s).ok()?;
         let heads = self.heads(level);
-        let last = first.saturating_add(count).min(heads.len().checked_sub(1)?);
+        let last = first.saturating_add(steps).min(heads.len().checked_sub(1)?);
         let k = heads
             .get(first..=last)?
             .iter()

@@ -690,8 +690,16 @@ fn slot_rmaps_next_nonempty_matches_stepping_through_heads() {
             }
             let n = 1u64 << (9 * u32::from(l - 1));
             for _ in 0..200 {
-                let from = (base + rng.below(npages + 2 * n)).saturating_sub(n) / n * n;
-                let to = from + rng.below(npages + 2 * n);
+                let mut from = (base + rng.below(npages + 2 * n)).saturating_sub(n) / n * n;
+                if rng.below(4) == 0 {
+                    // Not a multiple of the page size, or far below the slot.
+                    from = if rng.below(2) == 0 {
+                        from + 1 + rng.below(n)
+                    } else {
+                        from.saturating_sub(5 * n + 3)
+                    };
+                }
+                let to = from + rng.below(npages + 8 * n);
                 let mut want = None;
                 let mut g = from;
                 while g < to {
@@ -708,6 +716,17 @@ fn slot_rmaps_next_nonempty_matches_stepping_through_heads() {
                     "base {base} npages {npages} L{l} [{from}, {to})"
                 );
             }
+        }
+    }
+    let slot = SlotRmaps::new(Gfn::new(1 << 20).unwrap(), 1 << 10, Level::L2).unwrap();
+    for (from, to) in [
+        (0, u64::MAX),
+        (u64::MAX, u64::MAX),
+        (u64::MAX - 5, 3),
+        (5, 0),
+    ] {
+        for level in [Level::L1, Level::L2, Level::L3, Level::L5] {
+            assert_eq!(slot.next_nonempty(from, to, level), None);
         }
     }
 }
