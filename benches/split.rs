@@ -164,6 +164,17 @@ impl Baseline {
     }
 }
 
+/// One pass of a baseline.
+type BaselineRun = fn(&mut Baseline) -> u64;
+
+/// Maps the slot with `level` leaves and splits it to 4 KiB once, untimed: the arena, the
+/// rmap arrays and the caches warm, as before every timed split.
+fn populate_and_split(mmu: &Mmu<'_, Ept>, caches: &mut SplitCaches, pages: u64, level: Level) {
+    populate(mmu, pages, level);
+    mmu.eager_split(caches, SLOT, None, Level::L1, &mut Tlb::default())
+        .unwrap();
+}
+
 fn eager_split(c: &mut Criterion) {
     let mut g = c.benchmark_group("eager_split");
     heavy(&mut g, 300);
@@ -174,33 +185,27 @@ fn eager_split(c: &mut Criterion) {
             g.throughput(Throughput::Elements(sptes));
             let id = format!("{name}/{gib}g");
             let mut base = Baseline::new(gib, level);
-            g.bench_function(BenchmarkId::new("baseline", &id), |b| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        base.run();
-                    }
-                    t.elapsed()
+            let runs: [(&str, BaselineRun); 2] = [
+                ("baseline", Baseline::run),
+                ("baseline_atomic", Baseline::run_atomic),
+            ];
+            for (what, run) in runs {
+                g.bench_function(BenchmarkId::new(what, &id), |b| {
+                    b.iter_custom(|iters| {
+                        let t = Instant::now();
+                        for _ in 0..iters {
+                            run(&mut base);
+                        }
+                        t.elapsed()
+                    });
                 });
-            });
-            g.bench_function(BenchmarkId::new("baseline_atomic", &id), |b| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        base.run_atomic();
-                    }
-                    t.elapsed()
-                });
-            });
+            }
             drop(base);
             let mut pool = Pool::new(gib);
             let mmu = pool.mmu(pages, MmuConfig::default()).unwrap();
             let mut caches = SplitCaches::new();
             let mut tlb = Tlb::default();
-            // Warm the arena and the rmap arrays once, untimed.
-            populate(&mmu, pages, level);
-            mmu.eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
-                .unwrap();
+            populate_and_split(&mmu, &mut caches, pages, level);
             g.bench_function(BenchmarkId::new("rmap", &id), |b| {
                 b.iter_custom(|iters| {
                     let mut total = Duration::ZERO;
@@ -396,9 +401,7 @@ fn split_interleaved(rounds: usize) {
             let mmu = pool.mmu(pages, MmuConfig::default()).unwrap();
             let mut caches = SplitCaches::new();
             let mut tlb = Tlb::default();
-            populate(&mmu, pages, level);
-            mmu.eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
-                .unwrap();
+            populate_and_split(&mmu, &mut caches, pages, level);
             let (mut tr, mut tb, mut ta) = (Vec::new(), Vec::new(), Vec::new());
             let per = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
             for _ in 0..rounds {
