@@ -201,7 +201,9 @@ impl<T, const CAP: usize> MemoryCache<T, CAP> {
     }
 
     /// Orders the cached objects so that [`alloc`](Self::alloc) hands them out in
-    /// ascending order (it pops from the end).
+    /// ascending order (it pops from the end). Out of line: a top-up that took nothing
+    /// (every slow fault's, most of the time) does not sort, and should not carry the code.
+    #[inline(never)]
     fn order_ascending(&mut self)
     where
         T: Ord,
@@ -335,6 +337,7 @@ impl<const CAP: usize> TableCache<CAP> {
     /// Fills the cache up to `CAP` tables from `src` and succeeds when at least `min` are
     /// present ([`MemoryCache::top_up`]). Call it with no MMU lock held. Tables waiting in
     /// the overflow are taken first (they are this cache's already).
+    #[inline]
     pub fn top_up<A: TableAlloc + ?Sized>(
         &mut self,
         src: &mut A,
