@@ -14,7 +14,9 @@ use crate::addr::{Address, Hpa, Level, PAGE_SIZE};
 use crate::spt::PageTable;
 use crate::spt::error::{SplitEntryError, SplitError, flatten};
 use crate::spt::format::PteFormat;
-use crate::spt::memory::{ENTRIES, TableLinks, TableMapping, TableMemory, Tables, table_ref};
+use crate::spt::memory::{
+    ENTRIES, TableLinks, TableMapping, TableMemory, Tables, store_progression, table_ref,
+};
 use crate::spt::walk::{Action, EntryRef, VisitCtx, VisitKind, Visitor, WalkFlags, in_addr};
 use crate::sync::Ordering;
 
@@ -235,16 +237,8 @@ where
         }
     } else {
         // Child i is child 0 plus i pages of the child size (KVM
-        // `make_huge_page_split_spte`), written 32 at a time (the loop's own count and
-        // branch are then a tenth of an instruction per entry, not three eighths).
-        let mut value = first;
-        for chunk in entries.chunks_exact(32) {
-            for entry in chunk {
-                entry.store(value, Ordering::Relaxed);
-                // Wrapping for the one past the last child, as above.
-                value = value.wrapping_add(step);
-            }
-        }
+        // `make_huge_page_split_spte`).
+        store_progression(entries, first, step);
     }
     // The release store (or exchange) publishes the filled table.
     if !at.set(F::table_entry(table)) {

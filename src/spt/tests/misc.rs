@@ -2,7 +2,7 @@
 //! and threads in shared mode.
 
 use super::*;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 fn range(start: u64, len: u64, level: Level) -> FlushRange {
     FlushRange { start, len, level }
@@ -547,4 +547,41 @@ fn locked_arena_link_counts() {
     mem.free_table(t).unwrap();
     assert_eq!(mem.unlink(t), Unlinked::Free, "a free table");
     assert_eq!(shared.allocated(), 0);
+}
+
+/// `store_progression` writes `first + i * step` into entry `i` whatever the run's length
+/// and whether it starts on a 16-byte boundary (the SSE2 path stores pairs from the first
+/// aligned entry, sixteen per loop trip, and leaves the edges to atomic stores), and wraps
+/// like the split's arithmetic at the top of the address space. Entries outside the run
+/// stay untouched.
+#[test]
+fn store_progression_writes_every_entry_of_any_run() {
+    use crate::spt::memory::store_progression;
+    let table = TableFrame(core::array::from_fn(|_| AtomicU64::new(0xdead)));
+    for (first, step) in [
+        (0x1000_0000_0087, 0x1000),
+        (u64::MAX - 0x3000, 0x1000),
+        (7, 0),
+    ] {
+        for start in [0, 1, 2, 3] {
+            for len in (0..40).chain([47, 48, 49, 255, 256, 509 - start, 512 - start]) {
+                for e in &table.0 {
+                    e.store(0xdead, Ordering::Relaxed);
+                }
+                store_progression(&table.0[start..start + len], first, step);
+                for (i, e) in table.0.iter().enumerate() {
+                    let want = if (start..start + len).contains(&i) {
+                        first.wrapping_add(step.wrapping_mul((i - start) as u64))
+                    } else {
+                        0xdead
+                    };
+                    assert_eq!(
+                        e.load(Ordering::Relaxed),
+                        want,
+                        "{first:#x} {start} {len} {i}"
+                    );
+                }
+            }
+        }
+    }
 }
