@@ -294,6 +294,30 @@ impl RmapHead {
         false
     }
 
+    /// [`fill_empty`](Self::fill_empty) for heads the caller knows are empty
+    /// ([`SlotRmaps::known_empty`], tracked by the splitter through its pass): writes
+    /// head `i` with entry `i` of `table` without reading any head first, two heads per
+    /// vector store. Heads past a table's entries are left alone.
+    #[inline]
+    pub(crate) fn fill_known_empty(heads: &mut [Self], table: Hpa) {
+        let tagged = ONE | (table.get() & !(PAGE_SIZE - 1));
+        let len = heads.len().min(crate::spt::ENTRIES);
+        let heads = &mut heads[..len];
+        // Sixteen heads per loop trip, their values kept in registers and stepped by 16
+        // (the compiler writes them two per vector store).
+        let mut next: [u64; 16] = core::array::from_fn(|j| tagged + j as u64);
+        let mut chunks = heads.chunks_exact_mut(16);
+        for c in &mut chunks {
+            for (h, n) in c.iter_mut().zip(next.iter_mut()) {
+                h.0 = *n;
+                *n += 16;
+            }
+        }
+        for (h, n) in chunks.into_remainder().iter_mut().zip(next) {
+            h.0 = n;
+        }
+    }
+
     /// [`add`](Self::add) past the empty case.
     #[inline(never)]
     fn add_to_nonempty<const N: usize>(

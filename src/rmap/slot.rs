@@ -16,11 +16,22 @@ use crate::addr::{FRAME_LIMIT, Gfn, Level, PAGE_SHIFT};
 /// edges are not aligned to a huge page still has a head for the partial huge pages at its
 /// edges (the MMU never maps them huge, but the index stays a subtraction). 8 bytes per
 /// 4 KiB frame at level 1, 1/512 of that at level 2, and so on.
+///
+/// Each level also keeps a [`generation`](Self::generation): the number of times its heads
+/// were lent out to be changed ([`head_mut`](Self::head_mut), [`heads_mut`](Self::heads_mut)),
+/// and the generation at which every head of the level was last known empty (a new slot; a
+/// zap that drained them all). While the two agree, nothing can have been added since, so
+/// [`known_empty`](Self::known_empty) says every head is empty without reading one: the
+/// eager splitter then fills a fresh child's 512 heads without checking them first.
 pub struct SlotRmaps {
     base: Gfn,
     npages: u64,
     /// `levels[l - 1]` holds the heads of level `l`.
     levels: ArrayVec<Box<[RmapHead]>, 5>,
+    /// `generations[l - 1]`: times the heads of level `l` were lent out mutably.
+    generations: [u64; 5],
+    /// `empty_at[l - 1]`: the generation at which every head of level `l` was empty.
+    empty_at: [Option<u64>; 5],
 }
 
 /// The shift from a frame number to the number of its level-`level` block.
@@ -66,7 +77,52 @@ impl SlotRmaps {
             base,
             npages,
             levels,
+            generations: [0; 5],
+            empty_at: [Some(0); 5],
         })
+    }
+
+    /// How many times the heads at `level` have been lent out to be changed (by
+    /// [`head_mut`](Self::head_mut) or [`heads_mut`](Self::heads_mut)); 0 for a level
+    /// without an array. A caller that sees the same generation twice knows nobody changed
+    /// a head of that level in between.
+    #[inline]
+    pub fn generation(&self, level: Level) -> u64 {
+        self.generations
+            .get(usize::from(level.get()) - 1)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Whether every head at `level` is known to be empty without reading them: no head
+    /// was lent out to be changed since the slot was made or since a zap emptied them all
+    /// ([`note_empty`](Self::note_empty)). `false` says nothing: the heads may still all
+    /// be empty.
+    #[inline]
+    pub fn known_empty(&self, level: Level) -> bool {
+        let l = usize::from(level.get()) - 1;
+        matches!(
+            (self.empty_at.get(l), self.generations.get(l)),
+            (Some(Some(at)), Some(now)) if at == now
+        )
+    }
+
+    /// Records that every head at `level` is empty now, for the caller that just emptied
+    /// them all (a zap of the whole slot that drained each head). Checked: a head that is
+    /// not empty leaves the record as it was, so a mistaken caller costs a scan, never a
+    /// lost entry.
+    pub(crate) fn note_empty(&mut self, level: Level) {
+        let l = usize::from(level.get()) - 1;
+        // Sixty-four heads per step, OR-ed together: a scan at memory speed.
+        let empty = self
+            .heads(level)
+            .chunks(64)
+            .all(|c| c.iter().fold(0, |acc, h| acc | h.0) == 0);
+        if let (true, Some(at), Some(&now)) =
+            (empty, self.empty_at.get_mut(l), self.generations.get(l))
+        {
+            *at = Some(now);
+        }
     }
 
     /// The slot's first frame.
@@ -166,9 +222,14 @@ impl SlotRmaps {
     /// The heads at `level`, to change them.
     #[inline]
     pub fn heads_mut(&mut self, level: Level) -> &mut [RmapHead] {
-        match self.levels.get_mut(usize::from(level.get()) - 1) {
-            Some(h) => &mut h[..],
-            None => &mut [],
+        let l = usize::from(level.get()) - 1;
+        match (self.levels.get_mut(l), self.generations.get_mut(l)) {
+            (Some(h), Some(g)) => {
+                // Lent out to be changed: the level's generation moves on.
+                *g = g.wrapping_add(1);
+                &mut h[..]
+            }
+            _ => &mut [],
         }
     }
 

@@ -730,3 +730,64 @@ fn slot_rmaps_next_nonempty_matches_stepping_through_heads() {
         }
     }
 }
+
+/// The generation of a level counts every loan of its heads to be changed, and
+/// `known_empty` holds only while no loan happened since the heads were last known empty:
+/// a new slot, or `note_empty` after a drain. `note_empty` checks: a head left non-empty
+/// keeps the level unknown. Levels do not disturb each other; a lookup outside the slot
+/// lends nothing.
+#[test]
+fn slot_rmaps_know_when_a_level_is_empty() {
+    let (mut store, _pool, mut cache) = setup(4);
+    let mut slot = SlotRmaps::new(Gfn::new(0).unwrap(), 1024, Level::L2).unwrap();
+    for level in [Level::L1, Level::L2, Level::L3] {
+        assert!(slot.known_empty(level), "{level:?}");
+        assert_eq!(slot.generation(level), 0);
+    }
+    // Reading lends nothing; a gfn outside the slot has no head to lend.
+    let _ = slot.head(Gfn::new(3).unwrap(), Level::L1);
+    assert!(slot.head_mut(Gfn::new(1024).unwrap(), Level::L1).is_none());
+    assert!(slot.known_empty(Level::L1));
+    // A head lent out may have been changed, whether or not it was.
+    let _ = slot.head_mut(Gfn::new(3).unwrap(), Level::L1);
+    assert!(!slot.known_empty(Level::L1));
+    assert_eq!(slot.generation(Level::L1), 1);
+    assert!(slot.known_empty(Level::L2));
+    slot.note_empty(Level::L1);
+    assert!(slot.known_empty(Level::L1));
+    // An entry added through `heads_mut`: the level is not known empty, and saying it is
+    // does not make it so.
+    slot.heads_mut(Level::L1)[700]
+        .add(e(1, 5), &mut store, &mut cache)
+        .unwrap();
+    assert_eq!(slot.generation(Level::L1), 2);
+    slot.note_empty(Level::L1);
+    assert!(!slot.known_empty(Level::L1));
+    // Drained, it is.
+    slot.heads_mut(Level::L1)[700].drain(&mut store, |_| {}, |_| {});
+    slot.note_empty(Level::L1);
+    assert!(slot.known_empty(Level::L1));
+    assert_eq!(slot.generation(Level::L1), 3);
+    // A level without an array is empty and stays so.
+    assert_eq!(slot.heads_mut(Level::L3).len(), 0);
+    assert!(slot.known_empty(Level::L3));
+    assert_eq!(slot.generation(Level::L3), 0);
+}
+
+/// `fill_known_empty` writes what `fill_empty` writes over empty heads, for a full table,
+/// a shorter run and one longer than a table (the heads past the table stay empty).
+#[test]
+fn fill_known_empty_writes_what_fill_empty_writes() {
+    let table = Hpa::new(0x7_6543_2000).unwrap();
+    for len in [512, 37, 16, 1, 0] {
+        let mut checked = vec![RmapHead::EMPTY; len];
+        assert!(RmapHead::fill_empty(&mut checked, table));
+        let mut unread = vec![RmapHead::EMPTY; len];
+        RmapHead::fill_known_empty(&mut unread, table);
+        assert_eq!(unread, checked, "{len}");
+    }
+    let mut long = vec![RmapHead::EMPTY; 520];
+    RmapHead::fill_known_empty(&mut long, table);
+    assert_eq!(long[511].single(), EntryRef::new(table, 511));
+    assert!(long[512..].iter().all(|h| h.is_empty()));
+}

@@ -179,6 +179,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         while level > target {
             let n = crate::spt::mmu::frames(level);
             let mut gfn = lo & !(n - 1);
+            let mut ahead = level.lower().and_then(|below| {
+                st.slot_by_id(slot)
+                    .and_then(|i| EmptyAhead::start(&st.slots[i], below))
+            });
             while gfn < hi {
                 // Straight to the next head with something to split: an empty head would
                 // only be looked up and left.
@@ -192,8 +196,16 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     Some(next) => gfn = next,
                     None => break,
                 }
-                let (back, done) =
-                    self.split_head(st, caches, slot, (base, end), gfn, level, stats, tlb);
+                let (back, done) = self.split_head(
+                    st,
+                    caches,
+                    slot,
+                    (base, end),
+                    (gfn, level),
+                    &mut ahead,
+                    stats,
+                    tlb,
+                );
                 st = back;
                 if let Err(e) = done {
                     return (st, Err(e));
@@ -217,8 +229,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         caches: &mut SplitCaches,
         id: SlotId,
         bounds: (u64, u64),
-        gfn: u64,
-        level: Level,
+        (gfn, level): (u64, Level),
+        ahead: &mut Option<EmptyAhead>,
         stats: &mut SplitStats,
         tlb: &mut T,
     ) -> (StateGuard<'s>, Result<(), SplitError>) {
@@ -260,7 +272,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 stats.restarts += 1;
                 continue;
             }
-            match self.split_one(&mut st, &mut z, caches, i, e, gfn, level) {
+            match self.split_one(&mut st, &mut z, caches, i, e, (gfn, level), ahead) {
                 Ok(reused) => {
                     caches.progressed();
                     stats.split += 1;
@@ -282,6 +294,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// Splits the huge entry `e` (at `level`, mapping from `gfn`) of slot `i`. `Ok(true)`
     /// when an existing child was reused. `Err(BadRange)`: the entry cannot be split (the
     /// rmap named something that is not a huge leaf of a live page): the caller moves on.
+    /// `ahead` is what the pass knows about the heads of the level below (see
+    /// [`EmptyAhead`]); the split keeps it true.
     #[allow(clippy::too_many_arguments)]
     fn split_one(
         &self,
@@ -290,8 +304,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         caches: &mut SplitCaches,
         i: usize,
         e: EntryRef,
-        gfn: u64,
-        level: Level,
+        (gfn, level): (u64, Level),
+        ahead: &mut Option<EmptyAhead>,
     ) -> Result<bool, SplitError> {
         let below = level.lower().ok_or(SplitError::BadRange)?;
         let pid = st.pages.live_id(e.table()).ok_or(SplitError::BadRange)?;
@@ -332,6 +346,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             pages,
             ..
         } = &mut *st;
+        let valid = ahead.filter(|a| a.holds(&slots[i], below));
+        // Every head of this child's frames is empty, known without reading them.
+        let unread = valid.is_some_and(|a| a.last.is_none_or(|last| gfn > last));
         let rmaps = &mut slots[i].rmaps;
         let descs = &mut caches.descs;
         let mut lost = 0u64;
@@ -346,11 +363,14 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         let done = split_entry_run(&mem, &mut ctx, child, |run: &SplitLeaves<F>| {
             // A fresh child over frames with no mapping at this level yet (the common
             // case): every head takes its leaf at once, without a call per leaf.
-            if run.all_written()
-                && heads.len() == crate::spt::ENTRIES
-                && RmapHead::fill_empty(heads, run.table())
-            {
-                return;
+            if run.all_written() && heads.len() == crate::spt::ENTRIES {
+                if unread {
+                    RmapHead::fill_known_empty(heads, run.table());
+                    return;
+                }
+                if RmapHead::fill_empty(heads, run.table()) {
+                    return;
+                }
             }
             for (leaf, at, _) in run.iter() {
                 let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
@@ -364,6 +384,9 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 lost += u64::from(!added);
             }
         });
+        // Only this child's heads changed (or none, if the split was refused): what the
+        // pass knew about the frames above it still holds.
+        *ahead = valid.map(|a| a.after(&slots[i], below, gfn));
         let done = match done {
             Ok(done) => done,
             Err(_) => {
@@ -401,6 +424,47 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             z.gather_leaf(gfn, level);
         }
         Ok(fresh.is_none())
+    }
+}
+
+/// What a pass of the splitter knows about the heads one level below the level it splits:
+/// every head of the frames above `last` (all of them while `last` is `None`) is empty.
+/// True when the pass begins on a level whose heads are
+/// [`known_empty`](crate::rmap::SlotRmaps::known_empty); kept true by the pass, which changes
+/// heads only where it splits, in rising order; void as soon as the slot (`epoch`) or the
+/// level's generation is not what the pass left (someone else changed a head while the
+/// lock was dropped). It lets the splitter fill a fresh child's 512 heads without reading
+/// them first: 2.6 instructions per head become one.
+#[derive(Clone, Copy, Debug)]
+struct EmptyAhead {
+    epoch: u64,
+    generation: u64,
+    /// The first gfn of the last child the pass filled.
+    last: Option<u64>,
+}
+
+impl EmptyAhead {
+    /// The knowledge at the start of a pass over `slot` that fills heads at `below`.
+    fn start(slot: &crate::spt::mmu::MemSlot, below: Level) -> Option<Self> {
+        slot.rmaps.known_empty(below).then(|| Self {
+            epoch: slot.epoch,
+            generation: slot.rmaps.generation(below),
+            last: None,
+        })
+    }
+
+    /// Whether nothing but the pass touched `slot`'s heads at `below` since it last looked.
+    fn holds(&self, slot: &crate::spt::mmu::MemSlot, below: Level) -> bool {
+        self.epoch == slot.epoch && self.generation == slot.rmaps.generation(below)
+    }
+
+    /// The knowledge after the pass changed the heads of the child at `gfn`.
+    fn after(self, slot: &crate::spt::mmu::MemSlot, below: Level, gfn: u64) -> Self {
+        Self {
+            generation: slot.rmaps.generation(below),
+            last: Some(self.last.map_or(gfn, |l| l.max(gfn))),
+            ..self
+        }
     }
 }
 

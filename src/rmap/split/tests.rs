@@ -629,3 +629,63 @@ fn eager_split_counters_say_what_happened() {
     assert_eq!(after.eager_splits - before.eager_splits, 3);
     assert_eq!(after.pages_created - before.pages_created, 3);
 }
+
+/// The splitter fills a fresh child's heads without reading them only while it knows they
+/// are empty: a new slot, or one whose leaves were all zapped. It must not after a partial
+/// zap (heads elsewhere may hold entries), and a slot made again under the same id and
+/// bounds is a different slot (`epoch`), whatever its generations say. Every split below
+/// leaves the rmaps exact (`check`), with the same translations.
+#[test]
+fn heads_are_filled_unread_only_while_known_empty() {
+    let mut f = fx();
+    let m = mmu(&mut f, MmuConfig::default());
+    populated(&m);
+    let known = |m: &Mmu<'_, Ept>, level| m.state.read().slots[0].rmaps.known_empty(level);
+    // Populated with huge leaves only: nothing ever lent out a 4 KiB head.
+    assert!(known(&m, Level::L1));
+    assert!(!known(&m, Level::L2) && !known(&m, Level::L3));
+    let before = sample(&m);
+    let mut caches = SplitCaches::new();
+    let split = |m: &Mmu<'_, Ept>, caches: &mut SplitCaches| {
+        let s = m
+            .eager_split(caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+            .unwrap();
+        assert_eq!(s.split, 1 + 512 + 8);
+        let counts = m.check().unwrap();
+        assert_eq!(counts.leaves, (1 << 18) + 8 * 512);
+        assert_eq!(m.stats().inconsistencies, 0);
+    };
+    split(&m, &mut caches);
+    assert_eq!(sample(&m), before);
+    assert!(!known(&m, Level::L1));
+    // A zap of part of the slot: not known empty (it is not: the rest is mapped).
+    m.zap_gfn_range(
+        Gfn::new(0).unwrap(),
+        Gfn::new(512).unwrap(),
+        &mut Tlb::default(),
+    );
+    assert!(!known(&m, Level::L1));
+    // A zap of all of it: every level known empty again, and the next split is exact.
+    m.zap_gfn_range(
+        Gfn::new(0).unwrap(),
+        Gfn::new(1 << 19).unwrap(),
+        &mut Tlb::default(),
+    );
+    for level in [Level::L1, Level::L2, Level::L3] {
+        assert!(known(&m, level), "{level:?}");
+    }
+    m.delete_slot(SlotId(0), &mut Tlb::default()).unwrap();
+    let epoch = |m: &Mmu<'_, Ept>| m.state.read().slots[0].epoch;
+    populated(&m);
+    let first = epoch(&m);
+    split(&m, &mut caches);
+    assert_eq!(sample(&m), before);
+    // The same id and bounds again: a new epoch, so a pass that began on the old slot and
+    // retook the lock after this could not take its knowledge for this slot's.
+    m.delete_slot(SlotId(0), &mut Tlb::default()).unwrap();
+    populated(&m);
+    assert_ne!(epoch(&m), first);
+    split(&m, &mut caches);
+    assert_eq!(sample(&m), before);
+    caches.release(&m).unwrap();
+}

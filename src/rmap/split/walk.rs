@@ -121,7 +121,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     break;
                 };
                 if gfn >= bounds.0 && gfn + n <= bounds.1 {
-                    match self.split_one(st, z, caches, i, e, gfn, level) {
+                    match self.split_one(st, z, caches, i, e, (gfn, level), &mut None) {
                         Ok(reused) => {
                             caches.progressed();
                             stats.split += 1;

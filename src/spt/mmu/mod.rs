@@ -116,7 +116,8 @@ pub(crate) use zap::Zapper;
 pub use zap::{InvariantError, MmuCounts, Recovered};
 
 use self::page::Pages;
-use self::slot::{FastView, MemSlot};
+use self::slot::FastView;
+pub(crate) use self::slot::MemSlot;
 use crate::addr::{Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
 use crate::cache::MemoryCache;
 use crate::rmap::{DescId, DescPool, DescStore, RmapHead};
@@ -316,6 +317,10 @@ pub(crate) struct State {
     pub(crate) stats: MmuStats,
     /// Page ids of the roots, by address space.
     pub(crate) root_ids: ArrayVec<u32, MAX_ADDRESS_SPACES>,
+    /// Slots created or moved so far: each new [`MemSlot`] takes the next number as its
+    /// `epoch`, so a slot deleted and made again with the same id and bounds while the
+    /// splitter had dropped the lock is not mistaken for the one it was splitting.
+    pub(crate) slot_epochs: u64,
 }
 
 /// The MMU lock held for write (with every shard in use).
@@ -434,6 +439,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     limit,
                     stats: MmuStats::default(),
                     root_ids,
+                    slot_epochs: 0,
                 },
                 FastView::default,
             )
@@ -586,6 +592,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         let n = st.slots.len() + 1;
         reserve_views(&mut st, n)?;
         // A new slot has no entries yet: no rmap to fill (KVM zaps nothing on create).
+        st.slot_epochs = st.slot_epochs.wrapping_add(1);
+        slot.epoch = st.slot_epochs;
         st.slots.insert(at, slot);
         publish_views(&mut st);
         Ok(())
@@ -656,6 +664,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         z.finish(&mut st, tlb);
         st.slots.remove(i);
         let at = st.slots.partition_point(|s| s.end() <= new_base.get());
+        st.slot_epochs = st.slot_epochs.wrapping_add(1);
+        moved.epoch = st.slot_epochs;
         st.slots.insert(at, moved);
         publish_views(&mut st);
         Ok(())

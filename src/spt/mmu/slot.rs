@@ -156,6 +156,8 @@ pub(crate) struct MemSlot {
     /// at each huge frame the slot touches (KVM `lpage_info[level].disallow_lpage`).
     pub(crate) disallow: [Vec<u32>; 2],
     pub(crate) log: Option<Arc<DirtyLog>>,
+    /// Which slot this is among all the MMU has made (`State::slot_epochs`).
+    pub(crate) epoch: u64,
 }
 
 impl MemSlot {
@@ -192,6 +194,7 @@ impl MemSlot {
             rmaps,
             disallow,
             log: None,
+            epoch: 0,
         })
     }
 

@@ -263,6 +263,10 @@ impl<'m, 'a, F: PteFormat> Zapper<'m, 'a, F> {
                 }
                 gfn += n;
             }
+            if (lo, hi) == (slot.base, slot.end()) {
+                // Every head of the level was drained: the splitter may fill them unread.
+                slot.rmaps.note_empty(level);
+            }
             match level.upper() {
                 Some(up) if up <= slot.max_level() => level = up,
                 _ => break,
