@@ -21,7 +21,9 @@
 //!   criterion) alternates one baseline, one atomic baseline and one split per round for
 //!   every slot, each from cold caches, and prints the minimum and median ns per SPTE of
 //!   each and their ratios: steadier on a shared machine, where criterion's groups run
-//!   seconds apart, and the baseline no longer finds its memory in L3.
+//!   seconds apart, and the baseline no longer finds its memory in L3. With
+//!   `HVMEM_SPLIT_WARM=1` as well, warm instead, as criterion runs them: each baseline
+//!   after an untimed run of itself, the split right after the untimed re-fault.
 //! - `iteration2_scan`: an 8 GiB slot already split to 4 KiB, nothing left: the rmap-driven
 //!   `eager_split` (one empty head per 1 GiB and per 2 MiB frame) against the walk-driven
 //!   `eager_split_by_walk` (every table under the slot). Elements: 4 KiB pages of the slot.
@@ -387,8 +389,18 @@ fn dirty_memory_iter1(c: &mut Criterion) {
 /// logging is enabled on a running guest (in criterion's group the baseline rewrites the
 /// same memory back to back and, up to 4 GiB, finds it in L3; the split cannot, as the
 /// state is rebuilt between iterations).
-fn split_interleaved(rounds: usize) {
+fn split_interleaved(rounds: usize, warm: bool) {
     let mut scratch = vec![0u64; 8 << 20];
+    // Cold: every timed operation follows a 64 MiB scratch write. Warm: as criterion runs
+    // them, each baseline right after an untimed run of itself (its memory in L3) and the
+    // split right after the untimed re-fault.
+    let mut before = |again: &mut dyn FnMut()| {
+        if warm {
+            again();
+        } else {
+            evict(&mut scratch);
+        }
+    };
     println!(
         "| slot | rmap min / median | baseline min / median | baseline_atomic min / median | ratio of minima | ratio of medians |"
     );
@@ -405,16 +417,20 @@ fn split_interleaved(rounds: usize) {
             let (mut tr, mut tb, mut ta) = (Vec::new(), Vec::new(), Vec::new());
             let per = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
             for _ in 0..rounds {
-                evict(&mut scratch);
+                before(&mut || {
+                    black_box(base.run());
+                });
                 let t = Instant::now();
                 base.run();
                 tb.push(per(t.elapsed()));
-                evict(&mut scratch);
+                before(&mut || {
+                    black_box(base.run_atomic());
+                });
                 let t = Instant::now();
                 base.run_atomic();
                 ta.push(per(t.elapsed()));
                 repopulate(&mmu, pages, level);
-                evict(&mut scratch);
+                before(&mut || {});
                 let t = Instant::now();
                 mmu.eager_split(&mut caches, SLOT, None, Level::L1, &mut tlb)
                     .unwrap();
@@ -453,7 +469,8 @@ criterion_group!(benches, eager_split, iteration2_scan, dirty_memory_iter1);
 
 fn main() {
     if let Ok(rounds) = std::env::var("HVMEM_SPLIT_INTERLEAVED") {
-        split_interleaved(rounds.parse().unwrap_or(30).max(1));
+        let warm = std::env::var_os("HVMEM_SPLIT_WARM").is_some();
+        split_interleaved(rounds.parse().unwrap_or(30).max(1), warm);
         return;
     }
     benches();
