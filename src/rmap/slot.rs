@@ -146,6 +146,7 @@ impl SlotRmaps {
 
     /// The index of `gfn`'s head at `level`, if `gfn` is in the slot and the level has an
     /// array (KVM `gfn_to_index`).
+    #[inline]
     pub fn index(&self, gfn: Gfn, level: Level) -> Option<usize> {
         let g = gfn.get();
         let base = self.base.get();

@@ -236,16 +236,25 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     ) -> (StateGuard<'s>, Result<(), SplitError>) {
         let mut z = self.zapper();
         let mut first = true;
+        // The slot's index, looked up again only after the lock was dropped.
+        let mut found = None;
         loop {
-            let Some(i) = st.slot_by_id(id) else {
-                z.finish(&mut st, tlb);
-                return (st, Err(SplitError::NotFound));
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    let Some(i) = st.slot_by_id(id) else {
+                        z.finish(&mut st, tlb);
+                        return (st, Err(SplitError::NotFound));
+                    };
+                    if (st.slots[i].base, st.slots[i].end()) != bounds {
+                        // Moved or replaced while the lock was dropped.
+                        z.finish(&mut st, tlb);
+                        return (st, Err(SplitError::NotFound));
+                    }
+                    found = Some(i);
+                    i
+                }
             };
-            if (st.slots[i].base, st.slots[i].end()) != bounds {
-                // Moved or replaced while the lock was dropped.
-                z.finish(&mut st, tlb);
-                return (st, Err(SplitError::NotFound));
-            }
             let Some(e) = Gfn::new(gfn)
                 .ok()
                 .and_then(|g| st.slots[i].rmaps.head(g, level))
@@ -266,6 +275,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 crate::sync::spin_wait();
                 st = self.state.write();
                 caches.retaken();
+                found = None;
                 if let Err(e) = topped {
                     return (st, Err(e));
                 }
@@ -445,6 +455,7 @@ struct EmptyAhead {
 
 impl EmptyAhead {
     /// The knowledge at the start of a pass over `slot` that fills heads at `below`.
+    #[inline]
     fn start(slot: &crate::spt::mmu::MemSlot, below: Level) -> Option<Self> {
         slot.rmaps.known_empty(below).then(|| Self {
             epoch: slot.epoch,
@@ -454,11 +465,13 @@ impl EmptyAhead {
     }
 
     /// Whether nothing but the pass touched `slot`'s heads at `below` since it last looked.
+    #[inline]
     fn holds(&self, slot: &crate::spt::mmu::MemSlot, below: Level) -> bool {
         self.epoch == slot.epoch && self.generation == slot.rmaps.generation(below)
     }
 
     /// The knowledge after the pass changed the heads of the child at `gfn`.
+    #[inline]
     fn after(self, slot: &crate::spt::mmu::MemSlot, below: Level, gfn: u64) -> Self {
         Self {
             generation: slot.rmaps.generation(below),
