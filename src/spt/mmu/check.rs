@@ -33,7 +33,9 @@ impl<F: PteFormat> Mmu<'_, F> {
     /// - while a slot logs, every writable leaf in it has the dirty bits of all the units
     ///   it covers set: a write the log has not seen is impossible;
     /// - every shard's copy of the fast path's view of the slots says where each slot is and
-    ///   shares its dirty log.
+    ///   shares its dirty log;
+    /// - a slot's rmap level that is [`known_empty`](crate::rmap::SlotRmaps::known_empty)
+    ///   has no entry (the eager splitter writes such heads without reading them).
     pub fn check(&self) -> Result<MmuCounts, InvariantError> {
         let mut guard = self.state.write();
         let (st, mut views) = guard.split_views();
@@ -165,6 +167,14 @@ impl<F: PteFormat> Mmu<'_, F> {
                 // Straight through the level's head array, skipping empty heads in a tight
                 // loop: most of a slot's heads are empty, and this loop was 90 % of a check.
                 let heads = slot.rmaps.heads(level);
+                // What the splitter fills without reading must be empty indeed.
+                if slot.rmaps.known_empty(level) && heads.iter().any(|h| !h.is_empty()) {
+                    return Err(err(
+                        "a level known empty has an rmap entry",
+                        slot.base,
+                        level,
+                    ));
+                }
                 let first = slot.base >> (level.shift() - crate::addr::PAGE_SHIFT);
                 for (i, head) in heads.iter().enumerate().filter(|(_, h)| !h.is_empty()) {
                     let g = (first + i as u64) << (level.shift() - crate::addr::PAGE_SHIFT);
