@@ -24,6 +24,8 @@
 //!   seconds apart, and the baseline no longer finds its memory in L3. With
 //!   `HVMEM_SPLIT_WARM=1` as well, warm instead, as criterion runs them: each baseline
 //!   after an untimed run of itself, the split right after the untimed re-fault.
+//!   `HVMEM_SPLIT_DUMP=1` also prints every round's ns per SPTE of the split and the
+//!   baseline, sorted, to stderr.
 //! - `iteration2_scan`: an 8 GiB slot already split to 4 KiB, nothing left: the rmap-driven
 //!   `eager_split` (one empty head per 1 GiB and per 2 MiB frame) against the walk-driven
 //!   `eager_split_by_walk` (every table under the slot). Elements: 4 KiB pages of the slot.
@@ -440,6 +442,10 @@ fn split_interleaved(rounds: usize, warm: bool) {
             caches.release(&mmu).unwrap();
             for t in [&mut tr, &mut tb, &mut ta] {
                 t.sort_by(f64::total_cmp);
+            }
+            if std::env::var_os("HVMEM_SPLIT_DUMP").is_some() {
+                eprintln!("{name}/{gib}g rmap {tr:.2?}");
+                eprintln!("{name}/{gib}g base {tb:.2?}");
             }
             let m = rounds / 2;
             println!(
