@@ -96,7 +96,7 @@ impl SlotRmaps {
 
     /// Whether every head at `level` is known to be empty without reading them: no head
     /// was lent out to be changed since the slot was made or since a zap emptied them all
-    /// ([`note_empty`](Self::note_empty)). `false` says nothing: the heads may still all
+    /// (the MMU's zap of a whole slot). `false` says nothing: the heads may still all
     /// be empty.
     #[inline]
     pub fn known_empty(&self, level: Level) -> bool {
