@@ -295,13 +295,15 @@ pub(crate) fn table_ref<M: TableMapping + ?Sized>(mem: &M, table: Hpa) -> Option
 /// so no reader, hardware walker or other thread, ever sees a torn entry, and the store
 /// is two relaxed atomic stores. It is written in `asm!` because an intrinsic store
 /// (`_mm_store_si128`) would be a non-atomic write to memory shared as atomics. An
-/// unaligned first entry and an odd last one take a plain atomic store. Elsewhere, under
-/// Miri and under loom, one atomic store per entry.
+/// unaligned first entry and an odd last one take a plain atomic store. Elsewhere (other
+/// architectures, and x86_64 targets built without SSE2 such as the `x86_64-unknown-none`
+/// kernel target, where the kernel does not save vector registers), under Miri and under
+/// loom, one atomic store per entry.
 #[inline]
 pub(crate) fn store_progression(entries: &[AtomicU64], first: u64, step: u64) {
-    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
     store_progression_sse2(entries, first, step);
-    #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri))))]
     store_progression_atomic(entries, first, step);
 }
 
@@ -329,7 +331,7 @@ fn store_progression_atomic(entries: &[AtomicU64], first: u64, step: u64) {
 /// [`store_progression`] with aligned 16-byte stores: see there. Sixteen entries (eight
 /// stores) per loop trip; the entries before the first 16-byte boundary and after the last
 /// whole group of sixteen take atomic stores.
-#[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
 #[inline]
 fn store_progression_sse2(entries: &[AtomicU64], first: u64, step: u64) {
     const GROUP: usize = 16;
