@@ -61,49 +61,68 @@ fn order(o: u32) -> PageOrder {
     PageOrder::new(o as u8).unwrap()
 }
 
-/// The operations both allocators offer, in frame numbers and orders. The impls are
+/// The operations both allocators offer. Each allocator keeps what it hands out in its own
+/// API's terms (`Handle`): ours a `(Pfn, PageOrder)` pair, as a caller holding the `Block`
+/// from `alloc` frees it; the peer a `(frame, count)` pair, as its `dealloc` takes. So neither
+/// pays for converting to and checking a common representation on every free. The impls are
 /// `inline(always)` for both allocators so the trait is no cost of its own: the loop calls
 /// each allocator as a direct caller would (without it, rustc kept our wrappers out of line in
 /// some groups and the calls alone added ~4 ns to an order-0 pair).
 trait Frames {
-    fn alloc(&mut self, order: u32) -> Option<u64>;
-    fn free(&mut self, frame: u64, order: u32);
+    type Handle: Copy;
+    fn alloc(&mut self, order: u32) -> Option<Self::Handle>;
+    fn free(&mut self, block: Self::Handle);
+    /// The first frame of a block.
+    fn frame(block: Self::Handle) -> u64;
 }
 
 impl<const M: usize> Frames for Ours<M> {
+    type Handle = (Pfn, PageOrder);
+
     #[inline(always)]
-    fn alloc(&mut self, o: u32) -> Option<u64> {
-        Buddy::alloc(self, order(o)).ok().map(|b| b.pfn.get())
+    fn alloc(&mut self, o: u32) -> Option<Self::Handle> {
+        Buddy::alloc(self, order(o)).ok().map(|b| (b.pfn, b.order))
     }
 
     #[inline(always)]
-    fn free(&mut self, frame: u64, o: u32) {
-        Buddy::free(self, Pfn::new(frame).unwrap(), order(o)).unwrap();
+    fn free(&mut self, (pfn, order): Self::Handle) {
+        Buddy::free(self, pfn, order).unwrap();
+    }
+
+    fn frame((pfn, _): Self::Handle) -> u64 {
+        pfn.get()
     }
 }
 
 impl Frames for Peer {
+    type Handle = (usize, usize);
+
     #[inline(always)]
-    fn alloc(&mut self, o: u32) -> Option<u64> {
-        FrameAllocator::alloc(self, 1 << o).map(|f| f as u64)
+    fn alloc(&mut self, o: u32) -> Option<Self::Handle> {
+        let count = 1 << o;
+        FrameAllocator::alloc(self, count).map(|f| (f, count))
     }
 
     #[inline(always)]
-    fn free(&mut self, frame: u64, o: u32) {
-        self.dealloc(frame as usize, 1 << o);
+    fn free(&mut self, (frame, count): Self::Handle) {
+        self.dealloc(frame, count);
+    }
+
+    fn frame((frame, _): Self::Handle) -> u64 {
+        frame as u64
     }
 }
 
 /// Warms the arena the way a long-running guest's memory is warm: every page handed out in
 /// random order-0..=3 blocks, then a random half of them freed again. The free lists then hold
 /// small blocks scattered over the whole gigabyte, next to live ones.
-fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
+fn warm<A: Frames>(a: &mut A) -> Vec<A::Handle> {
     let mut rng = Rng::new(7);
     let mut held = Vec::new();
     loop {
         let o = (rng.next_u64() % 4) as u32;
         match a.alloc(o) {
-            Some(f) => held.push((f, o)),
+            Some(f) => held.push(f),
             None if o == 0 => break,
             None => {}
         }
@@ -111,8 +130,8 @@ fn warm<A: Frames>(a: &mut A) -> Vec<(u64, u32)> {
     for i in (1..held.len()).rev() {
         held.swap(i, rng.next_u64() as usize % (i + 1));
     }
-    for (f, o) in held.split_off(held.len() / 2) {
-        a.free(f, o);
+    for f in held.split_off(held.len() / 2) {
+        a.free(f);
     }
     held
 }
@@ -124,7 +143,7 @@ fn pair<A: Frames>(g: &mut Group<'_>, name: &str, a: &mut A) {
     g.bench_function(BenchmarkId::from_parameter(name), |b| {
         b.iter(|| {
             let f = a.alloc(0).unwrap();
-            a.free(black_box(f), 0);
+            a.free(black_box(f));
         })
     });
 }
@@ -157,14 +176,14 @@ fn order0_pair_pristine(c: &mut Criterion) {
 
 /// Fills `a` with blocks of random orders until ~70 % of the gigabyte is held; returns the
 /// held blocks and the random sequence, ready for `churn_step`.
-fn churn_setup<A: Frames>(a: &mut A) -> (Rng, Vec<(u64, u32)>) {
+fn churn_setup<A: Frames>(a: &mut A) -> (Rng, Vec<A::Handle>) {
     let mut rng = Rng::new(0x5eed);
     let mut held = Vec::new();
     let mut frames = 0u64;
     while frames < GIB * 7 / 10 {
         let o = (rng.next_u64() % 10) as u32;
         if let Some(f) = a.alloc(o) {
-            held.push((f, o));
+            held.push(f);
             frames += 1 << o;
         }
     }
@@ -173,16 +192,16 @@ fn churn_setup<A: Frames>(a: &mut A) -> (Rng, Vec<(u64, u32)>) {
 
 /// One `mixed_churn` iteration: free a random held block, allocate a random order.
 #[inline(always)]
-fn churn_step<A: Frames>(a: &mut A, rng: &mut Rng, held: &mut Vec<(u64, u32)>) {
+fn churn_step<A: Frames>(a: &mut A, rng: &mut Rng, held: &mut Vec<A::Handle>) {
     let r = rng.next_u64();
     // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
     // costs more than our free + alloc and would hide both allocators' speed.
     let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
-    let (f, o) = held.swap_remove(i);
-    a.free(f, o);
-    let o = (r % 10) as u32;
+    a.free(held.swap_remove(i));
+    // The same for the order, from the low half of `r`.
+    let o = (((r & 0xffff_ffff) * 10) >> 32) as u32;
     if let Some(f) = a.alloc(o) {
-        held.push((f, o));
+        held.push(f);
     }
 }
 
@@ -216,9 +235,9 @@ fn fragmented(c: &mut Criterion) {
         name: &str,
         mut a: A,
     ) {
-        let pages: Vec<u64> = (0..GIB).map(|_| a.alloc(0).unwrap()).collect();
-        for &p in pages.iter().filter(|&&p| p % 2 == 0) {
-            a.free(p, 0);
+        let pages: Vec<A::Handle> = (0..GIB).map(|_| a.alloc(0).unwrap()).collect();
+        for &p in pages.iter().filter(|&&p| A::frame(p) % 2 == 0) {
+            a.free(p);
         }
         let mut blocks = Vec::with_capacity(512);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
@@ -228,7 +247,7 @@ fn fragmented(c: &mut Criterion) {
                 }
                 assert_eq!(blocks.len(), 512);
                 for f in blocks.drain(..) {
-                    a.free(f, 9);
+                    a.free(f);
                 }
             })
         });
