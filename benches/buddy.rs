@@ -24,7 +24,7 @@
 
 use buddy_system_allocator::FrameAllocator;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
-use hvmem::buddy::{Buddy, FrameMeta};
+use hvmem::buddy::{Block, Buddy, FrameMeta};
 use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
 
@@ -62,8 +62,8 @@ fn order(o: u32) -> PageOrder {
 }
 
 /// The operations both allocators offer. Each allocator keeps what it hands out in its own
-/// API's terms (`Handle`): ours a `(Pfn, PageOrder)` pair, as a caller holding the `Block`
-/// from `alloc` frees it; the peer a `(frame, count)` pair, as its `dealloc` takes. So neither
+/// API's terms (`Handle`): ours the `Block` `alloc` returned, whose frame and order a caller
+/// frees; the peer a `(frame, count)` pair, as its `dealloc` takes. So neither
 /// pays for converting to and checking a common representation on every free. The impls are
 /// `inline(always)` for both allocators so the trait is no cost of its own: the loop calls
 /// each allocator as a direct caller would (without it, rustc kept our wrappers out of line in
@@ -74,23 +74,33 @@ trait Frames {
     fn free(&mut self, block: Self::Handle);
     /// The first frame of a block.
     fn frame(block: Self::Handle) -> u64;
+    /// `block` with its frame hidden from the optimiser (its order stays visible, as it is
+    /// to a caller that frees what it allocated at a constant order).
+    fn opaque(block: Self::Handle) -> Self::Handle;
 }
 
 impl<const M: usize> Frames for Ours<M> {
-    type Handle = (Pfn, PageOrder);
+    type Handle = Block;
 
     #[inline(always)]
-    fn alloc(&mut self, o: u32) -> Option<Self::Handle> {
-        Buddy::alloc(self, order(o)).ok().map(|b| (b.pfn, b.order))
+    fn alloc(&mut self, o: u32) -> Option<Block> {
+        Buddy::alloc(self, order(o)).ok()
     }
 
     #[inline(always)]
-    fn free(&mut self, (pfn, order): Self::Handle) {
-        Buddy::free(self, pfn, order).unwrap();
+    fn free(&mut self, block: Block) {
+        Buddy::free(self, block.pfn, block.order).unwrap();
     }
 
-    fn frame((pfn, _): Self::Handle) -> u64 {
-        pfn.get()
+    fn frame(block: Block) -> u64 {
+        block.pfn.get()
+    }
+
+    fn opaque(block: Block) -> Block {
+        Block {
+            pfn: black_box(block.pfn),
+            ..block
+        }
     }
 }
 
@@ -110,6 +120,10 @@ impl Frames for Peer {
 
     fn frame((frame, _): Self::Handle) -> u64 {
         frame as u64
+    }
+
+    fn opaque((frame, count): Self::Handle) -> Self::Handle {
+        (black_box(frame), count)
     }
 }
 
@@ -143,7 +157,7 @@ fn pair<A: Frames>(g: &mut Group<'_>, name: &str, a: &mut A) {
     g.bench_function(BenchmarkId::from_parameter(name), |b| {
         b.iter(|| {
             let f = a.alloc(0).unwrap();
-            a.free(black_box(f));
+            a.free(A::opaque(f));
         })
     });
 }
