@@ -24,7 +24,7 @@
 
 use buddy_system_allocator::FrameAllocator;
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group};
-use hvmem::buddy::{Block, Buddy, FrameMeta};
+use hvmem::buddy::{Buddy, FrameMeta};
 use hvmem::testing::Rng;
 use hvmem::{PageOrder, Pfn};
 
@@ -62,8 +62,8 @@ fn order(o: u32) -> PageOrder {
 }
 
 /// The operations both allocators offer. Each allocator keeps what it hands out in its own
-/// API's terms (`Handle`): ours the `Block` `alloc` returned, whose frame and order a caller
-/// frees; the peer a `(frame, count)` pair, as its `dealloc` takes. So neither
+/// API's terms (`Handle`): ours the frame and order of the `Block` `alloc` returned, which is
+/// what a caller frees; the peer a `(frame, count)` pair, as its `dealloc` takes. So neither
 /// pays for converting to and checking a common representation on every free. The impls are
 /// `inline(always)` for both allocators so the trait is no cost of its own: the loop calls
 /// each allocator as a direct caller would (without it, rustc kept our wrappers out of line in
@@ -80,27 +80,24 @@ trait Frames {
 }
 
 impl<const M: usize> Frames for Ours<M> {
-    type Handle = Block;
+    type Handle = (Pfn, PageOrder);
 
     #[inline(always)]
-    fn alloc(&mut self, o: u32) -> Option<Block> {
-        Buddy::alloc(self, order(o)).ok()
+    fn alloc(&mut self, o: u32) -> Option<Self::Handle> {
+        Buddy::alloc(self, order(o)).ok().map(|b| (b.pfn, b.order))
     }
 
     #[inline(always)]
-    fn free(&mut self, block: Block) {
-        Buddy::free(self, block.pfn, block.order).unwrap();
+    fn free(&mut self, (pfn, order): Self::Handle) {
+        Buddy::free(self, pfn, order).unwrap();
     }
 
-    fn frame(block: Block) -> u64 {
-        block.pfn.get()
+    fn frame((pfn, _): Self::Handle) -> u64 {
+        pfn.get()
     }
 
-    fn opaque(block: Block) -> Block {
-        Block {
-            pfn: black_box(block.pfn),
-            ..block
-        }
+    fn opaque((pfn, order): Self::Handle) -> Self::Handle {
+        (black_box(pfn), order)
     }
 }
 
