@@ -183,33 +183,36 @@ impl FreeArea {
     /// Writes the head of an unreported free block and links it at the head of its list.
     #[inline(always)]
     pub(super) fn link_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
-        self.push_head(meta, order, idx);
+        self.push_head(meta, order, idx as usize);
         meta[idx as usize].order = order as u8;
     }
 
     /// `link_head` for an allocated head of `order` that is being freed: its `order` field
-    /// already says `order`, so only the links and the state are written.
+    /// already says `order`, so only the links and the state are written. `idx` is a
+    /// `usize` the caller has checked against `meta`, so its bounds check goes.
     #[inline(always)]
-    pub(super) fn link_freed(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+    pub(super) fn link_freed(&mut self, meta: &mut [FrameMeta], order: usize, idx: usize) {
         self.push_head(meta, order, idx);
     }
 
-    /// `link_head` without writing the head's `order`.
+    /// `link_head` without writing the head's `order`. `idx` is a metadata index, so below
+    /// `NIL` (windows are shorter) and a valid `u32` link.
     #[inline(always)]
-    fn push_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: u32) {
+    fn push_head(&mut self, meta: &mut [FrameMeta], order: usize, idx: usize) {
+        let link = idx as u32;
         let list = &mut self.lists[slot(order)];
         let old = list.head;
-        list.head = idx;
+        list.head = link;
         list.free += 1;
         // `NIL` is never a metadata index (windows are shorter), so the bounds check is the
         // empty-list check.
         if let Some(m) = meta.get_mut(old as usize) {
-            m.prev = idx;
+            m.prev = link;
         } else {
-            list.tail = idx;
+            list.tail = link;
             self.nonempty |= 1 << order;
         }
-        let m = &mut meta[idx as usize];
+        let m = &mut meta[idx];
         m.next = old;
         m.prev = NIL;
         m.state = State::Free;

@@ -85,9 +85,10 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
             return Err(self.free_error(pfn, order));
         };
         let o = order.get() as usize;
-        // `release`, with the head's order already right when nothing merges.
-        if o < MAX_ORDER && self.free_buddy(u64::from(idx), o).is_some() {
-            return Ok(self.merge(idx, o, false, Placement::Hot));
+        // `release`, with the head's order already right when nothing merges. An index
+        // into the metadata is below `NIL` (`new` refuses longer windows): it fits a `u32`.
+        if o < MAX_ORDER && self.free_buddy(idx as u64, o).is_some() {
+            return Ok(self.merge(idx as u32, o, false, Placement::Hot));
         }
         self.area.link_freed(&mut self.meta, o, idx);
         Ok(o)
@@ -99,10 +100,12 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
     /// the window, so the checks of `locate` (order, alignment, range) hold for it already
     /// and are left to [`free_error`](Self::free_error), which says what was wrong otherwise.
     #[inline(always)]
-    fn allocated_head(&self, pfn: Pfn, order: PageOrder) -> Option<u32> {
-        // Through `u32` so the compiler sees that later `meta[idx]`s are in bounds.
-        let idx = u32::try_from(pfn.get().wrapping_sub(self.base)).ok()?;
-        let m = self.meta.get(idx as usize)?;
+    fn allocated_head(&self, pfn: Pfn, order: PageOrder) -> Option<usize> {
+        // A `usize` index, so the compiler sees that the free path's later `meta[idx]`s are
+        // in bounds (`try_from` costs nothing where `usize` has 64 bits, and keeps a 32-bit
+        // target from truncating a distant frame onto one in the window).
+        let idx = usize::try_from(pfn.get().wrapping_sub(self.base)).ok()?;
+        let m = self.meta.get(idx)?;
         (m.order_state() == order_state(order.get(), State::Allocated)).then_some(idx)
     }
 
@@ -129,11 +132,11 @@ impl<S: DerefMut<Target = [FrameMeta]>, const MAX_ORDER: usize> Buddy<S, MAX_ORD
         let o = order.get() as usize;
         // `o < quiet_below <= MAX_ORDER`: the block has a buddy order, and ending at `o` it
         // stays below the notify order.
-        if o < usize::from(self.quiet_below) && self.free_buddy(u64::from(idx), o).is_none() {
+        if o < usize::from(self.quiet_below) && self.free_buddy(idx as u64, o).is_none() {
             self.area.link_freed(&mut self.meta, o, idx);
             return Ok(None);
         }
-        Ok(self.release_notify(idx, o))
+        Ok(self.release_notify(idx as u32, o))
     }
 
     /// The slow path of `free_notify`: the block merges, or is at least `quiet_below`.
