@@ -19,6 +19,7 @@
 //! `HVMEM_CALLGRIND=churn_interleaved target/release/deps/buddy-<hash>` (no valgrind) times
 //! `mixed_churn` for both allocators in 40 alternating rounds of 200,000 iterations and
 //! prints the minimum and median of each and their ratios: steadier on a shared machine.
+//! It also times the harness alone (no allocator behind it), which both figures include.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -208,11 +209,16 @@ fn churn_step<A: Frames>(a: &mut A, rng: &mut Rng, held: &mut Vec<A::Handle>) {
     // Lemire's multiply-shift instead of `%`: a 64-bit division in the harness
     // costs more than our free + alloc and would hide both allocators' speed.
     let i = (((r >> 32) * held.len() as u64) >> 32) as usize;
-    a.free(held.swap_remove(i));
+    a.free(held[i]);
     // The same for the order, from the low half of `r`.
     let o = (((r & 0xffff_ffff) * 10) >> 32) as u32;
-    if let Some(f) = a.alloc(o) {
-        held.push(f);
+    // The new block takes the freed one's place, so the vector's length changes only
+    // when an allocation fails.
+    match a.alloc(o) {
+        Some(f) => held[i] = f,
+        None => {
+            held.swap_remove(i);
+        }
     }
 }
 
@@ -278,17 +284,52 @@ fn measured_churn<A: Frames>(a: &mut A, n: u64) {
     black_box(held.len());
 }
 
+/// No allocator: `alloc` hands back a made-up block at once and `free` only reads it. Run
+/// through `churn_step`, it times the harness alone (the random draws and the `held`
+/// vector), which both allocators' figures include.
+struct Null;
+
+impl Frames for Null {
+    type Handle = (u64, u32);
+
+    #[inline(always)]
+    fn alloc(&mut self, o: u32) -> Option<Self::Handle> {
+        Some((u64::from(o) << 12, o))
+    }
+
+    #[inline(always)]
+    fn free(&mut self, block: Self::Handle) {
+        black_box(block);
+    }
+
+    fn frame((frame, _): Self::Handle) -> u64 {
+        frame
+    }
+
+    fn opaque(block: Self::Handle) -> Self::Handle {
+        black_box(block)
+    }
+}
+
 /// `mixed_churn` for both allocators in alternating rounds of `n` iterations, in one
 /// process: on a shared machine the fastest round of each is the one least disturbed, so
 /// the ratio of the two minima is steadier than two criterion estimates taken seconds apart.
+/// Each round also times the harness alone ([`Null`], as many blocks held as ours holds).
 fn churn_interleaved(rounds: usize, n: u64) {
     use std::time::Instant;
     let mut a = ours::<MAX_ORDER>(GIB);
     let mut p = peer(GIB);
     let (mut ra, mut ha) = churn_setup(&mut a);
     let (mut rp, mut hp) = churn_setup(&mut p);
-    let (mut ta, mut tp) = (Vec::new(), Vec::new());
+    let mut hn: Vec<(u64, u32)> = (0..ha.len() as u64).map(|i| (i << 12, 0)).collect();
+    let (mut rn, mut z) = (Rng::new(0x5eed), Null);
+    let (mut ta, mut tp, mut tn) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..n {
+            churn_step(&mut z, &mut rn, &mut hn);
+        }
+        tn.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
         let t = Instant::now();
         for _ in 0..n {
             churn_step(&mut a, &mut ra, &mut ha);
@@ -300,18 +341,20 @@ fn churn_interleaved(rounds: usize, n: u64) {
         }
         tp.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
     }
-    for t in [&mut ta, &mut tp] {
+    for t in [&mut ta, &mut tp, &mut tn] {
         t.sort_by(f64::total_cmp);
     }
     let (ma, mp) = (ta[rounds / 2], tp[rounds / 2]);
     println!(
         "mixed_churn interleaved, {rounds} rounds of {n}: hvmem min {:.2} ns median {ma:.2} ns; \
          buddy_system_allocator min {:.2} ns median {mp:.2} ns; ratio of minima {:.2}x, \
-         of medians {:.2}x",
+         of medians {:.2}x; the harness alone min {:.2} ns median {:.2} ns",
         ta[0],
         tp[0],
         tp[0] / ta[0],
-        mp / ma
+        mp / ma,
+        tn[0],
+        tn[rounds / 2]
     );
 }
 
