@@ -149,6 +149,7 @@ enum Kind {
 /// changing a chain through two copies corrupts it (detected as
 /// [`RmapError::BadDescriptor`] where possible, never a panic or an endless loop).
 #[derive(Clone, Copy, PartialEq, Eq, Default, Debug)]
+#[repr(transparent)]
 pub struct RmapHead(u64);
 
 static_assertions::assert_eq_size!(RmapHead, u64);
@@ -161,6 +162,12 @@ impl RmapHead {
     #[inline]
     pub const fn raw(self) -> u64 {
         self.0
+    }
+
+    /// The head whose raw tagged word is `raw` (for fills outside this module).
+    #[inline]
+    pub(crate) const fn from_raw(raw: u64) -> Self {
+        Self(raw)
     }
 
     /// Whether the rmap holds no entry.
@@ -316,6 +323,18 @@ impl RmapHead {
         for (h, n) in chunks.into_remainder().iter_mut().zip(next) {
             h.0 = n;
         }
+    }
+
+    /// [`fill_known_empty`](Self::fill_known_empty) with non-temporal stores, for a
+    /// split bigger than the caches: the caller runs [`stream_fence`] before anything reads
+    /// or writes the heads again.
+    ///
+    /// [`stream_fence`]: crate::spt::stream_fence
+    #[inline]
+    pub(crate) fn stream_known_empty(heads: &mut [Self], table: Hpa) {
+        let tagged = ONE | (table.get() & !(PAGE_SIZE - 1));
+        let len = heads.len().min(crate::spt::ENTRIES);
+        crate::spt::stream_heads(&mut heads[..len], tagged);
     }
 
     /// [`add`](Self::add) past the empty case.

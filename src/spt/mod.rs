@@ -126,6 +126,10 @@ pub use memory::{
     ArenaError, ENTRIES, FreeError, LockedArena, Table, TableAlloc, TableArena, TableFrame,
     TableLinks, TableMapping, TableMemory, TableSlot, Tables, Unlinked, WithAlloc,
 };
+#[cfg(feature = "alloc")]
+pub(crate) use memory::{stream_fence, stream_heads};
+#[cfg(feature = "alloc")]
+pub(crate) use ops::split_entry_run_with;
 pub use ops::{
     EntrySplit, MapSize, SplitChild, SplitDone, SplitLeaves, SplitTo, Translation, split_entry,
     split_entry_run,

@@ -69,7 +69,8 @@ pub struct MmuSetup {
     pub limit: u8,
     /// Largest leaf: `[1 GiB, 2 MiB, 4 KiB][max_leaf % 3]`.
     pub max_leaf: u8,
-    /// Bit 0: eager splitting (`MmuConfig::eager_split`); bit 1: two address spaces.
+    /// Bit 0: eager splitting (`MmuConfig::eager_split`); bit 1: two address spaces; bit 2:
+    /// every eager split streams its writes (`MmuConfig::stream_split_bytes` 0).
     pub flags: u8,
 }
 
@@ -88,7 +89,7 @@ impl MmuSetup {
             } else {
                 rng.below(3) as u8
             },
-            flags: rng.below(4) as u8,
+            flags: rng.below(8) as u8,
         }
     }
 
@@ -111,6 +112,7 @@ impl MmuSetup {
             max_slots: MAX_SLOTS,
             eager_split: self.flags & 1 != 0,
             address_spaces: self.spaces(),
+            stream_split_bytes: if self.flags & 4 != 0 { 0 } else { u64::MAX },
             ..MmuConfig::default()
         }
     }

@@ -30,7 +30,8 @@ use crate::spt::mmu::{
     ForeignCaches, MIN_FREE_PAGES, Mmu, MmuCaches, SlotId, State, StateGuard, TopUpFailed,
 };
 use crate::spt::{
-    EntryRef, PteFormat, SplitChild, SplitLeaves, TableAlloc, TlbFlush, WalkFlags, split_entry_run,
+    EntryRef, PteFormat, SplitChild, SplitLeaves, TableAlloc, TlbFlush, WalkFlags,
+    split_entry_run_with,
 };
 
 mod walk;
@@ -162,7 +163,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn split_locked<'s, T: TlbFlush + ?Sized>(
         &'s self,
-        mut st: StateGuard<'s>,
+        st: StateGuard<'s>,
         caches: &mut SplitCaches,
         slot: SlotId,
         range: Option<(Gfn, Gfn)>,
@@ -174,6 +175,31 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             Ok(found) => found,
             Err(e) => return (st, Err(e)),
         };
+        // Decided once for the request: what it writes in all, against the cache.
+        let stream = self.streams_split(hi - lo);
+        let out = self.split_passes(st, caches, slot, (i, lo, hi), target, stream, stats, tlb);
+        if stream {
+            // Heads streamed since the last fence become ordinary memory again before the
+            // caller reads them or lets the lock go, whatever the way out.
+            crate::spt::stream_fence();
+        }
+        out
+    }
+
+    /// [`split_locked`](Self::split_locked) after its checks: one pass per huge level over
+    /// `[lo, hi)` of slot `i`, streaming when `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn split_passes<'s, T: TlbFlush + ?Sized>(
+        &'s self,
+        mut st: StateGuard<'s>,
+        caches: &mut SplitCaches,
+        slot: SlotId,
+        (i, lo, hi): (usize, u64, u64),
+        target: Level,
+        stream: bool,
+        stats: &mut SplitStats,
+        tlb: &mut T,
+    ) -> (StateGuard<'s>, Result<(), SplitError>) {
         let (base, end) = (st.slots[i].base, st.slots[i].end());
         let mut level = self.max_leaf();
         while level > target {
@@ -203,6 +229,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     (base, end),
                     (gfn, level),
                     &mut ahead,
+                    stream,
                     stats,
                     tlb,
                 );
@@ -211,6 +238,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     return (st, Err(e));
                 }
                 gfn += n;
+            }
+            if stream {
+                // The next pass reads the heads this one streamed.
+                crate::spt::stream_fence();
             }
             match level.lower() {
                 Some(l) => level = l,
@@ -231,6 +262,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         bounds: (u64, u64),
         (gfn, level): (u64, Level),
         ahead: &mut Option<EmptyAhead>,
+        stream: bool,
         stats: &mut SplitStats,
         tlb: &mut T,
     ) -> (StateGuard<'s>, Result<(), SplitError>) {
@@ -266,6 +298,10 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 // KVM `need_topup_split_caches_or_resched`: flush what is owed, drop the
                 // lock, top up outside it, retake it and look at the head again.
                 z.finish(&mut st, tlb);
+                if stream {
+                    // Whoever takes the lock next may read the streamed heads.
+                    crate::spt::stream_fence();
+                }
                 drop(st);
                 stats.lock_drops += 1;
                 let topped = self.top_up_split(caches);
@@ -282,7 +318,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                 stats.restarts += 1;
                 continue;
             }
-            match self.split_one(&mut st, &mut z, caches, i, e, (gfn, level), ahead) {
+            match self.split_one(&mut st, &mut z, caches, i, e, (gfn, level), ahead, stream) {
                 Ok(reused) => {
                     caches.progressed();
                     stats.split += 1;
@@ -316,6 +352,7 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
         e: EntryRef,
         (gfn, level): (u64, Level),
         ahead: &mut Option<EmptyAhead>,
+        stream: bool,
     ) -> Result<bool, SplitError> {
         let below = level.lower().ok_or(SplitError::BadRange)?;
         let pid = st.pages.live_id(e.table()).ok_or(SplitError::BadRange)?;
@@ -370,30 +407,51 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
             .and_then(|f| heads.get_mut(f..f.checked_add(crate::spt::ENTRIES)?))
             .unwrap_or(&mut []);
         let step = below.shift() - PAGE_SHIFT;
-        let done = split_entry_run(&mem, &mut ctx, child, |run: &SplitLeaves<F>| {
-            // A fresh child over frames with no mapping at this level yet (the common
-            // case): every head takes its leaf at once, without a call per leaf.
-            if run.all_written() && heads.len() == crate::spt::ENTRIES {
-                if unread {
-                    RmapHead::fill_known_empty(heads, run.table());
-                    return;
+        // Only a fresh child's table is streamed: nothing can reach it before its parent
+        // entry.
+        let stream_table = stream && fresh.is_some();
+        let done = split_entry_run_with(
+            &mem,
+            &mut ctx,
+            child,
+            stream_table,
+            |run: &SplitLeaves<F>| {
+                if stream && !unread {
+                    // These heads may be ones this request streamed (another alias of the
+                    // same frames): fenced before they are read.
+                    crate::spt::stream_fence();
                 }
-                if RmapHead::fill_empty(heads, run.table()) {
-                    return;
+                // A fresh child over frames with no mapping at this level yet (the common
+                // case): every head takes its leaf at once, without a call per leaf.
+                if run.all_written() && heads.len() == crate::spt::ENTRIES {
+                    if unread {
+                        if stream {
+                            // Fenced by the next child's table fence, and before the pass
+                            // reads a head again or lets the lock go (`split_locked`,
+                            // `split_head`): a fence right here cost 0.5 ns per leaf.
+                            RmapHead::stream_known_empty(heads, run.table());
+                        } else {
+                            RmapHead::fill_known_empty(heads, run.table());
+                        }
+                        return;
+                    }
+                    if RmapHead::fill_empty(heads, run.table()) {
+                        return;
+                    }
                 }
-            }
-            for (leaf, at, _) in run.iter() {
-                let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
-                // A leaf outside the slot's heads (cannot happen for a huge leaf the
-                // slot's rmap named) is counted as an inconsistency, like a failed add.
-                let k = g.wrapping_sub(gfn) >> step;
-                let added = usize::try_from(k)
-                    .ok()
-                    .and_then(|k| heads.get_mut(k))
-                    .is_some_and(|head| head.add(leaf, store, descs).is_ok());
-                lost += u64::from(!added);
-            }
-        });
+                for (leaf, at, _) in run.iter() {
+                    let g = crate::addr::Address::raw(at) >> PAGE_SHIFT;
+                    // A leaf outside the slot's heads (cannot happen for a huge leaf the
+                    // slot's rmap named) is counted as an inconsistency, like a failed add.
+                    let k = g.wrapping_sub(gfn) >> step;
+                    let added = usize::try_from(k)
+                        .ok()
+                        .and_then(|k| heads.get_mut(k))
+                        .is_some_and(|head| head.add(leaf, store, descs).is_ok());
+                    lost += u64::from(!added);
+                }
+            },
+        );
         // Only this child's heads changed (or none, if the split was refused): what the
         // pass knew about the frames above it still holds.
         *ahead = valid.map(|a| a.after(&slots[i], below, gfn));

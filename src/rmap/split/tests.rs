@@ -689,3 +689,91 @@ fn heads_are_filled_unread_only_while_known_empty() {
     assert_eq!(sample(&m), before);
     caches.release(&m).unwrap();
 }
+
+/// What a split leaves behind, for comparing two ways of doing it: the counters, the
+/// invariant check's counts, and every 97th page's translation in each address space.
+type SplitOutcome = (
+    SplitStats,
+    crate::spt::mmu::MmuCounts,
+    Vec<Vec<Option<(Hpa, bool)>>>,
+);
+
+/// `populated`, the same frames mapped read-only in address space 1 too when `spaces` is
+/// 2, then one eager split to 4 KiB with a lock drop forced at every `drops`th check
+/// (0: none).
+fn split_with(stream_split_bytes: u64, spaces: u8, drops: u32) -> SplitOutcome {
+    let mut f = fx();
+    let config = MmuConfig {
+        address_spaces: spaces,
+        descriptors: 300_000,
+        stream_split_bytes,
+        ..MmuConfig::default()
+    };
+    let m = mmu(&mut f, config);
+    populated(&m);
+    if spaces == 2 {
+        let mut c = FaultCaches::new();
+        let mut tlb = Tlb::default();
+        m.page_fault_in(1, &mut c, &Host(Level::L3), gpa(9), false, &mut tlb)
+            .unwrap();
+        for k in 0..8 {
+            let g = gpa((1 << 18) + k * 512);
+            m.page_fault_in(1, &mut c, &Host(Level::L2), g, false, &mut tlb)
+                .unwrap();
+        }
+        c.release(&m).unwrap();
+    }
+    let mut caches = SplitCaches::new();
+    caches.force_lock_drops(drops);
+    let s = m
+        .eager_split(&mut caches, SlotId(0), None, Level::L1, &mut Tlb::default())
+        .unwrap();
+    caches.release(&m).unwrap();
+    let counts = m.check().unwrap();
+    let seen = (0..spaces)
+        .map(|a| {
+            (0..1u64 << 19)
+                .step_by(97)
+                .map(|g| m.translate_in(a, gpa(g)).map(|t| (t.hpa, t.writable)))
+                .collect()
+        })
+        .collect();
+    (s, counts, seen)
+}
+
+/// A split that streams its writes (`MmuConfig::stream_split_bytes`: non-temporal stores
+/// for the fresh tables and their heads, fences deferred to the end of each pass and to
+/// every lock drop) leaves exactly what the cached one leaves: the same counters, exact
+/// rmaps (`check`), the same translations. With a second address space the second alias
+/// of every huge frame reads the heads the first one streamed (the fence before that
+/// read); with forced lock drops every drop publishes streamed heads to whoever takes the
+/// lock next.
+#[test]
+fn a_streamed_split_leaves_what_a_cached_one_does() {
+    for spaces in [1, 2] {
+        for drops in [0, 1, 3] {
+            let streamed = split_with(0, spaces, drops);
+            let cached = split_with(u64::MAX, spaces, drops);
+            assert_eq!(streamed, cached, "spaces {spaces}, drops every {drops}");
+            assert_eq!(streamed.0.split, u64::from(spaces) * (1 + 512 + 8));
+            assert_eq!(streamed.1.leaves, u64::from(spaces) * (512 * 512 + 8 * 512));
+        }
+    }
+}
+
+/// The threshold counts the request's writes, 16 bytes per 4 KiB page, and streams from
+/// exactly the threshold up.
+#[test]
+fn the_split_streams_from_its_threshold_up() {
+    let mut f = fx();
+    let config = MmuConfig {
+        stream_split_bytes: 16 << 10,
+        ..MmuConfig::default()
+    };
+    let m = mmu(&mut f, config);
+    assert!(!m.streams_split(1023));
+    assert!(m.streams_split(1024));
+    assert!(m.streams_split(u64::MAX), "no overflow");
+    assert!(!mmu(&mut fx(), MmuConfig::default()).streams_split(1 << 20));
+    assert!(mmu(&mut fx(), MmuConfig::default()).streams_split(2 << 20));
+}

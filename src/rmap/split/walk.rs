@@ -121,7 +121,8 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
                     break;
                 };
                 if gfn >= bounds.0 && gfn + n <= bounds.1 {
-                    match self.split_one(st, z, caches, i, e, (gfn, level), &mut None) {
+                    // The walk-driven comparison writes with ordinary stores.
+                    match self.split_one(st, z, caches, i, e, (gfn, level), &mut None, false) {
                         Ok(reused) => {
                             caches.progressed();
                             stats.split += 1;

@@ -31,8 +31,12 @@
 #![allow(unsafe_code)]
 
 mod arena;
+mod stream;
 
 pub use arena::{ArenaError, LockedArena, TableArena, TableSlot};
+#[cfg(feature = "alloc")]
+pub(crate) use stream::stream_heads;
+pub(crate) use stream::{stream_fence, stream_progression};
 
 use core::fmt;
 use core::marker::PhantomData;

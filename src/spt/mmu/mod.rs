@@ -172,6 +172,16 @@ pub struct MmuConfig {
     /// module parameter). Off: a write to a write-protected huge page drops it and maps
     /// one 4 KiB page in the fault path (the lazy baseline).
     pub eager_split: bool,
+    /// An eager split whose request writes at least this many bytes (16 per 4 KiB page
+    /// of the range: the leaf and its rmap head) fills its fresh tables and their heads
+    /// with non-temporal stores, which write a line without first reading it into the
+    /// cache. Set it to about the host's last-level cache: a bigger split only evicts
+    /// everything else and pays a memory read per line it writes, a smaller one finds its
+    /// lines in the cache, where streaming them out is slower (`BENCHMARKS.md`, "Streaming
+    /// the big splits"). The default, 32 MiB, streams splits of 8 GiB and more.
+    /// `u64::MAX`: never. Architectures without such stores (and Miri and loom) write
+    /// normally either way.
+    pub stream_split_bytes: u64,
 }
 
 impl Default for MmuConfig {
@@ -185,6 +195,7 @@ impl Default for MmuConfig {
             leaf_bits: 0,
             address_spaces: 1,
             eager_split: false,
+            stream_split_bytes: 32 << 20,
         }
     }
 }
@@ -523,6 +534,13 @@ impl<'a, F: PteFormat> Mmu<'a, F> {
     /// The largest leaf level the MMU maps.
     pub fn max_leaf(&self) -> Level {
         self.max_leaf
+    }
+
+    /// Whether an eager split of `pages` 4 KiB pages streams its writes
+    /// ([`MmuConfig::stream_split_bytes`]).
+    #[inline]
+    pub(crate) fn streams_split(&self, pages: u64) -> bool {
+        pages.saturating_mul(16) >= self.config.stream_split_bytes
     }
 
     /// Counters so far.

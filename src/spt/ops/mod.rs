@@ -8,6 +8,8 @@ mod translate;
 mod unmap;
 
 pub use map::MapSize;
+#[cfg(feature = "alloc")]
+pub(crate) use split::split_entry_run_with;
 pub use split::{
     EntrySplit, SplitChild, SplitDone, SplitLeaves, SplitTo, split_entry, split_entry_run,
 };

@@ -15,7 +15,8 @@ use crate::spt::PageTable;
 use crate::spt::error::{SplitEntryError, SplitError, flatten};
 use crate::spt::format::PteFormat;
 use crate::spt::memory::{
-    ENTRIES, TableLinks, TableMapping, TableMemory, Tables, store_progression, table_ref,
+    ENTRIES, TableLinks, TableMapping, TableMemory, Tables, store_progression, stream_fence,
+    stream_progression, table_ref,
 };
 use crate::spt::walk::{Action, EntryRef, VisitCtx, VisitKind, Visitor, WalkFlags, in_addr};
 use crate::sync::Ordering;
@@ -184,6 +185,24 @@ where
     M: TableMapping + TableLinks + ?Sized,
     C: FnOnce(&SplitLeaves<F>),
 {
+    split_entry_run_with(mem, at, child, false, on_leaves)
+}
+
+/// [`split_entry_run`], a fresh child filled with non-temporal stores when `stream` (see
+/// [`MmuConfig::stream_split_bytes`](crate::spt::mmu::MmuConfig::stream_split_bytes)),
+/// fenced before the parent entry publishes it.
+pub(crate) fn split_entry_run_with<F, M, C>(
+    mem: &M,
+    at: &mut VisitCtx<'_, F>,
+    child: SplitChild,
+    stream: bool,
+    on_leaves: C,
+) -> Result<EntrySplit, SplitEntryError>
+where
+    F: PteFormat,
+    M: TableMapping + TableLinks + ?Sized,
+    C: FnOnce(&SplitLeaves<F>),
+{
     let level = at.level();
     let huge = at.old();
     if !F::is_huge(huge, level) {
@@ -238,7 +257,14 @@ where
     } else {
         // Child i is child 0 plus i pages of the child size (KVM
         // `make_huge_page_split_spte`).
-        store_progression(entries, first, step);
+        if stream {
+            stream_progression(entries, first, step);
+            // Nobody can reach the fresh child yet; the fence makes the streamed entries
+            // visible before the parent entry below does.
+            stream_fence();
+        } else {
+            store_progression(entries, first, step);
+        }
     }
     // The release store (or exchange) publishes the filled table.
     if !at.set(F::table_entry(table)) {

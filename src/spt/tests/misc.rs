@@ -549,6 +549,75 @@ fn locked_arena_link_counts() {
     assert_eq!(shared.allocated(), 0);
 }
 
+/// `stream_progression` (non-temporal stores, then `stream_fence`) writes what
+/// `store_progression` writes, for runs of any length and alignment: the streamed body
+/// starts at the first 16-byte boundary, whole groups of sixteen, and the edges take
+/// atomic stores. Entries outside the run stay untouched.
+#[test]
+fn stream_progression_writes_every_entry_of_any_run() {
+    use crate::spt::memory::{stream_fence, stream_progression};
+    let table = TableFrame(core::array::from_fn(|_| AtomicU64::new(0xdead)));
+    let lens: Vec<usize> = if cfg!(miri) {
+        alloc::vec![0, 1, 17, 33]
+    } else {
+        (0..40).chain([47, 48, 49, 255, 256]).collect()
+    };
+    for (first, step) in [(0x1000_0000_0087, 0x1000), (u64::MAX - 0x3000, 0x1000)] {
+        for start in [0, 1, 2, 3] {
+            for len in lens.iter().copied().chain([509 - start, 512 - start]) {
+                stream_progression(&table.0[start..start + len], first, step);
+                stream_fence();
+                let around = start.saturating_sub(2)..(start + len + 2).min(ENTRIES);
+                for i in around {
+                    let e = &table.0[i];
+                    let want = if (start..start + len).contains(&i) {
+                        first.wrapping_add(step.wrapping_mul((i - start) as u64))
+                    } else {
+                        0xdead
+                    };
+                    assert_eq!(
+                        e.load(Ordering::Relaxed),
+                        want,
+                        "{first:#x} {start} {len} {i}"
+                    );
+                    e.store(0xdead, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// `stream_heads` sets head `i` to the raw word `first + i`, for runs of any length and
+/// alignment, and leaves the heads around the run alone.
+#[cfg(feature = "alloc")]
+#[test]
+fn stream_heads_writes_every_head_of_any_run() {
+    use crate::rmap::RmapHead;
+    use crate::spt::memory::{stream_fence, stream_heads};
+    let mut heads = alloc::vec![RmapHead::from_raw(0xdead); 520];
+    let lens: Vec<usize> = if cfg!(miri) {
+        alloc::vec![0, 1, 17, 33]
+    } else {
+        (0..40).chain([47, 48, 49, 511, 512]).collect()
+    };
+    for start in [0, 1, 2, 3] {
+        for len in lens.iter().copied() {
+            let first = 0x8000_0001 + start as u64;
+            stream_heads(&mut heads[start..start + len], first);
+            stream_fence();
+            for (i, h) in heads.iter_mut().enumerate() {
+                let want = if (start..start + len).contains(&i) {
+                    first + (i - start) as u64
+                } else {
+                    0xdead
+                };
+                assert_eq!(h.raw(), want, "{start} {len} {i}");
+                *h = RmapHead::from_raw(0xdead);
+            }
+        }
+    }
+}
+
 /// `store_progression` writes `first + i * step` into entry `i` whatever the run's length
 /// and whether it starts on a 16-byte boundary (the SSE2 path stores pairs from the first
 /// aligned entry, sixteen per loop trip, and leaves the edges to atomic stores), and wraps
