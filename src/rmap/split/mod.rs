@@ -6,7 +6,7 @@
 //! Splitting moves off the vCPU fault path into the thread that enables dirty logging (or
 //! clears the log): one rmap walk per huge level, top-down (1 GiB, then 2 MiB), over the
 //! slot's range. Each huge entry the rmap names is split in place by
-//! [`split_entry_run`] into a child that is either found by
+//! [`split_entry_run`](crate::spt::split_entry_run) into a child that is either found by
 //! `(gfn, child role)` (another alias split it already, or an older page survived: reused,
 //! flushing only if it holds tables) or taken fresh from the splitter's caches; every new
 //! leaf goes into the level-below rmap from the split's callback, with no second walk; the
