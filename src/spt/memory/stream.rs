@@ -91,8 +91,11 @@ pub(crate) fn stream_heads(heads: &mut [RmapHead], first: u64) {
     }
 }
 
-/// Orders every non-temporal store this thread made before every store and load after it
-/// (`sfence`): the streamed memory may be published and read from here on.
+/// Orders every non-temporal store this thread made before every store after it
+/// (`sfence`), so a later release store (a parent entry, the lock's release) publishes the
+/// streamed memory to whoever acquires it. (This thread's own loads see its streaming
+/// stores in program order either way; the splitter fences before reading heads anyway,
+/// as the rule is simpler to check.)
 #[inline]
 pub(crate) fn stream_fence() {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
