@@ -27,7 +27,8 @@
 //!   `HVMEM_SPLIT_WARM=1` as well, warm instead, as criterion runs them: each baseline
 //!   after an untimed run of itself, the split right after the untimed re-fault.
 //!   `HVMEM_SPLIT_DUMP=1` also prints every round's ns per SPTE of the split and the
-//!   baseline, in round order, to stderr.
+//!   baseline, in round order, to stderr. `HVMEM_SPLIT_STREAM_BYTES=<n>` sets the splits'
+//!   `MmuConfig::stream_split_bytes` (0: every split streams; 18446744073709551615: none).
 //! - `iteration2_scan`: an 8 GiB slot already split to 4 KiB, nothing left: the rmap-driven
 //!   `eager_split` (one empty head per 1 GiB and per 2 MiB frame) against the walk-driven
 //!   `eager_split_by_walk` (every table under the slot). Elements: 4 KiB pages of the slot.
@@ -407,7 +408,7 @@ fn dirty_memory_iter1(c: &mut Criterion) {
 /// logging is enabled on a running guest (in criterion's group the baseline rewrites the
 /// same memory back to back and, up to 4 GiB, finds it in L3; the split cannot, as the
 /// state is rebuilt between iterations).
-fn split_interleaved(rounds: usize, warm: bool) {
+fn split_interleaved(rounds: usize, warm: bool, stream_split_bytes: u64) {
     let mut scratch = vec![0u64; 8 << 20];
     // Cold: every timed operation follows a 64 MiB scratch write. Warm: as criterion runs
     // them, each baseline right after an untimed run of itself (its memory in L3) and the
@@ -428,7 +429,11 @@ fn split_interleaved(rounds: usize, warm: bool) {
             let pages = gib * GIB_PAGES;
             let mut base = Baseline::new(gib, level);
             let mut pool = Pool::new(gib);
-            let mmu = pool.mmu(pages, MmuConfig::default()).unwrap();
+            let config = MmuConfig {
+                stream_split_bytes,
+                ..MmuConfig::default()
+            };
+            let mmu = pool.mmu(pages, config).unwrap();
             let mut caches = SplitCaches::new();
             let mut tlb = Tlb::default();
             populate_and_split(&mmu, &mut caches, pages, level);
@@ -493,7 +498,11 @@ criterion_group!(benches, eager_split, iteration2_scan, dirty_memory_iter1);
 fn main() {
     if let Ok(rounds) = std::env::var("HVMEM_SPLIT_INTERLEAVED") {
         let warm = std::env::var_os("HVMEM_SPLIT_WARM").is_some();
-        split_interleaved(rounds.parse().unwrap_or(30).max(1), warm);
+        let stream = std::env::var("HVMEM_SPLIT_STREAM_BYTES")
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(MmuConfig::default().stream_split_bytes);
+        split_interleaved(rounds.parse().unwrap_or(30).max(1), warm, stream);
         return;
     }
     benches();
