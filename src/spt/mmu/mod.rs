@@ -175,12 +175,14 @@ pub struct MmuConfig {
     /// An eager split whose request writes at least this many bytes (16 per 4 KiB page
     /// of the range: the leaf and its rmap head) fills its fresh tables and their heads
     /// with non-temporal stores, which write a line without first reading it into the
-    /// cache. Set it to about the host's last-level cache: a bigger split only evicts
-    /// everything else and pays a memory read per line it writes, a smaller one finds its
-    /// lines in the cache, where streaming them out is slower (`BENCHMARKS.md`, "Streaming
-    /// the big splits"). The default, 32 MiB, streams splits of 8 GiB and more.
-    /// `u64::MAX`: never. Architectures without such stores (and Miri and loom) write
-    /// normally either way.
+    /// cache. Where the lines are not in the cache, that saves a memory read per line
+    /// (1.3–1.9× faster splits measured); where they are (table frames zeroed or freed
+    /// just before), each must be written back and dropped first, and streaming is up to
+    /// five times slower. The default, 32 MiB, streams splits of 8 GiB and more, where
+    /// the frames cannot all be cached and streaming won in every measurement; an embedder
+    /// whose table frames come cold may set it lower (`BENCHMARKS.md`, "Streaming the big
+    /// splits"). `u64::MAX`: never. Architectures without such stores (and Miri and loom)
+    /// write normally either way.
     pub stream_split_bytes: u64,
 }
 
