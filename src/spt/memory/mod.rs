@@ -30,6 +30,65 @@
 //! walker until then. Under `cfg(loom)` the atomics are loom's.
 #![allow(unsafe_code)]
 
+/// Writes the progression `first + i * step` into the `len` words from `start` with one
+/// 16-byte store instruction `$store` per two words (`"movdqa"`: through the cache;
+/// `"movntdq"`: non-temporal), 16 words per loop trip, in address order. Expands to an
+/// `asm!` block, so the caller writes it in an `unsafe` block whose `// SAFETY:` shows
+/// that `[start, start + len)` is valid for writes, `start` is 16-byte aligned and `len`
+/// a non-zero multiple of 16 (the loop stops exactly at the end). Each aligned 8-byte half
+/// of such a store is written in one access on every x86_64 processor, so the block is
+/// two relaxed atomic stores per instruction. It reads only its register inputs, touches
+/// no stack and clobbers the flags (`add`, `cmp`), which `asm!` assumes by default.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
+macro_rules! progression_asm {
+    ($store:literal, $start:expr, $len:expr, $first:expr, $step:expr) => {{
+        let start: *mut u64 = $start;
+        let end = start.wrapping_add($len);
+        let (first, step): (u64, u64) = ($first, $step);
+        core::arch::asm!(
+            // v0 = [word 0, word 1], v1 = [word 2, word 3], inc = 4 * step in both
+            // halves: two independent chains of adds, stores in address order.
+            "movq {v0}, {a}",
+            "movq {v1}, {b}",
+            "punpcklqdq {v0}, {v1}",
+            "movq {inc}, {d}",
+            "punpcklqdq {inc}, {inc}",
+            "movdqa {v1}, {v0}",
+            "paddq {v1}, {inc}",
+            "paddq {inc}, {inc}",
+            "2:",
+            concat!($store, " xmmword ptr [{p}], {v0}"),
+            concat!($store, " xmmword ptr [{p} + 16], {v1}"),
+            "paddq {v0}, {inc}",
+            "paddq {v1}, {inc}",
+            concat!($store, " xmmword ptr [{p} + 32], {v0}"),
+            concat!($store, " xmmword ptr [{p} + 48], {v1}"),
+            "paddq {v0}, {inc}",
+            "paddq {v1}, {inc}",
+            concat!($store, " xmmword ptr [{p} + 64], {v0}"),
+            concat!($store, " xmmword ptr [{p} + 80], {v1}"),
+            "paddq {v0}, {inc}",
+            "paddq {v1}, {inc}",
+            concat!($store, " xmmword ptr [{p} + 96], {v0}"),
+            concat!($store, " xmmword ptr [{p} + 112], {v1}"),
+            "paddq {v0}, {inc}",
+            "paddq {v1}, {inc}",
+            "add {p}, 128",
+            "cmp {p}, {end}",
+            "jne 2b",
+            a = in(reg) first,
+            b = in(reg) first.wrapping_add(step),
+            d = in(reg) step.wrapping_mul(2),
+            p = inout(reg) start => _,
+            end = in(reg) end,
+            v0 = out(xmm_reg) _,
+            v1 = out(xmm_reg) _,
+            inc = out(xmm_reg) _,
+            options(nostack),
+        );
+    }};
+}
+
 mod arena;
 mod stream;
 
@@ -347,59 +406,14 @@ fn store_progression_sse2(entries: &[AtomicU64], first: u64, step: u64) {
     let (body, tail) = rest.split_at(groups * GROUP);
     store_progression_atomic(head, first, step);
     if groups > 0 {
-        let start = body.as_ptr();
-        let end = start.wrapping_add(body.len());
-        // SAFETY: `[start, end)` is `body`, whole `AtomicU64`s (the layout of `u64`)
-        // borrowed from `entries` and valid for writes through the shared reference
-        // (atomics are interior mutable); `start` is 16-byte aligned (`rest` starts on a
-        // 16-byte boundary), as `movdqa` requires, and `body` is a non-zero multiple of
-        // 16 entries, so the loop stops exactly at `end`. Each `movdqa` writes each aligned
-        // 8-byte half in one access, i.e. it is two relaxed atomic stores (see
-        // `store_progression`). The block reads only its register inputs, touches no
-        // stack and clobbers the flags (`add`, `cmp`), which `asm!` assumes by default.
-        unsafe {
-            core::arch::asm!(
-                // v0 = [entry 0, entry 1], v1 = [entry 2, entry 3], inc = 4 * step in
-                // both halves: two independent chains of adds, stores in address order.
-                "movq {v0}, {a}",
-                "movq {v1}, {b}",
-                "punpcklqdq {v0}, {v1}",
-                "movq {inc}, {d}",
-                "punpcklqdq {inc}, {inc}",
-                "movdqa {v1}, {v0}",
-                "paddq {v1}, {inc}",
-                "paddq {inc}, {inc}",
-                "2:",
-                "movdqa xmmword ptr [{p}], {v0}",
-                "movdqa xmmword ptr [{p} + 16], {v1}",
-                "paddq {v0}, {inc}",
-                "paddq {v1}, {inc}",
-                "movdqa xmmword ptr [{p} + 32], {v0}",
-                "movdqa xmmword ptr [{p} + 48], {v1}",
-                "paddq {v0}, {inc}",
-                "paddq {v1}, {inc}",
-                "movdqa xmmword ptr [{p} + 64], {v0}",
-                "movdqa xmmword ptr [{p} + 80], {v1}",
-                "paddq {v0}, {inc}",
-                "paddq {v1}, {inc}",
-                "movdqa xmmword ptr [{p} + 96], {v0}",
-                "movdqa xmmword ptr [{p} + 112], {v1}",
-                "paddq {v0}, {inc}",
-                "paddq {v1}, {inc}",
-                "add {p}, 128",
-                "cmp {p}, {end}",
-                "jne 2b",
-                a = in(reg) at(skip),
-                b = in(reg) at(skip + 1),
-                d = in(reg) step.wrapping_mul(2),
-                p = inout(reg) start => _,
-                end = in(reg) end,
-                v0 = out(xmm_reg) _,
-                v1 = out(xmm_reg) _,
-                inc = out(xmm_reg) _,
-                options(nostack),
-            );
-        }
+        let start = body.as_ptr().cast::<u64>().cast_mut();
+        // SAFETY: `[start, start + body.len())` is `body`, whole `AtomicU64`s (the layout
+        // of `u64`) borrowed from `entries` and valid for writes through the shared
+        // reference (atomics are interior mutable); `start` is 16-byte aligned (`rest`
+        // starts on a 16-byte boundary), as `movdqa` requires, and `body` is a non-zero
+        // multiple of 16 entries. Each `movdqa` is two relaxed atomic stores (see
+        // `progression_asm`).
+        unsafe { progression_asm!("movdqa", start, body.len(), at(skip), step) };
     }
     store_progression_atomic(tail, at(entries.len() - tail.len()), step);
 }

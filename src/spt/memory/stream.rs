@@ -49,7 +49,7 @@ pub(crate) fn stream_progression(entries: &[AtomicU64], first: u64, step: u64) {
             // `body` a non-zero multiple of `GROUP` (`split_aligned`). Each aligned 8-byte
             // half of a `movntdq` is written in one access, so it is two relaxed atomic
             // stores; the caller fences before publishing them.
-            unsafe { stream_raw(start, body, at(head), step) };
+            unsafe { progression_asm!("movntdq", start, body, at(head), step) };
         }
         for (i, e) in entries.iter().enumerate().skip(head + body) {
             e.store(at(i), Ordering::Relaxed);
@@ -79,7 +79,7 @@ pub(crate) fn stream_heads(heads: &mut [RmapHead], first: u64) {
             // `heads[head..head + body]` seen as `u64`s, valid for writes through the
             // exclusive borrow; `start` is 16-byte aligned and `body` a non-zero multiple of
             // `GROUP` (`split_aligned`). The caller fences before touching the heads again.
-            unsafe { stream_raw(start, body, at(head), 1) };
+            unsafe { progression_asm!("movntdq", start, body, at(head), 1) };
         }
         for (i, h) in heads.iter_mut().enumerate().skip(head + body) {
             *h = RmapHead::from_raw(at(i));
@@ -114,62 +114,4 @@ pub(crate) fn stream_fence() {
 fn split_aligned(addr: usize, len: usize) -> (usize, usize) {
     let head = usize::from(addr % 16 != 0).min(len);
     (head, (len - head) / GROUP * GROUP)
-}
-
-/// Streams `first + i * step` into `len` words from `start`, two per `movntdq`.
-///
-/// # Safety
-/// `[start, start + len)` must be valid for writes and not accessed by anything else until
-/// the caller's [`stream_fence`]; `start` must be 16-byte aligned and `len` a non-zero
-/// multiple of [`GROUP`].
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom), not(miri)))]
-#[inline]
-unsafe fn stream_raw(start: *mut u64, len: usize, first: u64, step: u64) {
-    let end = start.wrapping_add(len);
-    // SAFETY: the caller's contract: the loop writes exactly `[start, end)` (`len` is a
-    // non-zero multiple of 16 words, 128 bytes per trip), at 16-byte aligned addresses as
-    // `movntdq` requires. The block reads only its register inputs, touches no stack and
-    // clobbers the flags (`add`, `cmp`), which `asm!` assumes by default.
-    unsafe {
-        core::arch::asm!(
-            // v0 = [word 0, word 1], v1 = [word 2, word 3], inc = 4 * step in both halves.
-            "movq {v0}, {a}",
-            "movq {v1}, {b}",
-            "punpcklqdq {v0}, {v1}",
-            "movq {inc}, {d}",
-            "punpcklqdq {inc}, {inc}",
-            "movdqa {v1}, {v0}",
-            "paddq {v1}, {inc}",
-            "paddq {inc}, {inc}",
-            "2:",
-            "movntdq xmmword ptr [{p}], {v0}",
-            "movntdq xmmword ptr [{p} + 16], {v1}",
-            "paddq {v0}, {inc}",
-            "paddq {v1}, {inc}",
-            "movntdq xmmword ptr [{p} + 32], {v0}",
-            "movntdq xmmword ptr [{p} + 48], {v1}",
-            "paddq {v0}, {inc}",
-            "paddq {v1}, {inc}",
-            "movntdq xmmword ptr [{p} + 64], {v0}",
-            "movntdq xmmword ptr [{p} + 80], {v1}",
-            "paddq {v0}, {inc}",
-            "paddq {v1}, {inc}",
-            "movntdq xmmword ptr [{p} + 96], {v0}",
-            "movntdq xmmword ptr [{p} + 112], {v1}",
-            "paddq {v0}, {inc}",
-            "paddq {v1}, {inc}",
-            "add {p}, 128",
-            "cmp {p}, {end}",
-            "jne 2b",
-            a = in(reg) first,
-            b = in(reg) first.wrapping_add(step),
-            d = in(reg) step.wrapping_mul(2),
-            p = inout(reg) start => _,
-            end = in(reg) end,
-            v0 = out(xmm_reg) _,
-            v1 = out(xmm_reg) _,
-            inc = out(xmm_reg) _,
-            options(nostack),
-        );
-    }
 }
