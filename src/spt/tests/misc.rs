@@ -556,35 +556,10 @@ fn locked_arena_link_counts() {
 #[test]
 fn stream_progression_writes_every_entry_of_any_run() {
     use crate::spt::memory::{stream_fence, stream_progression};
-    let table = TableFrame(core::array::from_fn(|_| AtomicU64::new(0xdead)));
-    let lens: Vec<usize> = if cfg!(miri) {
-        alloc::vec![0, 1, 17, 33]
-    } else {
-        (0..40).chain([47, 48, 49, 255, 256]).collect()
-    };
-    for (first, step) in [(0x1000_0000_0087, 0x1000), (u64::MAX - 0x3000, 0x1000)] {
-        for start in [0, 1, 2, 3] {
-            for len in lens.iter().copied().chain([509 - start, 512 - start]) {
-                stream_progression(&table.0[start..start + len], first, step);
-                stream_fence();
-                let around = start.saturating_sub(2)..(start + len + 2).min(ENTRIES);
-                for i in around {
-                    let e = &table.0[i];
-                    let want = if (start..start + len).contains(&i) {
-                        first.wrapping_add(step.wrapping_mul((i - start) as u64))
-                    } else {
-                        0xdead
-                    };
-                    assert_eq!(
-                        e.load(Ordering::Relaxed),
-                        want,
-                        "{first:#x} {start} {len} {i}"
-                    );
-                    e.store(0xdead, Ordering::Relaxed);
-                }
-            }
-        }
-    }
+    check_progression_fill(|entries, first, step| {
+        stream_progression(entries, first, step);
+        stream_fence();
+    });
 }
 
 /// `stream_heads` sets head `i` to the raw word `first + i`, for runs of any length and
@@ -625,7 +600,13 @@ fn stream_heads_writes_every_head_of_any_run() {
 /// stay untouched.
 #[test]
 fn store_progression_writes_every_entry_of_any_run() {
-    use crate::spt::memory::store_progression;
+    check_progression_fill(crate::spt::memory::store_progression);
+}
+
+/// Runs `fill` over runs of every start alignment and many lengths, with progressions that
+/// wrap at the top of the address space and one of step 0, and checks each run and the
+/// entries on either side of it.
+fn check_progression_fill(fill: impl Fn(&[AtomicU64], u64, u64)) {
     let table = TableFrame(core::array::from_fn(|_| AtomicU64::new(0xdead)));
     // Under Miri (the portable path) fewer runs: the interpreter is slow.
     let lens: Vec<usize> = if cfg!(miri) {
@@ -640,7 +621,7 @@ fn store_progression_writes_every_entry_of_any_run() {
     ] {
         for start in [0, 1, 2, 3] {
             for len in lens.iter().copied().chain([509 - start, 512 - start]) {
-                store_progression(&table.0[start..start + len], first, step);
+                fill(&table.0[start..start + len], first, step);
                 // The run and the entries on either side of it.
                 let around = start.saturating_sub(2)..(start + len + 2).min(ENTRIES);
                 for i in around {
