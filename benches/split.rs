@@ -176,6 +176,25 @@ type BaselineRun = fn(&mut Baseline) -> u64;
 
 /// Maps the slot with `level` leaves and splits it to 4 KiB once, untimed: the arena, the
 /// rmap arrays and the caches warm, as before every timed split.
+/// An MMU over `pool` that streams splits from `stream_split_bytes` up, with a slot of
+/// `pages` populated at `level` and split once, untimed (its arena, rmap arrays and
+/// caches touched), and the splitter's caches.
+fn split_once(
+    pool: &mut Pool,
+    pages: u64,
+    level: Level,
+    stream_split_bytes: u64,
+) -> (Mmu<'_, Ept>, SplitCaches) {
+    let config = MmuConfig {
+        stream_split_bytes,
+        ..MmuConfig::default()
+    };
+    let mmu = pool.mmu(pages, config).unwrap();
+    let mut caches = SplitCaches::new();
+    populate_and_split(&mmu, &mut caches, pages, level);
+    (mmu, caches)
+}
+
 fn populate_and_split(mmu: &Mmu<'_, Ept>, caches: &mut SplitCaches, pages: u64, level: Level) {
     populate(mmu, pages, level);
     mmu.eager_split(caches, SLOT, None, Level::L1, &mut Tlb::default())
@@ -217,14 +236,8 @@ fn eager_split(c: &mut Criterion) {
             };
             for &(what, stream_split_bytes) in variants {
                 let mut pool = Pool::new(gib);
-                let config = MmuConfig {
-                    stream_split_bytes,
-                    ..MmuConfig::default()
-                };
-                let mmu = pool.mmu(pages, config).unwrap();
-                let mut caches = SplitCaches::new();
+                let (mmu, mut caches) = split_once(&mut pool, pages, level, stream_split_bytes);
                 let mut tlb = Tlb::default();
-                populate_and_split(&mmu, &mut caches, pages, level);
                 g.bench_function(BenchmarkId::new(what, &id), |b| {
                     b.iter_custom(|iters| {
                         let mut total = Duration::ZERO;
@@ -429,14 +442,8 @@ fn split_interleaved(rounds: usize, warm: bool, stream_split_bytes: u64) {
             let pages = gib * GIB_PAGES;
             let mut base = Baseline::new(gib, level);
             let mut pool = Pool::new(gib);
-            let config = MmuConfig {
-                stream_split_bytes,
-                ..MmuConfig::default()
-            };
-            let mmu = pool.mmu(pages, config).unwrap();
-            let mut caches = SplitCaches::new();
+            let (mmu, mut caches) = split_once(&mut pool, pages, level, stream_split_bytes);
             let mut tlb = Tlb::default();
-            populate_and_split(&mmu, &mut caches, pages, level);
             let (mut tr, mut tb, mut ta) = (Vec::new(), Vec::new(), Vec::new());
             let per = |d: Duration| d.as_secs_f64() * 1e9 / pages as f64;
             for _ in 0..rounds {
