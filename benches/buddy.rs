@@ -16,6 +16,8 @@
 //! --toggle-collect='*measured_*' target/release/deps/buddy-<hash>` runs 1,000,000
 //! `mixed_churn` iterations outside criterion (workloads `churn_hvmem`, `churn_peer`; the
 //! count includes the loop's own work and the setup of ~1,800 blocks); divide by 10^6.
+//! Workloads `fragmented_hvmem` and `fragmented_peer` run 1,000 `fragmented` iterations
+//! (1,024 operations each) after the untimed fragmenting; divide by 1,024,000.
 //! `HVMEM_CALLGRIND=churn_interleaved target/release/deps/buddy-<hash>` (no valgrind) times
 //! `mixed_churn` for both allocators in 40 alternating rounds of 200,000 iterations and
 //! prints the minimum and median of each and their ratios: steadier on a shared machine.
@@ -252,26 +254,44 @@ fn fragmented(c: &mut Criterion) {
         name: &str,
         mut a: A,
     ) {
-        let pages: Vec<A::Handle> = (0..GIB).map(|_| a.alloc(0).unwrap()).collect();
-        for &p in pages.iter().filter(|&&p| A::frame(p) % 2 == 0) {
-            a.free(p);
-        }
+        fragment(&mut a);
         let mut blocks = Vec::with_capacity(512);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                while let Some(f) = a.alloc(9) {
-                    blocks.push(f);
-                }
-                assert_eq!(blocks.len(), 512);
-                for f in blocks.drain(..) {
-                    a.free(f);
-                }
-            })
+            b.iter(|| fragmented_round(&mut a, &mut blocks))
         });
     }
     run(&mut g, "hvmem", ours::<MAX_ORDER>(2 * GIB));
     run(&mut g, "buddy_system_allocator", peer(2 * GIB));
     g.finish();
+}
+
+/// Allocates the first gigabyte as 4 KiB pages and frees every other one again.
+fn fragment<A: Frames>(a: &mut A) {
+    let pages: Vec<A::Handle> = (0..GIB).map(|_| a.alloc(0).unwrap()).collect();
+    for &p in pages.iter().filter(|&&p| A::frame(p) % 2 == 0) {
+        a.free(p);
+    }
+}
+
+/// One `fragmented` iteration: every order-9 block until none is left (512), then all freed.
+#[inline(always)]
+fn fragmented_round<A: Frames>(a: &mut A, blocks: &mut Vec<A::Handle>) {
+    while let Some(f) = a.alloc(9) {
+        blocks.push(f);
+    }
+    assert_eq!(blocks.len(), 512);
+    for f in blocks.drain(..) {
+        a.free(f);
+    }
+}
+
+/// `n` iterations of `fragmented` outside criterion, for callgrind.
+#[inline(never)]
+fn measured_fragmented<A: Frames>(a: &mut A, n: u64) {
+    let mut blocks = Vec::with_capacity(512);
+    for _ in 0..n {
+        fragmented_round(a, &mut blocks);
+    }
 }
 
 /// `n` iterations of `mixed_churn` outside criterion, for callgrind.
@@ -365,6 +385,19 @@ fn callgrind(workload: &str) {
         "churn_hvmem" => measured_churn(&mut ours::<MAX_ORDER>(GIB), N),
         "churn_peer" => measured_churn(&mut peer(GIB), N),
         "churn_interleaved" => return churn_interleaved(40, 200_000),
+        "fragmented_hvmem" | "fragmented_peer" => {
+            const ROUNDS: u64 = 1_000;
+            if workload == "fragmented_hvmem" {
+                let mut a = ours::<MAX_ORDER>(2 * GIB);
+                fragment(&mut a);
+                measured_fragmented(&mut a, ROUNDS);
+            } else {
+                let mut p = peer(2 * GIB);
+                fragment(&mut p);
+                measured_fragmented(&mut p, ROUNDS);
+            }
+            return println!("{workload}: {ROUNDS} iterations of 1,024 operations");
+        }
         other => return eprintln!("unknown workload {other}"),
     }
     println!("{workload}: {N} iterations");
